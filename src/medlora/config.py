@@ -1,0 +1,273 @@
+"""Recipes: one YAML file validated by pydantic, with `--set section.key=value` overrides.
+
+Every field has a type, a default and a one-line description; the descriptions feed `--help`
+and the error messages, so a bad recipe is explained in one line that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medlora.errors import ConfigError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful medical assistant. Answer the question accurately and clearly."
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Model spec: Hub id, local save_pretrained dir, .gguf file, or alias.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the base weights are loaded in."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the Hub.")
+
+
+class DataConfig(_Section):
+    sources: list[str] = Field(
+        default_factory=lambda: ["medquad"],
+        min_length=1,
+        description="Data sources as KIND:PATH (medquad, jsonl, csv, parquet, hf).",
+    )
+    map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column mapping for tabular sources, e.g. {question: Q, answer: A}.",
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns on record source names to leave out, e.g. medquad/9_CDC_QA.",
+    )
+    system_prompt: str | None = Field(
+        DEFAULT_SYSTEM_PROMPT, description="System message put before every question (null: none)."
+    )
+    max_seq_len: int = Field(
+        512, ge=16, description="Longest tokenized example; longer ones are cut."
+    )
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of topics for validation.")
+    test_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of topics for test.")
+    max_train_examples: int | None = Field(
+        None, ge=1, description="Use at most this many training examples (seeded sample)."
+    )
+    max_val_examples: int | None = Field(
+        None, ge=1, description="Use at most this many validation examples during training."
+    )
+    seed: int = Field(0, description="Seed for sampling examples.")
+    strict: bool = Field(
+        False, description="Fail on a malformed source file instead of skipping it."
+    )
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Module names to adapt, or 'all-linear'.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one module name, or 'all-linear'")
+        return value
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    batch_size: int = Field(1, ge=1, description="Examples per device per micro-batch.")
+    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"] = Field(
+        "adamw_torch", description="Optimizer (transformers name)."
+    )
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Mixed precision: fp16/bf16 need a GPU (bf16 also works on CPU)."
+    )
+    logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    eval_steps: int = Field(0, ge=0, description="Validate every N steps (0: only at the end).")
+    save_steps: int = Field(
+        0, ge=0, description="Checkpoint every N steps (0: only the final adapter)."
+    )
+    seed: int = Field(42, description="Seed for initialisation and data order.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (null: torch default)."
+    )
+
+
+class EvalConfig(_Section):
+    split: Literal["test", "validation", "train", "all"] = Field(
+        "test", description="Split scored by `medlora eval` and the demo."
+    )
+    max_examples: int | None = Field(64, ge=1, description="Score at most this many examples.")
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass when scoring.")
+    max_new_tokens: int = Field(128, ge=1, description="Longest generated answer.")
+    num_answers: int = Field(
+        3, ge=0, description="Base-vs-tuned answers shown in the demo summary."
+    )
+    # Quality during training (medlora.evaluate.callback); off unless during_training_every > 0.
+    during_training_every: int = Field(
+        0, ge=0, description="Score generated answers (and a benchmark sample) every N steps; 0: off."
+    )
+    during_training_examples: int = Field(
+        8, ge=1, description="Fixed validation questions answered at each during-training check."
+    )
+    during_training_metrics: list[Literal["rouge", "f1", "similarity"]] = Field(
+        default_factory=lambda: ["rouge", "f1"],
+        description="Answer scores logged during training as quality_<name>.",
+    )
+    during_training_max_new_tokens: int = Field(
+        64, ge=1, description="Longest answer generated during training checks."
+    )
+    during_training_benchmark: str | None = Field(
+        None, description="Multiple-choice task scored during training (pubmedqa, mmlu_medical, …)."
+    )
+    during_training_benchmark_data: str | None = Field(
+        None, description="KIND:PATH of that task's file (null: under $MEDLORA_DATA_DIR)."
+    )
+    during_training_benchmark_limit: int = Field(
+        32, ge=1, description="Fixed benchmark questions scored at each check."
+    )
+    best_metric: str | None = Field(
+        None,
+        description="Logged metric that picks the saved adapter (eval_loss, quality_rougeL, "
+        "bench_pubmedqa_acc, …); null: the last step.",
+    )
+    best_metric_mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="auto: lower is better for *loss*/*perplexity*, higher otherwise."
+    )
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs/demo", description="Run directory (adapter, metrics, charts).")
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl"], description="Metric sinks; jsonl is always written."
+    )
+
+
+class Recipe(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+SECTIONS = tuple(Recipe.model_fields)
+
+
+def _allowed_keys(section: str) -> str:
+    model_cls = Recipe.model_fields[section].annotation
+    return ", ".join(model_cls.model_fields)  # type: ignore[union-attr]
+
+
+def _explain(error: ValidationError) -> str:
+    """Turn pydantic's first error into one line naming the key, the value and what is allowed."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        if len(loc) == 1:
+            return f"unknown recipe section '{loc[0]}': allowed sections are {', '.join(SECTIONS)}"
+        section = loc[0]
+        return f"unknown key '{key}': allowed keys in '{section}' are {_allowed_keys(section)}"
+    value = first.get("input")
+    description = ""
+    if len(loc) >= 2 and loc[0] in SECTIONS:
+        field = Recipe.model_fields[loc[0]].annotation.model_fields.get(loc[1])  # type: ignore[union-attr]
+        if field is not None and field.description:
+            description = f" ({loc[1]}: {field.description})"
+    message = first["msg"].replace("Value error, ", "")
+    return f"invalid value {key}={value!r}: {message}{description}"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' must look like section.key=value, e.g. lora.r=16")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2:
+        raise ConfigError(
+            f"--set '{item}': name the section too, e.g. train.{key}=...; sections: {', '.join(SECTIONS)}"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML: numbers, lists, null, bools)."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set '{item}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(dict(data or {}), list(overrides or []))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_explain(error)) from None
+
+
+def load_recipe(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe (or the defaults when `path` is None) and apply `--set` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        recipe_path = Path(path)
+        if not recipe_path.is_file():
+            raise ConfigError(f"recipe file not found: {recipe_path} (see recipes/ for examples)")
+        try:
+            loaded = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"{recipe_path}{where}: not valid YAML ({error.__class__.__name__})"
+            ) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{recipe_path}: a recipe is a mapping of sections ({', '.join(SECTIONS)})"
+            )
+        data = loaded or {}
+    try:
+        return recipe_from_dict(data, overrides)
+    except ConfigError as error:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{error}") from None

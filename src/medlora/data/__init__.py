@@ -1,0 +1,1 @@
+"""Data stage: sources → records → clean/split → formatted, loss-masked token ids."""

@@ -1,0 +1,169 @@
+"""Chat-template formatting with the loss on answer tokens only.
+
+The prompt (system + question + the template's assistant header) and the answer are tokenized
+separately: at inference the model sees exactly the prompt tokens and generates the answer tokens,
+so training on the same split keeps the two identical. Prompt positions get label -100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from medlora.data.records import Record
+from medlora.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+def build_messages(
+    question: str, system_prompt: str | None, answer: str | None = None
+) -> list[dict[str, str]]:
+    messages = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": question})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def prompt_text(tokenizer: Any, question: str, system_prompt: str | None) -> str:
+    """The text the model is given before it answers (ends with the assistant header)."""
+    return tokenizer.apply_chat_template(
+        build_messages(question, system_prompt), tokenize=False, add_generation_prompt=True
+    )
+
+
+def prompt_ids(tokenizer: Any, question: str, system_prompt: str | None) -> list[int]:
+    return tokenizer(prompt_text(tokenizer, question, system_prompt), add_special_tokens=False)[
+        "input_ids"
+    ]
+
+
+def split_prompt_answer(
+    tokenizer: Any, question: str, answer: str, system_prompt: str | None
+) -> tuple[str, str]:
+    """Render the conversation and cut it into (prompt, answer-with-end-of-turn) text."""
+    prompt = prompt_text(tokenizer, question, system_prompt)
+    full = tokenizer.apply_chat_template(
+        build_messages(question, system_prompt, answer), tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise DataError(
+            "the tokenizer's chat template renders the prompt differently with and without the "
+            "answer, so answer tokens cannot be found; give the model a standard chat template"
+        )
+    return prompt, full[len(prompt) :]
+
+
+@dataclass
+class Example:
+    """One tokenized training example: ids, labels (-100 on the prompt) and where it came from."""
+
+    input_ids: list[int]
+    labels: list[int]
+    record_id: str
+    source: str
+    truncated: bool = False
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def format_record(
+    tokenizer: Any, record: Record, system_prompt: str | None, max_seq_len: int
+) -> Example | None:
+    """Tokenize one record; None when truncation leaves no answer token to learn from."""
+    prompt, answer = split_prompt_answer(tokenizer, record.question, record.answer, system_prompt)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    ids = (p_ids + a_ids)[:max_seq_len]
+    labels = ([IGNORE_INDEX] * len(p_ids) + a_ids)[:max_seq_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return Example(
+        ids, labels, record.id, record.source, truncated=len(p_ids) + len(a_ids) > max_seq_len
+    )
+
+
+@dataclass
+class FormatStats:
+    kept: int = 0
+    truncated: int = 0
+    dropped_no_answer_tokens: int = 0
+    answer_tokens: int = 0
+    prompt_tokens: int = 0
+    dropped_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["dropped_ids"] = self.dropped_ids[:20]
+        return data
+
+
+def format_records(
+    tokenizer: Any, records: Sequence[Record], system_prompt: str | None, max_seq_len: int
+) -> tuple[list[Example], FormatStats]:
+    stats = FormatStats()
+    examples = []
+    for record in records:
+        example = format_record(tokenizer, record, system_prompt, max_seq_len)
+        if example is None:
+            stats.dropped_no_answer_tokens += 1
+            stats.dropped_ids.append(record.id)
+            continue
+        stats.kept += 1
+        stats.truncated += int(example.truncated)
+        stats.answer_tokens += example.answer_tokens
+        stats.prompt_tokens += len(example.input_ids) - example.answer_tokens
+        examples.append(example)
+    return examples, stats
+
+
+def token_counter(tokenizer: Any, system_prompt: str | None) -> Any:
+    """A `Record -> int` that counts the full formatted length (for the data card's percentiles)."""
+
+    def count(record: Record) -> int:
+        prompt, answer = split_prompt_answer(
+            tokenizer, record.question, record.answer, system_prompt
+        )
+        return len(tokenizer(prompt + answer, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def pad_batch(examples: Sequence[Example | dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad a micro-batch: ids with the pad token, labels with -100, attention mask 0."""
+    import torch
+
+    rows = [
+        e if isinstance(e, dict) else {"input_ids": e.input_ids, "labels": e.labels}
+        for e in examples
+    ]
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        attention[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def preview(tokenizer: Any, example: Example) -> Any:
+    """A rich Text of one example: trained (answer) tokens highlighted, prompt tokens dimmed."""
+    from rich.text import Text
+
+    text = Text()
+    for token_id, label in zip(example.input_ids, example.labels, strict=True):
+        piece = tokenizer.decode([token_id])
+        if label == IGNORE_INDEX:
+            text.append(piece, style="dim")
+        else:
+            text.append(piece, style="bold black on green")
+    return text

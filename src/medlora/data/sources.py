@@ -1,0 +1,60 @@
+"""`KIND:PATH` source specs → records: the one way `prepare` and `eval` read data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from medlora.data.medquad import find_medquad_dir, load_medquad
+from medlora.data.records import Record, SourceReport
+from medlora.data.tabular import TABLE_KINDS, load_hf, load_table
+from medlora.errors import DataError
+
+KINDS = ("medquad", *TABLE_KINDS, "hf")
+
+
+def parse_source(spec: str) -> tuple[str, str | None]:
+    """`jsonl:~/qa.jsonl` → ("jsonl", "/home/me/qa.jsonl"); bare `medquad` → ("medquad", None)."""
+    kind, sep, path = spec.strip().partition(":")
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        suffix = Path(spec).suffix.lstrip(".").lower()
+        example = f"{suffix}:{spec}" if suffix in TABLE_KINDS else "jsonl:data/qa.jsonl"
+        raise DataError(
+            f"unknown source '{spec}': write KIND:PATH with KIND one of {', '.join(KINDS)} "
+            f"(e.g. {example})"
+        )
+    path = path.strip()
+    if not path:
+        if kind == "medquad":
+            return kind, None
+        what = "DATASET_ID" if kind == "hf" else "PATH"
+        raise DataError(f"source '{spec}' needs a {what}: write {kind}:{what}")
+    if kind == "hf":
+        return kind, path  # a Hub id, not a file path
+    return kind, os.path.expanduser(os.path.expandvars(path))
+
+
+def load_source(
+    spec: str, column_map: dict[str, str] | None = None, strict: bool = False
+) -> tuple[list[Record], SourceReport]:
+    """Load one source spec; the report is labelled with the spec as the user wrote it."""
+    kind, path = parse_source(spec)
+    if kind == "hf":
+        assert path is not None
+        records, report = load_hf(path, column_map)
+    elif kind == "medquad":
+        folder = find_medquad_dir() if path is None else Path(path)
+        if not folder.is_dir():
+            raise DataError(f"{spec}: folder not found: {folder}; give medquad:PATH to a checkout")
+        records, report = load_medquad(folder, strict=strict)
+    else:
+        assert path is not None
+        file = Path(path)
+        if file.is_dir():
+            raise DataError(f"{spec}: {file} is a folder; give the {kind} file itself")
+        if not file.is_file():
+            raise DataError(f"{spec}: file not found: {file}; check the path")
+        records, report = load_table(kind, file, column_map)
+    report.source = spec
+    return records, report

@@ -1,0 +1,271 @@
+"""Tabular sources (JSONL, JSON, CSV, Parquet, Hugging Face Hub) → records.
+
+Every format is read into plain row dicts plus a column list; one function (`rows_to_records`) then
+recognises the row shape, in this order:
+  1. question/answer columns (plain names, or renamed with `column_map`, e.g. {"question": "Q"});
+     optional `topic`, `id`, `qtype` columns, plain or mapped;
+  2. Alpaca: `instruction`, optional `input`, `output`;
+  3. chat: `messages` = [{role, content}, …] (first user turn, first assistant turn after it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from medlora.data.records import Record, SourceReport
+from medlora.errors import DataError
+
+TABLE_KINDS = ("jsonl", "json", "csv", "parquet")
+MAP_HINT = "map yours with --map question=COL,answer=COL"
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; a bad byte names its line so the user can find it."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # -sig: tolerate the BOM Excel writes
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line} (byte {err.start}) is not valid UTF-8; re-save the file as UTF-8"
+        ) from err
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    # Split on "\n" only: str.splitlines would also break on U+2028 inside JSON strings.
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno}); "
+                "fix or remove that line"
+            ) from err
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number} is not a JSON object; each line needs {{...}}")
+        rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        hint = "; one object per line? use jsonl:" if err.msg == "Extra data" else ""
+        raise DataError(
+            f"{path}: line {err.lineno} is not valid JSON ({err.msg} at column {err.colno}){hint}"
+        ) from err
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got a {type(data).__name__}")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}: item {index} is not a JSON object; expected a list of {{...}}"
+            )
+    return data
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    # Long answers overflow csv's default 128 KiB field limit; raise it (process-wide, harmless).
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as err:
+        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({err})") from err
+    return rows, list(reader.fieldnames or [])
+
+
+def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from err
+    return table.to_pylist(), list(table.column_names)
+
+
+def _columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}  # ordered union of keys: JSON rows need not all share them
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value != value:  # NaN, as pandas writes a missing cell
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def _detect_shape(columns: Sequence[str], column_map: dict[str, str], where: str) -> str:
+    """'qa', 'alpaca' or 'chat'; else a DataError naming the first missing column."""
+    present = set(columns)
+    for ours in ("topic", "id", "qtype"):
+        if ours in column_map and column_map[ours] not in present:
+            raise _missing(where, column_map[ours], columns)
+    wanted = [column_map.get("question", "question"), column_map.get("answer", "answer")]
+    if all(col in present for col in wanted):
+        return "qa"
+    if {"instruction", "output"} <= present:
+        return "alpaca"
+    if "messages" in present:
+        return "chat"
+    raise _missing(where, next(col for col in wanted if col not in present), columns)
+
+
+def _missing(where: str, column: str, columns: Sequence[str]) -> DataError:
+    listed = ", ".join(columns) or "none"
+    return DataError(f"{where}: missing column '{column}' (columns: {listed}); {MAP_HINT}")
+
+
+def _chat_pair(messages: Any) -> tuple[str, str, str]:
+    """(question, answer, system) from a list of {role, content} turns."""
+    question = answer = system = ""
+    if isinstance(messages, str):  # a CSV cell holding the turns as JSON text
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            messages = []
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict):
+            continue
+        role, content = message.get("role"), _as_text(message.get("content")).strip()
+        if role == "system" and not system and not question:
+            system = content
+        elif role == "user" and not question:
+            question = content
+        elif role == "assistant" and question:
+            answer = content
+            break
+    return question, answer, system
+
+
+def rows_to_records(
+    rows: Iterable[dict[str, Any]],
+    columns: Sequence[str],
+    *,
+    source: str,
+    id_prefix: str,
+    where: str,
+    column_map: dict[str, str] | None = None,
+) -> tuple[list[Record], SourceReport]:
+    """The one row → Record mapping shared by files and Hub datasets."""
+    column_map = dict(column_map or {})
+    shape = _detect_shape(columns, column_map, where)
+    present = set(columns)
+    q_col = column_map.get("question", "question")
+    a_col = column_map.get("answer", "answer")
+    # Optional columns: the mapped name, else the plain name when the file has it.
+    extra = {
+        ours: column_map.get(ours, ours)
+        for ours in ("topic", "id", "qtype")
+        if column_map.get(ours, ours) in present
+    }
+    report = SourceReport(source=where)
+    records: list[Record] = []
+    for index, row in enumerate(rows):
+        meta: dict[str, Any] = {}
+        if shape == "qa":
+            question, answer = _as_text(row.get(q_col)).strip(), _as_text(row.get(a_col)).strip()
+        elif shape == "alpaca":
+            question = _as_text(row.get("instruction")).strip()
+            extra_input = _as_text(row.get("input")).strip()
+            if question and extra_input:
+                question = f"{question}\n\n{extra_input}"
+            answer = _as_text(row.get("output")).strip()
+        else:
+            question, answer, system = _chat_pair(row.get("messages"))
+            if system:
+                meta["system"] = system
+        if not question:
+            report.skip("empty_question")
+            continue
+        if not answer:
+            report.skip("empty_answer")
+            continue
+        row_id = _as_text(row.get(extra["id"])).strip() if "id" in extra else ""
+        records.append(
+            Record(
+                id=row_id or f"{id_prefix}-{index}",
+                question=question,
+                answer=answer,
+                source=source,
+                topic=_as_text(row.get(extra["topic"])).strip() if "topic" in extra else "",
+                qtype=_as_text(row.get(extra["qtype"])).strip() if "qtype" in extra else "",
+                meta=meta,
+            )
+        )
+    report.records = len(records)
+    return records, report
+
+
+def load_table(
+    kind: str, path: Path, column_map: dict[str, str] | None = None
+) -> tuple[list[Record], SourceReport]:
+    """Records from a JSONL, JSON (list of objects), CSV or Parquet file."""
+    path = Path(path)
+    if kind not in TABLE_KINDS:
+        raise DataError(f"unknown table kind '{kind}'; use one of {', '.join(TABLE_KINDS)}")
+    if not path.is_file():
+        raise DataError(f"{kind} file not found: {path}; check the path in {kind}:PATH")
+    if kind == "jsonl":
+        rows = _read_jsonl(path)
+        columns = _columns_of(rows)
+    elif kind == "json":
+        rows = _read_json(path)
+        columns = _columns_of(rows)
+    elif kind == "csv":
+        rows, columns = _read_csv(path)
+    else:
+        rows, columns = _read_parquet(path)
+    if not rows:
+        raise DataError(f"{path}: no rows found; is it the right file (and the right {kind}:)?")
+    records, report = rows_to_records(
+        rows,
+        columns,
+        source=f"{kind}/{path.stem}",
+        id_prefix=path.stem,
+        where=str(path),
+        column_map=column_map,
+    )
+    report.source = f"{kind}:{path}"
+    return records, report
+
+
+def load_hf(
+    dataset_id: str, column_map: dict[str, str] | None = None, split: str = "train"
+) -> tuple[list[Record], SourceReport]:
+    """Records from a Hugging Face Hub dataset split (via `datasets.load_dataset`)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=split)
+    except Exception as err:  # offline, unknown id, gated, missing split: all mean "not loadable"
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise DataError(
+            f"hf:{dataset_id} (split {split}) could not be loaded from the Hub "
+            f"(offline? {reason}); download it and use jsonl:PATH or parquet:PATH instead"
+        ) from err
+    records, report = rows_to_records(
+        dataset,
+        list(dataset.column_names),
+        source=f"hf/{dataset_id}",
+        id_prefix=dataset_id,
+        where=f"hf:{dataset_id}",
+        column_map=column_map,
+    )
+    return records, report

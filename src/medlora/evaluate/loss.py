@@ -1,0 +1,82 @@
+"""Answer-only loss and perplexity, token-weighted over the whole set.
+
+Only answer positions go through the output layer: for a 49k-token vocabulary the logits of the
+prompt would cost more memory than the model itself, and they carry no score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from medlora.data.format import IGNORE_INDEX, Example, pad_batch
+
+
+def _backbone_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The transformer body and the output layer (LoRA layers stay injected in both)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def answer_token_losses(model: Any, batch: dict[str, Any]) -> tuple[float, int, list[float]]:
+    """Sum of answer-token cross-entropies in a batch, their count, and per-example mean losses."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    parts = _backbone_and_head(model)
+    if parts is not None:
+        backbone, head = parts
+        hidden = backbone(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state[:, :-1]
+        logits = head(hidden[mask]).float()
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1][mask].float()
+    token_losses = F.cross_entropy(logits, labels[mask], reduction="none")
+    per_row = torch.zeros(labels.shape[0], dtype=token_losses.dtype)
+    per_row.index_add_(0, mask.nonzero()[:, 0], token_losses)
+    counts = mask.sum(dim=1).clamp(min=1)
+    return float(token_losses.sum()), int(mask.sum()), (per_row / counts).tolist()
+
+
+def score_examples(
+    model: Any,
+    examples: Sequence[Example],
+    pad_token_id: int,
+    batch_size: int = 8,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Mean answer-token loss and perplexity of `model` on `examples` (token-weighted)."""
+    import torch
+
+    model.eval()
+    total, tokens, per_example = 0.0, 0, []
+    # Longest first: similar lengths share a batch, so less padding is computed.
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    losses_by_index: dict[int, float] = {}
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = pad_batch([examples[i] for i in chunk], pad_token_id)
+            batch_sum, batch_tokens, rows = answer_token_losses(model, batch)
+            total += batch_sum
+            tokens += batch_tokens
+            losses_by_index.update(zip(chunk, rows, strict=True))
+            if progress is not None:
+                progress(len(chunk))
+    per_example = [losses_by_index[i] for i in range(len(examples))]
+    loss = total / max(tokens, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "examples": len(examples),
+        "answer_tokens": tokens,
+        "per_example_loss": per_example,
+    }

@@ -1,0 +1,83 @@
+"""Atomic file writes: a killed process leaves the previous good file or none, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+    # fsync the folder so the rename itself survives a power cut.
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `path` via `path.tmp` + fsync + rename."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(final.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_replace(tmp, final)
+    return final
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
+    return write_text_atomic(
+        path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    )
+
+
+def append_jsonl(path: str | os.PathLike[str], row: dict[str, Any]) -> None:
+    """Append one line and flush it: a crash loses at most the line being written."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def move_files_atomic(src_dir: Path, dst_dir: Path) -> list[Path]:
+    """Move every file of `src_dir` into `dst_dir`, each with one atomic rename, then drop `src_dir`.
+
+    Used for folders written by libraries (`save_pretrained`): they write into a scratch folder
+    beside the destination, so each final file appears whole or not at all.
+    """
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for item in sorted(src_dir.iterdir()):
+        target = dst_dir / item.name
+        if item.is_dir():
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        else:
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+            _fsync_replace(item, target)
+        moved.append(target)
+    shutil.rmtree(src_dir, ignore_errors=True)
+    return moved

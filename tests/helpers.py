@@ -1,0 +1,44 @@
+"""Small builders shared by tests (records and prepared split folders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medlora.data.records import Record
+from medlora.io import write_jsonl_atomic
+
+QA = [
+    (
+        "What are the symptoms of asthma?",
+        "Wheezing, coughing, chest tightness and shortness of breath.",
+    ),
+    ("How is diabetes treated?", "Diet, exercise, blood sugar monitoring, metformin or insulin."),
+    ("What causes anemia?", "Low iron, vitamin B12 deficiency, blood loss or chronic disease."),
+    ("Is hypertension inherited?", "High blood pressure often runs in families."),
+    ("What is the outlook for people with migraine?", "Most people manage attacks with treatment."),
+]
+
+
+def tiny_records(copies: int = 4) -> list[Record]:
+    records = []
+    for c in range(copies):
+        for i, (question, answer) in enumerate(QA):
+            records.append(
+                Record(
+                    id=f"q{i}-{c}",
+                    question=question,
+                    answer=answer,
+                    source="test/tiny",
+                    topic=f"t{i}-{c}",
+                )
+            )
+    return records
+
+
+def write_prepared(
+    folder: Path, train: list[Record], validation: list[Record], test: list[Record]
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("validation", validation), ("test", test)):
+        write_jsonl_atomic(folder / f"{name}.jsonl", [r.to_dict() for r in rows])
+    return folder

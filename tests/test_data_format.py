@@ -1,0 +1,89 @@
+"""Chat-template formatting: loss on answer tokens only, truncation that drops empty examples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from medlora.data.format import (
+    IGNORE_INDEX,
+    format_record,
+    format_records,
+    pad_batch,
+    preview,
+    prompt_ids,
+)
+from medlora.data.records import Record
+
+QUESTION = "What causes anemia?"
+ANSWER = "Low iron, vitamin B12 deficiency, blood loss or chronic disease."
+
+
+def record(question: str = QUESTION, answer: str = ANSWER, rid: str = "r1") -> Record:
+    return Record(id=rid, question=question, answer=answer, source="test/x", topic="anemia")
+
+
+def test_prompt_tokens_are_masked_and_answer_tokens_are_trained(tiny_tokenizer: Any) -> None:
+    example = format_record(tiny_tokenizer, record(), "Be careful.", max_seq_len=512)
+    assert example is not None
+    prompt = prompt_ids(tiny_tokenizer, QUESTION, "Be careful.")
+    assert (
+        example.input_ids[: len(prompt)] == prompt
+    )  # the model sees at training what it sees at inference
+    assert example.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    trained = [
+        t
+        for t, label in zip(example.input_ids, example.labels, strict=True)
+        if label != IGNORE_INDEX
+    ]
+    assert example.labels[len(prompt) :] == example.input_ids[len(prompt) :]
+    decoded = tiny_tokenizer.decode(trained)
+    assert decoded.startswith(ANSWER)
+    assert "<|im_end|>" in decoded  # the model learns to stop
+    assert "user" not in decoded and QUESTION not in decoded
+
+
+def test_system_prompt_is_in_the_prompt_not_the_labels(tiny_tokenizer: Any) -> None:
+    with_system = format_record(tiny_tokenizer, record(), "You are a nurse.", 512)
+    without = format_record(tiny_tokenizer, record(), None, 512)
+    assert with_system is not None and without is not None
+    assert len(with_system.input_ids) > len(without.input_ids)
+    assert with_system.answer_tokens == without.answer_tokens
+
+
+def test_truncation_cuts_the_answer_and_drops_examples_left_without_one(
+    tiny_tokenizer: Any,
+) -> None:
+    long_question = "What is the outlook for people with migraine? " * 20
+    records = [record(), record(question=long_question, rid="too-long")]
+    prompt_len = len(prompt_ids(tiny_tokenizer, QUESTION, None))
+    examples, stats = format_records(tiny_tokenizer, records, None, max_seq_len=prompt_len + 3)
+    assert [e.record_id for e in examples] == ["r1"]
+    assert examples[0].answer_tokens == 3
+    assert examples[0].truncated
+    assert stats.dropped_no_answer_tokens == 1
+    assert stats.dropped_ids == ["too-long"]
+    assert stats.truncated == 1
+
+
+def test_pad_batch_pads_labels_with_ignore_index(tiny_tokenizer: Any) -> None:
+    short = format_record(tiny_tokenizer, record(answer="Iron."), None, 512)
+    long = format_record(tiny_tokenizer, record(), None, 512)
+    assert short is not None and long is not None
+    batch = pad_batch([short, long], tiny_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape
+    pad_positions = batch["attention_mask"] == 0
+    assert pad_positions.any()
+    assert torch.all(batch["labels"][pad_positions] == IGNORE_INDEX)
+
+
+def test_preview_highlights_only_answer_tokens(tiny_tokenizer: Any) -> None:
+    example = format_record(tiny_tokenizer, record(), None, 512)
+    assert example is not None
+    text = preview(tiny_tokenizer, example)
+    highlighted = "".join(
+        text.plain[span.start : span.end] for span in text.spans if "green" in str(span.style)
+    )
+    assert highlighted.startswith(ANSWER)
+    assert QUESTION not in highlighted

@@ -1,0 +1,68 @@
+"""Answer-only scoring: equal to the model's own label loss, token-weighted, base vs adapter."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import tiny_records, write_prepared
+
+from medlora.data.format import format_records
+from medlora.evaluate.heldout import evaluate_heldout
+from medlora.evaluate.loss import score_examples
+from medlora.models import load_model
+
+
+def test_score_matches_transformers_label_loss(tiny_model_dir: Path) -> None:
+    model, tokenizer = load_model(str(tiny_model_dir))
+    examples, _ = format_records(tokenizer, tiny_records(1), "Be brief.", 512)
+    scores = score_examples(model, examples, tokenizer.pad_token_id, batch_size=3)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            ids = torch.tensor([example.input_ids])
+            labels = torch.tensor([example.labels])
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=ids, labels=labels).loss) * n
+            count += n
+    assert scores["answer_tokens"] == count
+    assert scores["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert scores["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert len(scores["per_example_loss"]) == len(examples)
+
+
+def test_eval_with_compare_base_reports_both(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from medlora.config import recipe_from_dict
+    from medlora.train import train
+
+    records = tiny_records(2)
+    prepared = write_prepared(tmp_path / "prepared", records[:5], records[5:7], records[5:10])
+    recipe = recipe_from_dict(
+        {"model": {"name": str(tiny_model_dir)}},
+        [
+            "train.lr=0.01",
+            "train.epochs=8",
+            "train.grad_accum=1",
+            "train.batch_size=5",
+            "lora.dropout=0",
+        ],
+    )
+    train(recipe, tmp_path / "run", prepared_dir=prepared)
+    out = tmp_path / "eval.json"
+    result: dict[str, Any] = evaluate_heldout(
+        str(tiny_model_dir),
+        str(prepared),
+        tmp_path / "run",
+        split="test",
+        compare_base=True,
+        out=out,
+    )
+    for key in ("loss", "perplexity", "examples", "answer_tokens", "base_loss", "base_perplexity"):
+        assert key in result
+    assert result["examples"] == 5
+    # The test questions repeat the training ones here, so the adapter must have learnt them.
+    assert result["loss"] < result["base_loss"]
+    assert out.is_file()

@@ -1,0 +1,138 @@
+"""Training on the tiny Llama: loss goes down, run directory is complete, adapter reloads exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import tiny_records, write_prepared
+
+from medlora.config import recipe_from_dict
+from medlora.errors import TrainingError
+from medlora.models import load_model, load_with_adapter
+from medlora.train import train
+
+FAST = [
+    "train.lr=0.03",
+    "train.batch_size=4",
+    "train.grad_accum=1",
+    "train.epochs=8",
+    "train.eval_steps=10",
+    "train.warmup_ratio=0.0",
+    "lora.r=8",
+    "lora.alpha=16",
+    "lora.dropout=0.0",
+    "lora.target_modules=all-linear",
+    "data.system_prompt=null",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("run")
+    records = tiny_records()
+    prepared = write_prepared(root / "prepared", records[:15], records[15:20], records[15:20])
+    recipe = recipe_from_dict({"model": {"name": str(tiny_model_dir)}}, FAST)
+    model, tokenizer = load_model(str(tiny_model_dir))
+    result = train(
+        recipe, root / "out", prepared_dir=prepared, model_and_tokenizer=(model, tokenizer)
+    )
+    return {
+        "dir": root / "out",
+        "result": result,
+        "model": model,
+        "tokenizer": tokenizer,
+        "spec": str(tiny_model_dir),
+    }
+
+
+def test_loss_goes_down(trained_run: dict[str, Any]) -> None:
+    rows = [
+        json.loads(line) for line in (trained_run["dir"] / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3
+    evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
+    assert evals and evals[-1] < evals[0]
+
+
+def test_metrics_have_the_model_card_series(trained_run: dict[str, Any]) -> None:
+    rows = [
+        json.loads(line) for line in (trained_run["dir"] / "metrics.jsonl").read_text().splitlines()
+    ]
+    step_rows = [row for row in rows if "loss" in row]
+    for key in (
+        "step",
+        "epoch",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_s",
+        "trained_tokens",
+    ):
+        assert all(key in row for row in step_rows), key
+    steps = [row["step"] for row in step_rows]
+    assert steps == sorted(steps)
+    lrs = [row["learning_rate"] for row in step_rows]
+    assert lrs[-1] < lrs[0]  # linear decay
+
+
+def test_run_directory_contract(trained_run: dict[str, Any]) -> None:
+    run = trained_run["dir"]
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "recipe.yaml",
+        "data_card.json",
+        "metrics.jsonl",
+        "chat_template.jinja",
+        "tokenizer_config.json",
+        "charts/loss.png",
+        "charts/learning_rate.png",
+        "charts/grad_norm.png",
+    ):
+        assert (run / name).is_file(), name
+    assert not list(run.rglob("*.tmp")) and not (run / ".save.tmp").exists()
+    assert (run / "charts/loss.png").read_bytes()[:4] == b"\x89PNG"
+    card = json.loads((run / "data_card.json").read_text())
+    assert card["used"]["train"] == 15
+    assert trained_run["result"].trained_tokens > 0
+
+
+def test_saved_adapter_reloads_with_identical_logits(trained_run: dict[str, Any]) -> None:
+    in_memory = trained_run["model"]  # LoRA layers were injected into this object during training
+    reloaded, tokenizer = load_with_adapter(trained_run["spec"], trained_run["dir"])
+    ids = tokenizer("What causes anemia?", return_tensors="pt")
+    in_memory.eval()
+    with torch.no_grad():
+        expected = in_memory(**ids).logits
+        got = reloaded(**ids).logits
+        base, _ = load_model(trained_run["spec"])
+        untouched = base(**ids).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+    assert not torch.allclose(untouched, got, atol=1e-3)  # the adapter really changes the model
+
+
+def test_training_refuses_when_no_token_would_be_trained(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    records = tiny_records(1)
+    prepared = write_prepared(tmp_path / "prepared", records, records[:1], records[:1])
+    recipe = recipe_from_dict({"model": {"name": str(tiny_model_dir)}}, ["data.max_seq_len=16"])
+    with pytest.raises(TrainingError, match="no answer token would be trained"):
+        train(recipe, tmp_path / "out", prepared_dir=prepared)
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_fp16_without_gpu_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    records = tiny_records(1)
+    prepared = write_prepared(tmp_path / "prepared", records, records[:1], records[:1])
+    recipe = recipe_from_dict({"model": {"name": str(tiny_model_dir)}}, ["train.precision=fp16"])
+    with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU"):
+        train(recipe, tmp_path / "out", prepared_dir=prepared)
