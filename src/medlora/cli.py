@@ -457,7 +457,11 @@ def _print_quality(quality: dict[str, Any]) -> None:
 def bench_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec.")],
     tasks: Annotated[
-        str, typer.Option("--tasks", help="pubmedqa, mmlu_medical, mmlu, medmcqa, medqa")
+        str,
+        typer.Option(
+            "--tasks",
+            help="pubmedqa, mmlu_medical, mmlu_medical_continuation, mmlu, medmcqa, medqa",
+        ),
     ] = "pubmedqa,mmlu_medical",
     adapter: Annotated[Path | None, typer.Option("--adapter", "-a", help="Run directory.")] = None,
     data: Annotated[

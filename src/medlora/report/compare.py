@@ -1,0 +1,253 @@
+"""`medlora compare`: the same questions to the base and the fine-tuned model, side by side.
+
+Writes compare.json (the data), compare.md and compare.html (self-contained). Both answers come from
+one loaded model, the adapter switched off for the base, with the run's chat template and greedy decoding.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from medlora.data.records import Record
+from medlora.data.sample import sample_records
+from medlora.errors import DataError
+from medlora.evaluate.quality import METRICS, aggregate, score_answers
+from medlora.io import write_json_atomic, write_text_atomic
+from medlora.report.html import STYLE, fmt, fmt_ci, render
+
+ANSWER_KEYS = ("answer", "reference", "output")
+
+
+def _record(row: dict[str, Any], index: int, where: str) -> Record:
+    question = row.get("question") or row.get("instruction")
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: row {index + 1} has no 'question' text; every row needs one")
+    answer = next((row[k] for k in ANSWER_KEYS if isinstance(row.get(k), str)), "")
+    return Record(
+        id=str(row.get("id", index)),
+        question=question.strip(),
+        answer=answer.strip(),
+        source=Path(where).name,
+    )
+
+
+def read_questions(path: str | os.PathLike[str]) -> list[Record]:
+    """Questions (with optional reference answers) from .txt (one per line), .jsonl, .json or .csv."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"--questions {file}: file not found")
+    text = file.read_text(encoding="utf-8-sig")
+    suffix = file.suffix.lower()
+    if suffix == ".txt":
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return [
+            Record(id=str(i), question=q, answer="", source=file.name) for i, q in enumerate(lines)
+        ]
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{file}: line {number} is not valid JSON ({err.msg})") from err
+    elif suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{file}: line {err.lineno} is not valid JSON ({err.msg})") from err
+    elif suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    else:
+        raise DataError(f"--questions {file}: use a .txt, .jsonl, .json or .csv file")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{file}: expected rows of objects with a 'question' field")
+    return [_record(row, i, str(file)) for i, row in enumerate(rows)]
+
+
+def compare_answers(
+    model: Any,
+    tokenizer: Any,
+    records: list[Record],
+    system_prompt: str | None,
+    max_new_tokens: int = 128,
+    batch_size: int = 4,
+    metrics: tuple[str, ...] = METRICS,
+) -> dict[str, Any]:
+    """Tuned and base answers to the same questions, scored where a reference answer exists."""
+    from medlora.evaluate.generate import generate_answers
+
+    questions = [r.question for r in records]
+    tuned = generate_answers(model, tokenizer, questions, system_prompt, max_new_tokens, batch_size)
+    disable = getattr(model, "disable_adapter", None)
+    with disable() if disable is not None else nullcontext():
+        base = generate_answers(
+            model, tokenizer, questions, system_prompt, max_new_tokens, batch_size
+        )
+    rows = [
+        {"id": r.id, "question": r.question, "reference": r.answer, "base": b, "tuned": t}
+        for r, b, t in zip(records, base, tuned, strict=True)
+    ]
+    scored = [i for i, r in enumerate(records) if r.answer]
+    result: dict[str, Any] = {
+        "n": len(rows),
+        "scored": len(scored),
+        "max_new_tokens": max_new_tokens,
+        "decoding": "greedy",
+        "rows": rows,
+        "metrics": {},
+    }
+    if scored:
+        refs = [records[i].answer for i in scored]
+        tuned_scores = score_answers([tuned[i] for i in scored], refs, metrics)
+        base_scores = score_answers([base[i] for i in scored], refs, metrics)
+        for name in tuned_scores:
+            for j, i in enumerate(scored):
+                rows[i][f"tuned_{name}"] = tuned_scores[name][j]
+                rows[i][f"base_{name}"] = base_scores[name][j]
+        result["metrics"] = aggregate(tuned_scores, base_scores)
+    return result
+
+
+MD_NAMES = {"rougeL": "ROUGE-L", "f1": "token F1", "similarity": "similarity"}
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Base vs fine-tuned answers",
+        "",
+        f"Model `{result.get('model')}`, adapter `{result.get('adapter')}`; {result['n']} questions "
+        f"from {result.get('questions_from')}; {result['decoding']} decoding, at most "
+        f"{result['max_new_tokens']} new tokens.",
+        "",
+    ]
+    if result["metrics"]:
+        lines += [
+            f"Scores against the reference answers ({result['scored']} questions, 95% bootstrap CI):",
+            "",
+            "| metric | base | fine-tuned | difference |",
+            "|---|---|---|---|",
+        ]
+        for name, m in result["metrics"].items():
+            lines.append(
+                f"| {MD_NAMES.get(name, name)} | {fmt_ci(m['base'])} | {fmt_ci(m['model'])} | "
+                f"{fmt_ci(m['diff'], signed=True)} |"
+            )
+        lines.append("")
+    for i, row in enumerate(result["rows"], start=1):
+
+        def scores(prefix: str, row: dict[str, Any] = row) -> str:
+            return ", ".join(
+                f"{MD_NAMES[k]} {fmt(row[prefix + k])}" for k in MD_NAMES if prefix + k in row
+            )
+
+        lines += [f"## {i}. {_cell(row['question'])}", "", "| | answer | scores |", "|---|---|---|"]
+        if row["reference"]:
+            lines.append(f"| reference | {_cell(row['reference'])} | |")
+        lines += [
+            f"| base | {_cell(row['base'])} | {scores('base_')} |",
+            f"| fine-tuned | {_cell(row['tuned'])} | {scores('tuned_')} |",
+            "",
+        ]
+    lines += ["_Research output, not medical advice._", ""]
+    return "\n".join(lines)
+
+
+HTML_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Base vs fine-tuned answers</title>
+<style>{{ style }}</style></head><body>
+<h1>Base vs fine-tuned answers</h1>
+<p>Model <code>{{ r.model }}</code>, adapter <code>{{ r.adapter }}</code>; {{ r.n }} questions from
+{{ r.questions_from }}; {{ r.decoding }} decoding, at most {{ r.max_new_tokens }} new tokens.</p>
+{% if r.metrics %}
+<table id="scores"><tr><th>metric ({{ r.scored }} questions, 95% CI)</th><th>base</th><th>fine-tuned</th>
+<th>difference</th><th></th></tr>
+{% for name, m in r.metrics.items() %}<tr><td>{{ names.get(name, name) }}</td><td class="num">{{ m.base | ci }}</td>
+<td class="num">{{ m.model | ci }}</td><td class="num">{{ m.diff | ci(3, true) }}</td>
+<td>{{ m.diff | verdict }}</td></tr>{% endfor %}
+</table>
+{% endif %}
+<table class="qa" id="answers"><tr><th>#</th><th>question</th><th>reference</th><th>base answer</th>
+<th>fine-tuned answer</th></tr>
+{% for row in r.rows %}<tr><td class="num">{{ loop.index }}</td><td>{{ row.question }}</td>
+<td>{{ row.reference or "—" }}</td>
+<td>{{ row.base or "(empty)" }}{% if row.base_rougeL is defined %}<br><span class="muted">{% for k, label in names.items() %}{% if ("base_" ~ k) in row %}{{ label }} {{ row["base_" ~ k] | fmt }} {% endif %}{% endfor %}</span>{% endif %}</td>
+<td>{{ row.tuned or "(empty)" }}{% if row.tuned_rougeL is defined %}<br><span class="muted">{% for k, label in names.items() %}{% if ("tuned_" ~ k) in row %}{{ label }} {{ row["tuned_" ~ k] | fmt }} {% endif %}{% endfor %}</span>{% endif %}</td></tr>
+{% endfor %}</table>
+<p class="disclaimer">Research output, not medical advice.</p>
+</body></html>
+"""
+
+
+def write_compare(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    out = Path(out_dir)
+    paths = {
+        "json": write_json_atomic(out / "compare.json", result),
+        "md": write_text_atomic(out / "compare.md", render_markdown(result)),
+    }
+    html = render(HTML_TEMPLATE, r=result, names=MD_NAMES, style=STYLE)
+    paths["html"] = write_text_atomic(out / "compare.html", html)
+    return paths
+
+
+def run_compare(
+    model_spec: str,
+    adapter: str | os.PathLike[str],
+    questions: str | os.PathLike[str] | None = None,
+    from_split: str | None = None,
+    n: int = 20,
+    out_dir: str | os.PathLike[str] | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 4,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
+    """Load base + adapter once, answer `n` questions with each, write compare.{json,md,html}."""
+    from medlora.evaluate.heldout import run_recipe
+    from medlora.models import load_with_adapter
+
+    if (questions is None) == (from_split is None):
+        raise DataError(
+            "give either --questions FILE or --from-split SPLIT (test, validation, train)"
+        )
+    recipe = run_recipe(adapter)
+    if questions is not None:
+        records, origin = read_questions(questions), str(questions)
+    else:
+        from medlora.data.prepare import load_splits
+
+        if not (Path(adapter) / "data" / "test.jsonl").is_file():
+            raise DataError(
+                f"{adapter}/data holds no prepared splits (trained with --data elsewhere?): "
+                "give --questions FILE instead"
+            )
+        splits = load_splits(Path(adapter) / "data")
+        if from_split not in splits:
+            raise DataError(f"--from-split {from_split!r}: choose test, validation or train")
+        records, origin = splits[from_split], f"the run's {from_split} split"
+    records = sample_records(records, n, recipe.data.seed)
+    if not records:
+        raise DataError(f"no questions in {origin}")
+    model, tokenizer = model_and_tokenizer or load_with_adapter(
+        model_spec, adapter, recipe.model.dtype
+    )
+    result = compare_answers(
+        model,
+        tokenizer,
+        records,
+        recipe.data.system_prompt,
+        max_new_tokens or recipe.eval.max_new_tokens,
+        batch_size,
+    )
+    result = {"model": model_spec, "adapter": str(adapter), "questions_from": origin, **result}
+    result["files"] = {k: str(v) for k, v in write_compare(result, out_dir or adapter).items()}
+    return result

@@ -1,0 +1,1 @@
+"""Serving: engines (transformers, llama.cpp), a batching scheduler, safety notices, the HTTP app."""

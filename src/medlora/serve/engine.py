@@ -1,0 +1,221 @@
+"""Generation jobs and the always-available engine: `transformers` with a KV cache, batched.
+
+A `Job` is one answer to produce: prompt token ids in, text pieces out through `sink` (called from
+the engine's thread). Engines run a list of jobs that share a model and sampling settings; rows of a
+batch are kept apart (per-row stop, per-row length limit), so concurrent requests never mix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy, the default for a medical answer server."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Jobs batch together only when they decode the same way (the length may differ)."""
+        return (self.greedy, self.temperature, self.top_p, self.seed)
+
+
+@dataclass
+class Event:
+    kind: str  # "token" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+
+
+@dataclass
+class Job:
+    model: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    sink: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    completion_ids: list[int] = field(default_factory=list)
+    text: str = ""  # the whole answer, decoded once at the end (stripped, like generate_answers)
+    finish_reason: str | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    def batch_key(self) -> tuple[Any, ...]:
+        return (self.model, *self.sampling.batch_key())
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.sink(Event("done", finish_reason=reason))
+
+    def fail(self, message: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = "error"
+            self.sink(Event("error", text=message))
+
+
+class Engine(Protocol):
+    name: str  # "transformers" | "llama.cpp"
+    tokenizer: Any
+    max_batch: int
+
+    @property
+    def models(self) -> list[str]: ...
+
+    def run_batch(self, jobs: Sequence[Job]) -> None:
+        """Generate every job to its end, calling each job's sink; jobs share `batch_key()`."""
+
+
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """End of sequence and end of turn: the same stops as `medlora.evaluate.generate`."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if "<|im_end|>" in tokenizer.get_vocab():
+        ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return ids
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text pieces; holds back half a UTF-8 character."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+    def flush(self) -> str:
+        """What is still held back at the end (an incomplete character is emitted as decoded)."""
+        text = self.final()
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+    def final(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+
+
+class RowTracker:
+    """Per-row bookkeeping shared by the engines: emit pieces, stop at an end token or the limit."""
+
+    def __init__(self, job: Job, tokenizer: Any, stops: set[int]) -> None:
+        self.job = job
+        self.stops = stops
+        self.detok = Detokenizer(tokenizer)
+        self.done = False
+
+    def push(self, token_id: int) -> bool:
+        """Take one generated token; True when this row is finished."""
+        if self.done:
+            return True
+        if self.job.cancelled.is_set():
+            return self._end("cancelled")
+        if token_id in self.stops:
+            return self._end("stop")
+        self.job.completion_ids.append(token_id)
+        piece = self.detok.add(token_id)
+        if piece:
+            self.job.sink(Event("token", text=piece))
+        if len(self.job.completion_ids) >= self.job.sampling.max_new_tokens:
+            return self._end("length")
+        return False
+
+    def finish(self, reason: str) -> bool:
+        return self._end(reason)
+
+    def _end(self, reason: str) -> bool:
+        if not self.done:
+            self.done = True
+            rest = self.detok.flush()
+            if rest:
+                self.job.sink(Event("token", text=rest))
+            self.job.text = self.detok.final()
+            self.job.finish(reason)
+        return True
+
+
+class TransformersEngine:
+    """Plain `transformers` generate with a KV cache; one left-padded batch per call."""
+
+    name = "transformers"
+
+    def __init__(self, models: dict[str, Any], tokenizer: Any, max_batch: int = 8) -> None:
+        self._models = models
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.stops = stop_token_ids(tokenizer)
+        for model in models.values():
+            model.eval()
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._models)
+
+    def run_batch(self, jobs: Sequence[Job]) -> None:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+        model = self._models[jobs[0].model]
+        sampling = jobs[0].sampling
+        pad_id = self.tokenizer.pad_token_id
+        width = max(len(job.prompt_ids) for job in jobs)
+        input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, job in enumerate(jobs):
+            input_ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            attention[i, width - len(job.prompt_ids) :] = 1
+        rows = [RowTracker(job, self.tokenizer, self.stops) for job in jobs]
+
+        class PerRow(StoppingCriteria):
+            # Called after every step with the new tokens appended: stream them, stop rows one by one.
+            def __call__(self, ids: Any, scores: Any, **kwargs: Any) -> Any:
+                last = ids[:, -1].tolist()
+                done = [row.push(token) for row, token in zip(rows, last, strict=True)]
+                return torch.tensor(done, dtype=torch.bool, device=ids.device)
+
+        config = GenerationConfig(
+            max_new_tokens=max(job.sampling.max_new_tokens for job in jobs),
+            do_sample=not sampling.greedy,
+            temperature=sampling.temperature if not sampling.greedy else None,
+            top_p=sampling.top_p if not sampling.greedy else None,
+            top_k=None,
+            pad_token_id=pad_id,
+            eos_token_id=sorted(self.stops) or None,
+        )
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList([PerRow()]),
+            )
+        for row in rows:  # a row still open here ran into the batch's overall length limit
+            row.finish("length")

@@ -1,0 +1,194 @@
+"""Pick and build the engine for `medlora serve` / `chat`: which weights, which names, which prompt.
+
+`auto` takes llama.cpp when it is installed and the weights are (or can be made) GGUF, else plain
+transformers. With `--adapter RUN` two models are served side by side: the fine-tuned one (named after
+the run) and, unless `with_base=False`, the untouched base, both with the run's tokenizer, chat
+template and system prompt, so the web page can compare them on the same question.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medlora.config import DEFAULT_SYSTEM_PROMPT
+from medlora.errors import ConfigError, MedloraError
+from medlora.serve.engine import Engine
+
+ENGINES = ("auto", "transformers", "llama.cpp", "vllm")
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts for --max-lora-rank
+logger = logging.getLogger(__name__)
+_UNSET = object()
+
+
+@dataclass
+class Served:
+    engine: Engine
+    tuned: str | None  # model id of the fine-tuned model (None when serving a base alone)
+    base: str | None  # model id of the base model (None when left out)
+    system_prompt: str | None
+
+    @property
+    def default_model(self) -> str:
+        return self.tuned or str(self.base)
+
+
+def model_id(spec: str) -> str:
+    """A short, stable name for a spec: the alias, the Hub id, or the folder/file name."""
+    path = Path(spec)
+    if path.exists():
+        return path.resolve().stem if path.is_file() else path.resolve().name
+    return spec
+
+
+def run_system_prompt(run_dir: Path | None) -> str | None:
+    """The system prompt the run was trained with (recipe.yaml data.system_prompt)."""
+    if run_dir is not None and (run_dir / "recipe.yaml").is_file():
+        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+        section = data.get("data") or {}
+        if "system_prompt" in section:
+            return section["system_prompt"]
+    return DEFAULT_SYSTEM_PROMPT
+
+
+def _want_llama_cpp(engine: str, spec: str) -> bool:
+    from medlora.serve.fast import llama_cpp_available
+
+    if engine == "llama.cpp":
+        if not llama_cpp_available():
+            raise ConfigError(
+                "--engine llama.cpp needs llama-cpp-python: pip install -e '.[fast]' (or make fast)"
+            )
+        return True
+    return engine == "auto" and llama_cpp_available()
+
+
+def _build_llama_cpp(
+    spec: str,
+    run: Path | None,
+    base_id: str,
+    tuned_id: str | None,
+    prompt: str | None,
+    with_base: bool,
+    threads: int | None,
+    n_ctx: int,
+) -> Served:
+    from medlora.export import base_gguf, cached_gguf
+    from medlora.models import load_tokenizer, prepare_tokenizer
+    from medlora.serve.fast import LlamaCppEngine
+
+    if run is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(run))
+        ggufs = {str(tuned_id): cached_gguf(run, spec)}
+        if with_base:
+            ggufs[base_id] = base_gguf(spec)
+    else:
+        tokenizer = load_tokenizer(spec)
+        ggufs = {base_id: base_gguf(spec)}
+    fast = LlamaCppEngine(ggufs, tokenizer, threads=threads, n_ctx=n_ctx)
+    return Served(fast, tuned_id, base_id if (with_base or run is None) else None, prompt)
+
+
+def build_engine(
+    spec: str,
+    adapter: str | os.PathLike[str] | None = None,
+    *,
+    engine: str = "auto",
+    with_base: bool = True,
+    max_batch: int = 8,
+    threads: int | None = None,
+    n_ctx: int = 2048,
+    system_prompt: Any = _UNSET,
+    name: str | None = None,
+    device: str | None = None,
+) -> Served:
+    """Load the weights once and return the engine with the served model ids."""
+    import torch
+
+    from medlora.models import load_model, load_with_adapter
+
+    if engine not in ENGINES or engine == "vllm":
+        raise ConfigError(
+            f"--engine {engine}: use one of auto, transformers, llama.cpp (vllm: see serve --help)"
+        )
+    run = Path(adapter) if adapter else None
+    base_id = model_id(spec)
+    tuned_id = name or (run.resolve().name if run else None)
+    if tuned_id is not None and tuned_id == base_id:
+        tuned_id = f"{tuned_id}-lora"
+    prompt = run_system_prompt(run) if system_prompt is _UNSET else system_prompt
+    if threads:
+        torch.set_num_threads(threads)
+
+    if _want_llama_cpp(engine, spec):
+        try:
+            return _build_llama_cpp(spec, run, base_id, tuned_id, prompt, with_base, threads, n_ctx)
+        except MedloraError as error:
+            if engine != "auto":
+                raise
+            # auto: no converter, or a model llama.cpp cannot take; the fallback always works.
+            logger.warning("llama.cpp engine unavailable (%s); using transformers", error)
+
+    from medlora.serve.engine import TransformersEngine
+
+    if run is not None:
+        peft_model, tokenizer = load_with_adapter(spec, run)
+        models = {str(tuned_id): peft_model.merge_and_unload()}
+        if with_base:
+            models[base_id] = load_model(spec)[0]
+    else:
+        model, tokenizer = load_model(spec)
+        models = {base_id: model}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for model in models.values():
+        model.to(device)
+    hf = TransformersEngine(models, tokenizer, max_batch=max_batch)
+    return Served(hf, tuned_id, base_id if (with_base or run is None) else None, prompt)
+
+
+def vllm_command(
+    spec: str,
+    adapter: str | os.PathLike[str] | None,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+) -> list[str]:
+    """The `vllm serve` command line for GPU users: the base + the run's LoRA under the run's name."""
+    import importlib.util
+
+    import torch
+
+    from medlora.models import local_folder
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--engine vllm needs vLLM and a CUDA GPU: pip install vllm")
+    if not torch.cuda.is_available():
+        raise ConfigError("--engine vllm needs a CUDA GPU and none is visible; use --engine auto")
+    command = ["vllm", "serve", local_folder(spec), "--host", host, "--port", str(port)]
+    command += ["--served-model-name", model_id(spec)]
+    command += ["--max-model-len", str(max_prompt_tokens + max_new_tokens)]
+    if adapter:
+        run = Path(adapter)
+        command += ["--enable-lora", "--lora-modules", f"{run.resolve().name}={run.resolve()}"]
+        from medlora.export import check_run
+
+        check_run(run)
+        rank = int(
+            json.loads((run / "adapter_config.json").read_text(encoding="utf-8")).get("r", 8)
+        )
+        command += ["--max-lora-rank", str(next((r for r in LORA_RANKS if r >= rank), rank))]
+        if (run / "chat_template.jinja").is_file():
+            command += ["--chat-template", str(run.resolve() / "chat_template.jinja")]
+    if api_key:
+        command += ["--api-key", api_key]
+    return command

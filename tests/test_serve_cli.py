@@ -1,0 +1,101 @@
+"""`medlora serve` as a user starts it: a real process on 127.0.0.1, then the OpenAI client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from serve_support import train_tiny_run
+from typer.testing import CliRunner
+
+from medlora.cli import app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_command_answers_the_openai_client(tmp_path: Path, tiny_model_dir: Path) -> None:
+    run = train_tiny_run(tmp_path, tiny_model_dir)
+    port = free_port()
+    medlora = Path(sys.executable).with_name("medlora")
+    env = {**os.environ, "MEDLORA_API_KEY": "k-123"}
+    command = [
+        str(medlora),
+        "serve",
+        str(tiny_model_dir),
+        "--adapter",
+        str(run),
+        "--port",
+        str(port),
+        "--engine",
+        "transformers",
+        "--max-new-tokens",
+        "64",
+    ]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.3)
+        assert health["engine"] == "transformers" and set(health["models"]) == {
+            "run",
+            tiny_model_dir.name,
+        }
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="k-123", max_retries=0
+        )
+        reply = client.chat.completions.create(
+            model="run", messages=[{"role": "user", "content": "What causes anemia?"}], max_tokens=8
+        )
+        assert (
+            reply.choices[0].message.content and reply.usage and reply.usage.completion_tokens <= 8
+        )
+        with pytest.raises(openai.BadRequestError, match="limit of 64"):
+            client.chat.completions.create(
+                model="run", messages=[{"role": "user", "content": "hi"}], max_tokens=65
+            )
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0
+            ).models.list()
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    output = process.stdout.read() if process.stdout else ""
+    assert "What causes anemia?" not in output  # prompts are not logged by default
+    assert "request" in output  # but each request is
+
+
+def test_vllm_engine_without_vllm_is_one_line(tiny_model_dir: Path) -> None:
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    result = CliRunner().invoke(app, ["serve", str(tiny_model_dir), "--engine", "vllm"])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "vllm" in result.output.lower()

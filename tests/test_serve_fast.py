@@ -1,0 +1,115 @@
+"""The fast engine (llama.cpp) on SmolLM2: GGUF export, same greedy answers as transformers, served.
+
+Skipped, with the reason, where llama-cpp-python or llama.cpp's converter is not installed
+(`make fast` installs both); the transformers engine is tested everywhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import tiny_records, write_prepared
+from serve_support import ServerThread
+
+from medlora.config import recipe_from_dict
+from medlora.evaluate.generate import generate_answers
+from medlora.export import export_run, llama_cpp_tools_dir
+from medlora.models import SMOLLM2_ALIAS
+from medlora.serve.fast import llama_cpp_available
+
+TOOLS = llama_cpp_tools_dir()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not llama_cpp_available(), reason="llama-cpp-python not installed (make fast)"
+    ),
+    pytest.mark.skipif(
+        not (TOOLS / "convert_hf_to_gguf.py").is_file(),
+        reason=f"llama.cpp's converter not in {TOOLS} (make fast)",
+    ),
+]
+QUESTIONS = ["What are the symptoms of asthma?", "How is diabetes treated?"]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory: pytest.TempPathFactory, smollm2_cache: Path) -> dict[str, Any]:
+    """A real 4-step SmolLM2 run (its adapter changes the answers) and its f32 GGUF export."""
+    from medlora.train import train
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEDLORA_CACHE", str(smollm2_cache))
+    mp.setenv("MEDLORA_LLAMA_CPP_DIR", str(TOOLS))
+    root = tmp_path_factory.mktemp("fast")
+    records = tiny_records()
+    prepared = write_prepared(root / "prepared", records[:12], records[12:14], records[14:16])
+    recipe = recipe_from_dict(
+        {"model": {"name": SMOLLM2_ALIAS}},
+        [
+            "train.max_steps=4",
+            "train.batch_size=4",
+            "train.grad_accum=1",
+            "train.lr=0.002",
+            "lora.target_modules=all-linear",
+            "train.eval_steps=0",
+        ],
+    )
+    train(recipe, root / "run", prepared_dir=prepared)
+    export = export_run(root / "run", root / "gguf", fmt="gguf", gguf_type="f32")
+    yield {"run": root / "run", "export": export}
+    mp.undo()
+
+
+def test_gguf_export_has_model_and_card(smollm2_run: dict[str, Any]) -> None:
+    export = smollm2_run["export"]
+    assert export.merged and export.gguf is not None
+    assert export.gguf.read_bytes()[:4] == b"GGUF"
+    assert (export.out / "README.md").is_file() and (export.out / "config.json").is_file()
+
+
+def test_llama_cpp_answers_match_transformers(smollm2_run: dict[str, Any]) -> None:
+    from medlora.models import load_model
+    from medlora.serve.engine import Job, Sampling
+    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.loader import run_system_prompt
+    from medlora.serve.prompt import conversation_ids
+
+    export = smollm2_run["export"]
+    model, tokenizer = load_model(str(export.out))  # the merged float32 export
+    system = run_system_prompt(smollm2_run["run"])
+    expected = generate_answers(model, tokenizer, QUESTIONS, system, NEW_TOKENS, batch_size=1)
+    engine = LlamaCppEngine({"tuned": export.gguf}, tokenizer)
+    got = []
+    for question in QUESTIONS:
+        ids = conversation_ids(tokenizer, [{"role": "user", "content": question}], system)
+        job = Job("tuned", ids, Sampling(max_new_tokens=NEW_TOKENS), sink=lambda event: None)
+        engine.run_batch([job])
+        got.append(job.text)
+    assert got == expected
+
+
+def test_server_on_llama_cpp_side_by_side(smollm2_run: dict[str, Any]) -> None:
+    import httpx
+
+    from medlora.serve.app import create_app
+    from medlora.serve.loader import build_engine
+
+    served = build_engine(SMOLLM2_ALIAS, smollm2_run["run"], engine="llama.cpp")
+    assert served.engine.name == "llama.cpp" and set(served.engine.models) == {"run", SMOLLM2_ALIAS}
+    with ServerThread(create_app(served)) as server:
+        answers = {}
+        for name in served.engine.models:
+            reply = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json={
+                    "model": name,
+                    "messages": [{"role": "user", "content": QUESTIONS[0]}],
+                    "max_tokens": 16,
+                },
+                timeout=120,
+            )
+            assert reply.status_code == 200
+            answers[name] = reply.json()["choices"][0]["message"]["content"]
+    assert answers["run"] != answers[SMOLLM2_ALIAS]  # base (original Q4_1 GGUF) vs fine-tuned
