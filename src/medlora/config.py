@@ -113,6 +113,27 @@ class TrainConfig(_Section):
     )
     seed: int = Field(42, description="Seed for initialisation and data order.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    packing: bool = Field(
+        False,
+        description="Pack several examples into one row per micro-batch (no padding; attention and "
+        "positions restart per example); batch_size is then replaced by tokens_per_batch.",
+    )
+    tokens_per_batch: int = Field(
+        2048, ge=16, description="Token budget of one packed micro-batch (with packing: true)."
+    )
+    group_by_length: bool = Field(
+        False, description="Without packing: batch examples of similar length (less padding)."
+    )
+    shuffle: bool = Field(
+        True, description="Shuffle training examples each epoch (false: file order, for exact replays)."
+    )
+    compile: bool = Field(False, description="torch.compile the model (helps on GPUs, static shapes).")
+    keep_best: int = Field(
+        2, ge=1, description="Checkpoints kept: the best N by validation loss, plus the latest."
+    )
+    stop_on_nan: bool = Field(
+        True, description="Stop at the first NaN/inf loss, keeping the last good checkpoint."
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (null: torch default)."
     )
