@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medlora.answer_loss import answer_loss_sum
 from medlora.config import Recipe
-from medlora.data.format import Example, format_records, pad_batch, token_counter
+from medlora.data.format import IGNORE_INDEX, Example, format_records, pad_batch, token_counter
+from medlora.data.pack import collate_packed, pack_rows
 from medlora.data.prepare import load_splits, prepare_data
 from medlora.data.records import Record
 from medlora.data.sample import sample_records
@@ -34,45 +36,144 @@ class TokenCounter:
         self.answer_tokens_seen = 0
 
     def count(self, inputs: dict[str, Any]) -> None:
-        self.tokens_seen += int(inputs["attention_mask"].sum())
-        self.answer_tokens_seen += int((inputs["labels"] != -100).sum())
+        mask = inputs.get("attention_mask")
+        # Packed rows carry no attention mask and no padding: every id is a real token.
+        self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        self.answer_tokens_seen += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak memory so far: GPU allocations when on CUDA, else the process's peak resident set."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    # ru_maxrss is in KiB on Linux.
+    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def source_group(source: str) -> str:
+    """The data source an example came from, as named in the recipe (medquad, pubmedqa, a file)."""
+    return source.split("/", 1)[0]
 
 
 def _trainer_class() -> Any:
+    import torch
     from transformers import Trainer
 
     class MedloraTrainer(Trainer):
-        """The HF Trainer, plus token counting on every training micro-batch."""
+        """The HF Trainer with answer-only loss, token counting, NaN stop and exact evaluation."""
 
         token_counter: TokenCounter
+        stop_on_nan: bool = True
+        shuffle: bool = True
+        val_examples: list[Example] = []
+        pad_token_id: int = 0
+        eval_batch_size: int = 8
+        eval_seconds: float = 0.0
+        train_clock_start: float | None = None
 
         def compute_loss(
-            self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
         ) -> Any:
+            loss_sum, count, outputs = answer_loss_sum(model, inputs)
+            if num_items_in_batch is not None:
+                # Token-weighted over the whole optimizer step (all micro-batches, all processes),
+                # so packing, padding and accumulation never change the objective.
+                loss = loss_sum / num_items_in_batch
+                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    loss = loss * self.accelerator.num_processes  # DDP averages gradients
+            else:
+                loss = loss_sum / max(count, 1)
             if model.training:
                 self.token_counter.count(inputs)
-            return super().compute_loss(model, inputs, *args, **kwargs)
+                if self.stop_on_nan and not torch.isfinite(loss.detach()):
+                    raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach()))
+            return (loss, outputs) if return_outputs else loss
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            if not self.shuffle:
+                # File order, for runs that must replay exactly (and the DDP equality test).
+                return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+            return super()._get_train_sampler(train_dataset)
+
+        def train_seconds(self) -> float:
+            if self.train_clock_start is None:
+                return 0.0
+            return time.perf_counter() - self.train_clock_start - self.eval_seconds
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs:
+                logs["tokens_seen"] = self.token_counter.tokens_seen
+                logs["trained_tokens"] = self.token_counter.answer_tokens_seen
+                logs["train_seconds"] = round(self.train_seconds(), 3)
+                logs.update(peak_memory())
+            super().log(logs, start_time)
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+            started = time.perf_counter()
+            try:
+                if self.args.world_size > 1 or not self.val_examples:
+                    return super().evaluate(*args, **kwargs)
+                return self._exact_evaluate()
+            finally:
+                self.eval_seconds += time.perf_counter() - started
+
+        def _exact_evaluate(self) -> dict[str, float]:
+            """Token-weighted answer loss over the whole validation set, and per data source.
+
+            The same number `medlora eval` reports (Trainer's own loop averages batch means).
+            """
+            from medlora.evaluate.loss import score_examples
+
+            was_training = self.model.training
+            scored = score_examples(
+                self.model, self.val_examples, self.pad_token_id, self.eval_batch_size
+            )
+            if was_training:
+                self.model.train()
+            metrics = {"eval_loss": scored["loss"], "eval_perplexity": scored["perplexity"]}
+            groups: dict[str, list[int]] = {}
+            for i, example in enumerate(self.val_examples):
+                groups.setdefault(source_group(example.source), []).append(i)
+            if len(groups) > 1:
+                for name, indices in sorted(groups.items()):
+                    weights = [self.val_examples[i].answer_tokens for i in indices]
+                    total = sum(
+                        scored["per_example_loss"][i] * w
+                        for i, w in zip(indices, weights, strict=True)
+                    )
+                    metrics[f"eval_loss_{name}"] = total / max(sum(weights), 1)
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(
+                self.args, self.state, self.control, metrics
+            )
+            return metrics
 
     return MedloraTrainer
+
+
+class NonFiniteLoss(TrainingError):
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"loss became {value} at step {step}")
+        self.step = step
 
 
 def _as_rows(examples: list[Example]) -> list[dict[str, Any]]:
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
 
-def _metrics_callback(metrics_path: Path, collator: TokenCounter) -> Any:
+def _metrics_callback(metrics_path: Path) -> Any:
     from transformers import TrainerCallback
 
     class MetricsJsonl(TrainerCallback):
-        """One JSON line per log event: step, epoch, loss, lr, grad norm, tokens/s, trained tokens."""
-
-        def __init__(self) -> None:
-            self.last_time = time.perf_counter()
-            self.last_tokens = 0
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.last_time = time.perf_counter()
-            self.last_tokens = collator.tokens_seen
+        """One JSON line per log event (the trainer adds tokens, time and memory to each)."""
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
@@ -85,16 +186,84 @@ def _metrics_callback(metrics_path: Path, collator: TokenCounter) -> Any:
                     row[key] = value
                 else:
                     row[key] = str(value)
-            if "loss" in logs:
-                now = time.perf_counter()
-                elapsed = max(now - self.last_time, 1e-9)
-                row["tokens_per_s"] = round((collator.tokens_seen - self.last_tokens) / elapsed, 2)
-                row["tokens_seen"] = collator.tokens_seen
-                row["trained_tokens"] = collator.answer_tokens_seen
-                self.last_time, self.last_tokens = now, collator.tokens_seen
+            if "loss" in logs and "train_seconds" in logs:
+                seconds = self._seconds_since_last(logs["train_seconds"])
+                tokens = self._tokens_since_last(logs["tokens_seen"])
+                row["tokens_per_s"] = round(tokens / max(seconds, 1e-9), 2)
             append_jsonl(metrics_path, row)
 
+        last_seconds = 0.0
+        last_tokens = 0
+
+        def _seconds_since_last(self, now: float) -> float:
+            elapsed, self.last_seconds = now - self.last_seconds, now
+            return elapsed
+
+        def _tokens_since_last(self, now: int) -> int:
+            count, self.last_tokens = now - self.last_tokens, now
+            return count
+
     return MetricsJsonl()
+
+
+CHECKPOINT_STATE = "medlora_state.json"
+
+
+def _checkpoint_callback(trainer_ref: dict[str, Any], keep_best: int) -> Any:
+    """Save medlora's counters beside each checkpoint; keep the best K by eval_loss + the latest."""
+    from transformers import TrainerCallback
+
+    class Checkpoints(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            trainer = trainer_ref["trainer"]
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_json_atomic(
+                folder / CHECKPOINT_STATE,
+                {
+                    "step": state.global_step,
+                    "tokens_seen": trainer.token_counter.tokens_seen,
+                    "answer_tokens_seen": trainer.token_counter.answer_tokens_seen,
+                    "train_seconds": trainer.train_seconds(),
+                },
+            )
+            rotate_checkpoints(Path(args.output_dir), state.log_history, keep_best)
+
+    return Checkpoints()
+
+
+def rotate_checkpoints(folder: Path, log_history: list[dict[str, Any]], keep_best: int) -> None:
+    """Delete checkpoints outside the best `keep_best` by eval_loss; the latest always stays."""
+    found = sorted(
+        (int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*") if p.is_dir()
+    )
+    if not found:
+        return
+    losses = {row["step"]: row["eval_loss"] for row in log_history if "eval_loss" in row}
+    scored = sorted((losses[step], step) for step, _ in found if step in losses)
+    keep = {step for _, step in scored[:keep_best]} | {found[-1][0]}
+    for step, path in found:
+        if step not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    folders = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.is_dir()]
+    # A checkpoint without medlora's state file was interrupted while being written.
+    complete = [p for p in folders if (p / CHECKPOINT_STATE).is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _truncate_metrics(metrics_path: Path, step: int) -> None:
+    """Drop log rows the resumed run will write again (logged after the checkpoint)."""
+    if not metrics_path.exists():
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    write_text_atomic(
+        metrics_path,
+        "".join(json.dumps(row) + "\n" for row in rows if row.get("step", 0) <= step),
+    )
 
 
 @dataclass
@@ -108,6 +277,9 @@ class TrainResult:
     runtime_s: float
     tokens_per_s: float
     trained_tokens: int
+    train_seconds: float = 0.0
+    peak_rss_mb: float | None = None
+    peak_gpu_memory_mb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -146,12 +318,20 @@ def _training_arguments(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
             "train.precision=fp16 needs a CUDA GPU and none is visible; use --set train.precision=fp32 "
             "(or bf16) on this machine"
         )
-    report_to = [sink for sink in recipe.output.report_to if sink != "jsonl"]
+    report_to = [sink for sink in recipe.output.report_to if sink not in ("jsonl", "tensorboard")]
+    if t.packing:
+        sampling = "random" if t.shuffle else "sequential"
+    elif t.group_by_length:
+        sampling = "group_by_length"
+    else:
+        sampling = "random" if t.shuffle else "sequential"
+    save_steps = t.save_steps or 500
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
+        # A packed row already holds tokens_per_batch tokens: one row per micro-batch.
+        per_device_train_batch_size=1 if t.packing else t.batch_size,
         per_device_eval_batch_size=max(recipe.eval.batch_size, 1),
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
@@ -162,33 +342,121 @@ def _training_arguments(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
         optim=t.optimizer,
         fp16=t.precision == "fp16",
         bf16=t.precision == "bf16",
+        # Without CUDA: CPU training, and `torchrun`/`accelerate launch` give multi-process gloo DDP.
+        use_cpu=not torch.cuda.is_available(),
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN must be seen (and stop the run), not averaged away
         eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
         eval_steps=t.eval_steps or None,
         save_strategy="steps" if t.save_steps > 0 else "no",
-        save_steps=t.save_steps or 500,
+        save_steps=save_steps,
+        save_total_limit=None,  # medlora keeps the best K by validation loss (rotate_checkpoints)
         seed=t.seed,
         data_seed=t.seed,
+        train_sampling_strategy=sampling,
         gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.compile,
         report_to=report_to or "none",
+        project="medlora",
+        run_name=run_dir.name,
         remove_unused_columns=False,
-        dataloader_num_workers=0,  # the collator's token counters must live in this process
+        dataloader_num_workers=0,  # the token counters must live in this process
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
+
+
+def _tracking_callbacks(recipe: Recipe, run_dir: Path) -> list[Any]:
+    """TensorBoard writes to RUN_DIR/tensorboard; W&B and MLflow come in through report_to."""
+    import os
+
+    sinks = recipe.output.report_to
+    callbacks: list[Any] = []
+    if "tensorboard" in sinks:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+        except ImportError:
+            raise TrainingError(
+                "output.report_to has tensorboard but the package is missing: "
+                "pip install 'medlora[track]' (or tensorboard)"
+            ) from None
+        callbacks.append(TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))))
+    if "wandb" in sinks:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise TrainingError(
+                "output.report_to has wandb but the package is missing: pip install 'medlora[track]'"
+            ) from None
+        # Offline runs (WANDB_MODE=offline) land in RUN_DIR/wandb, synced later with `wandb sync`.
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+    if "mlflow" in sinks:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise TrainingError(
+                "output.report_to has mlflow but the package is missing: pip install mlflow"
+            ) from None
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
+    return callbacks
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Fail before any work when the run directory cannot take files (read-only, full, a file)."""
+    probe = run_dir / ".medlora-write-test"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise TrainingError(
+            f"cannot write to the run directory {run_dir}: {error.strerror or error}; "
+            "choose another --out (or free disk space)"
+        ) from None
 
 
 def _save_run_files(model: Any, tokenizer: Any, run_dir: Path) -> None:
     """Adapter and tokenizer go to a scratch folder first, then move in file by file (atomic)."""
     scratch = run_dir / ".save.tmp"
     shutil.rmtree(scratch, ignore_errors=True)
-    model.save_pretrained(scratch)
-    tokenizer.save_pretrained(scratch)
-    # Keep the template beside the adapter even where the tokenizer stores it in its config.
-    if not (scratch / "chat_template.jinja").exists() and tokenizer.chat_template:
-        (scratch / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+    try:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        # Keep the template beside the adapter even where the tokenizer stores it in its config.
+        if not (scratch / "chat_template.jinja").exists() and tokenizer.chat_template:
+            (scratch / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+        # PEFT drops a blank model-card template; the real card comes from `medlora report`.
+        (scratch / "README.md").unlink(missing_ok=True)
+    except OSError as error:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise TrainingError(
+            f"could not save the adapter in {run_dir}: {error.strerror or error}; nothing was "
+            "replaced (free disk space, then `medlora train ... --resume`)"
+        ) from None
     move_files_atomic(scratch, run_dir)
+
+
+def _build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = model_and_tokenizer or load_model(
+        recipe.model.name, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code
+    )
+    lora = recipe.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_config)
+    if recipe.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model, tokenizer
 
 
 def train(
@@ -201,18 +469,15 @@ def train(
 ) -> TrainResult:
     """Fine-tune `recipe.model.name` with LoRA; everything lands in `run_dir` (see DESIGN.md)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(run_dir)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     set_seed(recipe.train.seed)
 
-    model, tokenizer = model_and_tokenizer or load_model(
-        recipe.model.name, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code
-    )
+    model, tokenizer = _build_model(recipe, model_and_tokenizer)
     splits, card = load_or_prepare_splits(
         recipe, run_dir / "data", tokenizer, Path(prepared_dir) if prepared_dir else None
     )
@@ -233,52 +498,96 @@ def train(
             f"{train_stats.dropped_no_answer_tokens} left with no answer after truncation to "
             f"data.max_seq_len={d.max_seq_len}); raise data.max_seq_len or shorten the prompts"
         )
+    t = recipe.train
+    train_rows = (
+        pack_rows(train_examples, max(t.tokens_per_batch, d.max_seq_len), t.seed)
+        if t.packing
+        else _as_rows(train_examples)
+    )
     card["format"] = {"train": train_stats.to_dict(), "validation": val_stats.to_dict()}
     card["used"] = {"train": len(train_examples), "validation": len(val_examples)}
+    if t.packing:
+        card["used"]["packed_rows"] = len(train_rows)
     write_json_atomic(run_dir / "data_card.json", card)
     write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
 
-    lora = recipe.lora
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias=lora.bias,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, peft_config)
-    if recipe.train.gradient_checkpointing:
-        model.enable_input_require_grads()
-
     counter = TokenCounter()
     metrics_path = run_dir / "metrics.jsonl"
-    checkpoints = run_dir / "checkpoints"
-    resume_from = resume and checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
-    if not resume_from and metrics_path.exists():
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if checkpoint is None and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
+    trainer_ref: dict[str, Any] = {}
     trainer = _trainer_class()(
         model=model,
         args=_training_arguments(recipe, run_dir, bool(val_examples)),
-        train_dataset=_as_rows(train_examples),
+        train_dataset=train_rows,
         eval_dataset=_as_rows(val_examples) if val_examples else None,
-        data_collator=functools.partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
-        callbacks=[_metrics_callback(metrics_path, counter)],
+        data_collator=collate_packed
+        if t.packing
+        else functools.partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
+        callbacks=[
+            _metrics_callback(metrics_path),
+            _checkpoint_callback(trainer_ref, t.keep_best),
+            *_tracking_callbacks(recipe, run_dir),
+        ],
     )
+    trainer_ref["trainer"] = trainer
     trainer.token_counter = counter
+    trainer.stop_on_nan = t.stop_on_nan
+    trainer.shuffle = t.shuffle
+    trainer.val_examples = val_examples
+    trainer.pad_token_id = tokenizer.pad_token_id
+    trainer.eval_batch_size = recipe.eval.batch_size
     if recipe.eval.during_training_every or recipe.eval.best_metric:
         from medlora.evaluate.callback import attach_quality_callback
 
         attach_quality_callback(trainer, recipe, run_dir, tokenizer, val_records)
+    previous_seconds = 0.0
+    if checkpoint is not None:
+        state = json.loads((checkpoint / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+        counter.tokens_seen = state["tokens_seen"]
+        counter.answer_tokens_seen = state["answer_tokens_seen"]
+        previous_seconds = state["train_seconds"]
+        _truncate_metrics(metrics_path, state["step"])
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=True if resume_from else None)
+    trainer.train_clock_start = start - previous_seconds
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NonFiniteLoss as error:
+        good = last_checkpoint(run_dir)
+        kept = f"last good checkpoint: {good}" if good else "no checkpoint was saved yet"
+        raise TrainingError(
+            f"{error}; training stopped ({kept}). Lower train.lr or raise train.warmup_ratio, "
+            "then run again (with --resume to start from the checkpoint)"
+        ) from None
+    except OSError as error:
+        raise TrainingError(
+            f"could not write to {run_dir}: {error.strerror or error}; completed checkpoints are "
+            "intact: free disk space and run again with --resume"
+        ) from None
     runtime = time.perf_counter() - start
-    eval_loss = None
-    if val_examples:
-        eval_loss = trainer.evaluate()["eval_loss"]
+    eval_loss = trainer.evaluate()["eval_loss"] if val_examples else None
+    if not trainer.is_world_process_zero():
+        return _result(trainer, run_dir, train_examples, val_examples, output, eval_loss, runtime)
     _save_run_files(trainer.model, tokenizer, run_dir)
     plot_training_charts(metrics_path, run_dir / "charts")
-    result = TrainResult(
+    result = _result(trainer, run_dir, train_examples, val_examples, output, eval_loss, runtime)
+    write_json_atomic(run_dir / "train_summary.json", result.to_dict())
+    return result
+
+
+def _result(
+    trainer: Any,
+    run_dir: Path,
+    train_examples: list[Example],
+    val_examples: list[Example],
+    output: Any,
+    eval_loss: float | None,
+    runtime: float,
+) -> TrainResult:
+    counter = trainer.token_counter
+    seconds = trainer.train_seconds()
+    return TrainResult(
         run_dir=run_dir,
         train_examples=len(train_examples),
         val_examples=len(val_examples),
@@ -286,8 +595,8 @@ def train(
         train_loss=output.training_loss,
         eval_loss=eval_loss,
         runtime_s=round(runtime, 2),
-        tokens_per_s=round(counter.tokens_seen / max(runtime, 1e-9), 2),
+        train_seconds=round(seconds, 2),
+        tokens_per_s=round(counter.tokens_seen / max(seconds, 1e-9), 2),
         trained_tokens=counter.answer_tokens_seen,
+        **peak_memory(),
     )
-    write_json_atomic(run_dir / "train_summary.json", result.to_dict())
-    return result
