@@ -17,6 +17,7 @@ from typing import Any
 
 from medlora.config import Recipe
 from medlora.data.format import Example, format_records, pad_batch, token_counter
+from medlora.data.mix import mix_records, used_by_group
 from medlora.data.prepare import load_splits, prepare_data
 from medlora.data.records import Record
 from medlora.data.sample import sample_records
@@ -216,9 +217,15 @@ def train(
     splits, card = load_or_prepare_splits(
         recipe, run_dir / "data", tokenizer, Path(prepared_dir) if prepared_dir else None
     )
-    train_records = sample_records(
-        splits["train"], recipe.data.max_train_examples, recipe.data.seed
-    )
+    mix_stats = None
+    if recipe.data.weights:  # mixing: each source group gets its weight's share of examples
+        train_records, mix_stats = mix_records(
+            splits["train"], recipe.data.weights, recipe.data.max_train_examples, recipe.data.seed
+        )
+    else:
+        train_records = sample_records(
+            splits["train"], recipe.data.max_train_examples, recipe.data.seed
+        )
     val_records = sample_records(
         splits["validation"], recipe.data.max_val_examples, recipe.data.seed
     )
@@ -235,6 +242,7 @@ def train(
         )
     card["format"] = {"train": train_stats.to_dict(), "validation": val_stats.to_dict()}
     card["used"] = {"train": len(train_examples), "validation": len(val_examples)}
+    card["used"].update(used_by_group(train_records, train_examples, mix_stats, val_records))
     write_json_atomic(run_dir / "data_card.json", card)
     write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
 
