@@ -29,7 +29,7 @@ def test_parse_expands_home_and_variables(monkeypatch: pytest.MonkeyPatch) -> No
 def test_unknown_kind_lists_the_kinds() -> None:
     with pytest.raises(DataError) as info:
         parse_source("xlsx:qa.xlsx")
-    assert "medquad, jsonl, json, csv, parquet, hf" in str(info.value)
+    assert "medquad, pubmedqa, jsonl, json, csv, parquet, hf" in str(info.value)
 
 
 def test_plain_path_suggests_the_kind() -> None:

@@ -6,12 +6,20 @@ and the error messages, so a bad recipe is explained in one line that names the 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medlora.errors import ConfigError
 
@@ -36,11 +44,29 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow custom model code from the Hub.")
 
 
+WEIGHTED_ENTRY_KEYS = ("source", "weight")
+
+
+def _weight_problem(value: Any) -> str | None:
+    """Why `value` is not a usable mixing weight, or None when it is."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "a mixing weight must be a number > 0"
+    if not math.isfinite(value) or value <= 0:
+        return "a mixing weight must be a finite number > 0"
+    return None
+
+
 class DataConfig(_Section):
     sources: list[str] = Field(
         default_factory=lambda: ["medquad"],
         min_length=1,
-        description="Data sources as KIND:PATH (medquad, jsonl, csv, parquet, hf).",
+        description="Data sources as KIND:PATH (medquad, pubmedqa, jsonl, json, csv, parquet, hf); "
+        "an entry may be {source: KIND:PATH, weight: W} to mix sources by weight.",
+    )
+    weights: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict,
+        description="Mixing weight per source entry: its share of the training examples "
+        "(entries without one weigh 1; empty: no mixing, the split as prepared).",
     )
     map: dict[str, str] = Field(
         default_factory=dict,
@@ -68,6 +94,61 @@ class DataConfig(_Section):
     strict: bool = Field(
         False, description="Fail on a malformed source file instead of skipping it."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weighted_entries(cls, data: Any) -> Any:
+        """Move `{source, weight}` entries into `weights`, so `sources` stays a list of strings.
+
+        Everything that reads `data.sources` (prepare, eval, the CLI) keeps working unchanged,
+        and the resolved recipe.yaml round-trips as `sources` + `weights`.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
+            return data
+        entries = data["sources"]
+        if not any(isinstance(entry, dict) for entry in entries):
+            return data
+        given = data.get("weights") or {}
+        weights = dict(given) if isinstance(given, dict) else given
+        sources: list[Any] = []
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                sources.append(entry)
+                continue
+            key = f"data.sources[{index}]"
+            unknown = [k for k in entry if k not in WEIGHTED_ENTRY_KEYS]
+            if unknown:
+                raise ValueError(
+                    f"{key}.{unknown[0]}: unknown key; a weighted entry is "
+                    "{source: KIND:PATH, weight: W}"
+                )
+            spec = entry.get("source")
+            if not isinstance(spec, str) or not spec.strip():
+                raise ValueError(f"{key}.source is missing: write {{source: KIND:PATH, weight: W}}")
+            if "weight" in entry:
+                problem = _weight_problem(entry["weight"])
+                if problem:
+                    raise ValueError(f"{key}.weight={entry['weight']!r}: {problem}")
+                if isinstance(weights, dict):
+                    if spec in weights and weights[spec] != entry["weight"]:
+                        raise ValueError(
+                            f"{key}.weight: '{spec}' also has a weight in data.weights; "
+                            "give it in one place"
+                        )
+                    weights[spec] = float(entry["weight"])
+            sources.append(spec)
+        return {**data, "sources": sources, "weights": weights}
+
+    @model_validator(mode="after")
+    def _weights_name_sources(self) -> DataConfig:
+        for spec in self.weights:
+            if spec not in self.sources:
+                raise ValueError(
+                    f"data.weights['{spec}']: not one of data.sources "
+                    f"({', '.join(self.sources)}); use the source text exactly as listed, "
+                    "or drop it (--set data.weights={})"
+                )
+        return self
 
 
 class LoraConfig(_Section):
@@ -219,13 +300,18 @@ def _explain(error: ValidationError) -> str:
             return f"unknown recipe section '{loc[0]}': allowed sections are {', '.join(SECTIONS)}"
         section = loc[0]
         return f"unknown key '{key}': allowed keys in '{section}' are {_allowed_keys(section)}"
+    message = first["msg"].replace("Value error, ", "")
+    if len(loc) == 1 and loc[0] in SECTIONS and first["type"] == "value_error":
+        # A whole-section check (e.g. data.sources entries): its message names the key itself.
+        if message.startswith(f"{loc[0]}."):
+            return f"invalid value {message}"
+        return f"invalid {loc[0]} section: {message}"
     value = first.get("input")
     description = ""
     if len(loc) >= 2 and loc[0] in SECTIONS:
         field = Recipe.model_fields[loc[0]].annotation.model_fields.get(loc[1])  # type: ignore[union-attr]
         if field is not None and field.description:
             description = f" ({loc[1]}: {field.description})"
-    message = first["msg"].replace("Value error, ", "")
     return f"invalid value {key}={value!r}: {message}{description}"
 
 

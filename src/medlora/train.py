@@ -18,6 +18,7 @@ from typing import Any
 from medlora.answer_loss import answer_loss_sum
 from medlora.config import Recipe
 from medlora.data.format import IGNORE_INDEX, Example, format_records, pad_batch, token_counter
+from medlora.data.mix import mix_records, source_group, used_by_group
 from medlora.data.pack import collate_packed, pack_rows
 from medlora.data.prepare import load_splits, prepare_data
 from medlora.data.records import Record
@@ -54,11 +55,6 @@ def peak_memory() -> dict[str, float]:
     return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def source_group(source: str) -> str:
-    """The data source an example came from, as named in the recipe (medquad, pubmedqa, a file)."""
-    return source.split("/", 1)[0]
-
-
 def _trainer_class() -> Any:
     import torch
     from transformers import Trainer
@@ -70,6 +66,7 @@ def _trainer_class() -> Any:
         stop_on_nan: bool = True
         shuffle: bool = True
         val_examples: list[Example] = []
+        val_groups: list[str] = []  # the recipe source each validation example came from
         pad_token_id: int = 0
         eval_batch_size: int = 8
         eval_seconds: float = 0.0
@@ -140,8 +137,8 @@ def _trainer_class() -> Any:
                 self.model.train()
             metrics = {"eval_loss": scored["loss"], "eval_perplexity": scored["perplexity"]}
             groups: dict[str, list[int]] = {}
-            for i, example in enumerate(self.val_examples):
-                groups.setdefault(source_group(example.source), []).append(i)
+            for i, group in enumerate(self.val_groups):
+                groups.setdefault(group, []).append(i)
             if len(groups) > 1:
                 for name, indices in sorted(groups.items()):
                     weights = [self.val_examples[i].answer_tokens for i in indices]
@@ -481,9 +478,15 @@ def train(
     splits, card = load_or_prepare_splits(
         recipe, run_dir / "data", tokenizer, Path(prepared_dir) if prepared_dir else None
     )
-    train_records = sample_records(
-        splits["train"], recipe.data.max_train_examples, recipe.data.seed
-    )
+    mix_stats = None
+    if recipe.data.weights:  # mixing: each source group gets its weight's share of examples
+        train_records, mix_stats = mix_records(
+            splits["train"], recipe.data.weights, recipe.data.max_train_examples, recipe.data.seed
+        )
+    else:
+        train_records = sample_records(
+            splits["train"], recipe.data.max_train_examples, recipe.data.seed
+        )
     val_records = sample_records(
         splits["validation"], recipe.data.max_val_examples, recipe.data.seed
     )
@@ -506,6 +509,7 @@ def train(
     )
     card["format"] = {"train": train_stats.to_dict(), "validation": val_stats.to_dict()}
     card["used"] = {"train": len(train_examples), "validation": len(val_examples)}
+    card["used"].update(used_by_group(train_records, train_examples, mix_stats, val_records))
     if t.packing:
         card["used"]["packed_rows"] = len(train_rows)
     write_json_atomic(run_dir / "data_card.json", card)
@@ -536,6 +540,8 @@ def train(
     trainer.stop_on_nan = t.stop_on_nan
     trainer.shuffle = t.shuffle
     trainer.val_examples = val_examples
+    group_of = {record.id: source_group(record) for record in val_records}
+    trainer.val_groups = [group_of[example.record_id] for example in val_examples]
     trainer.pad_token_id = tokenizer.pad_token_id
     trainer.eval_batch_size = recipe.eval.batch_size
     if recipe.eval.during_training_every or recipe.eval.best_metric:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medlora.data.clean import clean_records
+from medlora.data.mix import group_counts, source_group, tag_source_group
 from medlora.data.records import Record
 from medlora.data.sources import load_source
 from medlora.data.split import SPLIT_NAMES, split_by_topic, topic_key
@@ -60,8 +61,13 @@ def prepare_data(
     records: list[Record] = []
     skipped: dict[str, dict[str, int]] = {}
     warnings: list[str] = []
+    read: dict[str, int] = {}
     for spec in sources:
         loaded, report = load_source(spec, column_map=column_map, strict=strict)
+        # The recipe entry is the mixing group: weights and per-source counts use its name.
+        group = spec.strip()
+        tag_source_group(loaded, group)
+        read[group] = read.get(group, 0) + len(loaded)
         records.extend(loaded)
         skipped[spec] = dict(report.skipped)
         warnings.extend(report.warnings)
@@ -94,6 +100,18 @@ def prepare_data(
             counts = per_source.setdefault(record.source, dict.fromkeys(SPLIT_NAMES, 0))
             counts[name] += 1
     per_qtype = Counter(r.qtype or "unknown" for r in records)
+    kept_per_group = group_counts(records)
+    source_groups: dict[str, dict[str, int]] = {
+        group: {
+            "read": count,
+            "kept": kept_per_group.get(group, 0),
+            **dict.fromkeys(SPLIT_NAMES, 0),
+        }
+        for group, count in read.items()
+    }
+    for name in SPLIT_NAMES:
+        for record in splits[name]:
+            source_groups[source_group(record)][name] += 1
     card: dict[str, Any] = {
         "sources": list(sources),
         "exclude": list(exclude),
@@ -101,6 +119,7 @@ def prepare_data(
         "splits": {name: len(splits[name]) for name in SPLIT_NAMES},
         "topics": {name: len({topic_key(r) for r in splits[name]}) for name in SPLIT_NAMES},
         "per_source": dict(sorted(per_source.items())),
+        "source_groups": source_groups,
         "per_qtype": dict(per_qtype.most_common()),
         "skipped": skipped,
         "warnings": _cap_warnings(warnings),

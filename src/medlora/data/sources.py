@@ -6,15 +6,21 @@ import os
 from pathlib import Path
 
 from medlora.data.medquad import find_medquad_dir, load_medquad
+from medlora.data.pubmedqa import find_pubmedqa_file, load_pubmedqa_answers
 from medlora.data.records import Record, SourceReport
 from medlora.data.tabular import TABLE_KINDS, load_hf, load_table
 from medlora.errors import DataError
 
-KINDS = ("medquad", *TABLE_KINDS, "hf")
+KINDS = ("medquad", "pubmedqa", *TABLE_KINDS, "hf")
+# Kinds that may be written bare: their data is found under $MEDLORA_DATA_DIR.
+BARE_KINDS = ("medquad", "pubmedqa")
 
 
 def parse_source(spec: str) -> tuple[str, str | None]:
-    """`jsonl:~/qa.jsonl` → ("jsonl", "/home/me/qa.jsonl"); bare `medquad` → ("medquad", None)."""
+    """`jsonl:~/qa.jsonl` → ("jsonl", "/home/me/qa.jsonl"); bare `medquad` → ("medquad", None).
+
+    Bare `pubmedqa` → ("pubmedqa", None) as well: its file is then found under $MEDLORA_DATA_DIR.
+    """
     kind, sep, path = spec.strip().partition(":")
     kind = kind.strip().lower()
     if kind not in KINDS:
@@ -26,7 +32,7 @@ def parse_source(spec: str) -> tuple[str, str | None]:
         )
     path = path.strip()
     if not path:
-        if kind == "medquad":
+        if kind in BARE_KINDS:
             return kind, None
         what = "DATASET_ID" if kind == "hf" else "PATH"
         raise DataError(f"source '{spec}' needs a {what}: write {kind}:{what}")
@@ -48,6 +54,11 @@ def load_source(
         if not folder.is_dir():
             raise DataError(f"{spec}: folder not found: {folder}; give medquad:PATH to a checkout")
         records, report = load_medquad(folder, strict=strict)
+    elif kind == "pubmedqa":
+        file = find_pubmedqa_file() if path is None else Path(path)
+        if not file.is_file():
+            raise DataError(f"{spec}: file not found: {file}; give pubmedqa:PATH to its JSON file")
+        records, report = load_pubmedqa_answers(file, strict=strict)
     else:
         assert path is not None
         file = Path(path)

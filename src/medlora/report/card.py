@@ -24,7 +24,7 @@ DISCLAIMER = (
 )
 # Where a local model spec stands for a Hub repo, the card names the repo (Hub-ready front matter).
 HUB_BASE = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-HUB_DATASETS = {"medquad": "lavita/MedQuAD"}
+HUB_DATASETS = {"medquad": "lavita/MedQuAD", "pubmedqa": "qiaojin/PubMedQA"}
 LICENSES = {"HuggingFaceTB/SmolLM2": "apache-2.0", "meta-llama/Llama-3.2": "llama3.2"}
 METRIC_NAMES = {"rougeL": "ROUGE-L (F)", "f1": "token F1", "similarity": "MiniLM cosine similarity"}
 
@@ -144,8 +144,8 @@ def _dataset_id(source: str) -> str:
     kind, _, path = source.partition(":")
     if kind == "hf":
         return path
-    if kind == "medquad":
-        return HUB_DATASETS["medquad"]
+    if kind in HUB_DATASETS:
+        return HUB_DATASETS[kind]
     return Path(path).name or kind
 
 
@@ -224,8 +224,17 @@ def data_rows(facts: RunFacts) -> list[tuple[str, str]]:
                 ", ".join(f"{k} {v}" for k, v in card["splits"].items()),
             )
         )
-    if card.get("used"):
-        rows.append(("used for training", ", ".join(f"{k} {v}" for k, v in card["used"].items())))
+    used = card.get("used") or {}
+    counts = {k: v for k, v in used.items() if isinstance(v, int | float)}
+    if counts:
+        rows.append(("used for training", ", ".join(f"{k} {v}" for k, v in counts.items())))
+    for group, g in (used.get("per_group") or {}).items():
+        text = f"{g.get('examples')} examples, {100 * g.get('token_share', 0):.1f}% of tokens"
+        if "weight" in g:
+            text += f", weight {g['weight']:g}"
+        if g.get("upsampled"):
+            text += f", upsampled x{g.get('drawn_per_record')}"
+        rows.append((f"trained on ({group})", text))
     for source, reasons in (card.get("skipped") or {}).items():
         counted = {k: v for k, v in reasons.items() if v}
         if counted:
@@ -237,6 +246,8 @@ def data_rows(facts: RunFacts) -> list[tuple[str, str]]:
         rows.append(
             ("licence", "MedQuAD: CC BY 4.0 (Ben Abacha & Demner-Fushman, BMC Bioinformatics 2019)")
         )
+    if any(s.startswith("pubmedqa") for s in data.get("sources", [])):
+        rows.append(("licence", "PubMedQA: MIT (Jin et al., EMNLP 2019)"))
     return rows
 
 

@@ -1,0 +1,163 @@
+"""Mixing several sources by weight: which recipe entry a record came from, and seeded mixing.
+
+A *source group* is the recipe's source entry as written (`medquad`, `pubmedqa`,
+`jsonl:mine.jsonl`), stored in `Record.meta["source_group"]` by `prepare_data`, so weights,
+data-card counts and (later) per-source validation loss all use the same name.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from medlora.data.format import Example
+from medlora.data.records import Record
+from medlora.errors import DataError
+
+GROUP_KEY = "source_group"
+
+
+def source_group(record: Record) -> str:
+    """The recipe source entry `record` came from (e.g. `medquad`, `jsonl:mine.jsonl`).
+
+    Splits prepared before groups were recorded fall back to the record's source name, with
+    MedQuAD collections folded into `medquad` (the recipe lists MedQuAD as one entry).
+    """
+    group = record.meta.get(GROUP_KEY)
+    if isinstance(group, str) and group:
+        return group
+    head = record.source.split("/", 1)[0]
+    return head if head in ("medquad", "pubmedqa") else record.source
+
+
+def tag_source_group(records: Iterable[Record], group: str) -> None:
+    """Record in each record's meta which source entry it came from (in place)."""
+    for record in records:
+        record.meta[GROUP_KEY] = group
+
+
+def group_counts(records: Iterable[Record]) -> dict[str, int]:
+    """Records per source group, in first-seen order."""
+    return dict(Counter(source_group(r) for r in records))
+
+
+def _quotas(weights: Mapping[str, float], total: int) -> dict[str, int]:
+    """Integer counts summing to `total`, each within one of `total * weight / sum(weights)`."""
+    weight_sum = sum(weights.values())
+    exact = {group: total * weight / weight_sum for group, weight in weights.items()}
+    quotas = {group: int(value) for group, value in exact.items()}
+    # Largest remainder first; ties go to the group listed first, so the result is stable.
+    order = sorted(exact, key=lambda g: -(exact[g] - quotas[g]))
+    for group in order[: total - sum(quotas.values())]:
+        quotas[group] += 1
+    return quotas
+
+
+def _draw(records: Sequence[Record], count: int, rng: random.Random) -> list[Record]:
+    """`count` records: a sample without repeats, or every record repeated (upsampling)."""
+    repeats, rest = divmod(count, len(records))
+    drawn = list(records) * repeats
+    drawn += [records[i] for i in sorted(rng.sample(range(len(records)), rest))]
+    return drawn
+
+
+def mix_records(
+    records: Sequence[Record],
+    weights: Mapping[str, float],
+    total: int | None,
+    seed: int,
+) -> tuple[list[Record], dict[str, Any]]:
+    """Draw `total` training records so each source group gets its weight's share of them.
+
+    `weights` maps source groups to weights > 0; a group present in `records` but not in
+    `weights` weighs 1. `total` None means as many as there are records. A group whose share
+    exceeds its size is repeated (upsampled) and the stats say so. The result is shuffled with
+    `seed` (a group-by-group order would train on one source after the other).
+    """
+    weights = {group.strip(): weight for group, weight in weights.items()}  # as prepare names them
+    by_group: dict[str, list[Record]] = {}
+    for record in records:
+        by_group.setdefault(source_group(record), []).append(record)
+    missing = [group for group in weights if group not in by_group]
+    if missing:
+        present = ", ".join(by_group) or "none"
+        raise DataError(
+            f"data.weights names '{missing[0]}' but no training record came from it "
+            f"(source groups in the training split: {present}); weight the sources the "
+            "splits were prepared from, or prepare them again"
+        )
+    effective = {group: float(weights.get(group, 1.0)) for group in by_group}
+    total = len(records) if total is None else total
+    quotas = _quotas(effective, total)
+    mixed: list[Record] = []
+    groups: dict[str, dict[str, Any]] = {}
+    weight_sum = sum(effective.values())
+    for group, members in by_group.items():
+        # One RNG per group: a group's draw does not change when another source is added.
+        drawn = _draw(members, quotas[group], random.Random(f"{seed}:{group}"))
+        mixed.extend(drawn)
+        groups[group] = {
+            "weight": effective[group],
+            "target_share": round(effective[group] / weight_sum, 4),
+            "available": len(members),
+            "drawn": len(drawn),
+            "upsampled": len(drawn) > len(members),
+            "drawn_per_record": round(len(drawn) / len(members), 2),
+        }
+    random.Random(seed).shuffle(mixed)
+    stats = {
+        "seed": seed,
+        "total": total,
+        "upsampled": [group for group, g in groups.items() if g["upsampled"]],
+        "groups": groups,
+    }
+    return mixed, stats
+
+
+def used_by_group(
+    records: Sequence[Record],
+    examples: Sequence[Example],
+    mix: Mapping[str, Any] | None = None,
+    validation: Sequence[Record] = (),
+) -> dict[str, Any]:
+    """What training used, per source group, for `data_card.json` under `used`.
+
+    `examples` are `format_records(records)`: same order, minus the records that were dropped
+    (no answer token left after truncation), so token shares are those actually trained on.
+    Returns {"per_group": {group: {examples, tokens, token_share, …, mixing stats}}, "mix": …,
+    "validation_per_group": {group: records}} (validation is never reweighted).
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    position = 0
+    for record in records:
+        group = groups.setdefault(
+            source_group(record), {"examples": 0, "tokens": 0, "answer_tokens": 0}
+        )
+        if position < len(examples) and examples[position].record_id == record.id:
+            example = examples[position]
+            group["examples"] += 1
+            group["tokens"] += len(example.input_ids)
+            group["answer_tokens"] += example.answer_tokens
+            position += 1
+    total_tokens = sum(g["tokens"] for g in groups.values()) or 1
+    total_answer = sum(g["answer_tokens"] for g in groups.values()) or 1
+    mixed = (mix or {}).get("groups", {})
+    for name, group in groups.items():
+        group["token_share"] = round(group["tokens"] / total_tokens, 4)
+        group["answer_token_share"] = round(group["answer_tokens"] / total_answer, 4)
+        group.update(mixed.get(name, {}))
+    summary = None
+    if mix is not None:
+        summary = {
+            "weights": {name: g["weight"] for name, g in mixed.items()},
+            "seed": mix["seed"],
+            "total": mix["total"],
+            "upsampled": list(mix["upsampled"]),
+        }
+    return {
+        "per_group": groups,
+        "mix": summary,
+        "validation_per_group": group_counts(validation),
+    }

@@ -1,0 +1,94 @@
+"""PubMedQA as question-answer records: QUESTION → LONG_ANSWER (the abstract's conclusion).
+
+The file is PubMedQA's JSON, `{pmid: {QUESTION, CONTEXTS, LONG_ANSWER, final_decision, …}}` (or a
+list of such objects, each with a `pubid`). The multiple-choice benchmark reads the same file as
+yes/no/maybe items (`medlora.evaluate.multiple_choice`); this loader is for training on answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from medlora.data.records import Record, SourceReport
+from medlora.data.tabular import _read_text
+from medlora.errors import DataError
+
+DEFAULT_FILE = Path("pubmedqa") / "pqal_dev.json"
+
+
+def find_pubmedqa_file() -> Path:
+    """`$MEDLORA_DATA_DIR/pubmedqa/pqal_dev.json`, for a bare `pubmedqa` source."""
+    data_dir = os.environ.get("MEDLORA_DATA_DIR")
+    candidate = Path(data_dir).expanduser() / DEFAULT_FILE if data_dir else None
+    if candidate is None or not candidate.is_file():
+        where = f" ({candidate} not found)" if candidate else ""
+        raise DataError(
+            f"source 'pubmedqa' needs a file{where}: write pubmedqa:PATH to PubMedQA's JSON, "
+            f"or set MEDLORA_DATA_DIR to a folder containing {DEFAULT_FILE}"
+        )
+    return candidate
+
+
+def _items(data: Any, path: Path) -> dict[str, Any]:
+    if isinstance(data, list):  # the same objects as a list, each with its own pubid
+        return {
+            str(row.get("pubid", i)) if isinstance(row, dict) else str(i): row
+            for i, row in enumerate(data)
+        }
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{path}: expected PubMedQA's {{pmid: {{QUESTION, LONG_ANSWER, ...}}}}, "
+            f"got a JSON {type(data).__name__}"
+        )
+    return data
+
+
+def load_pubmedqa_answers(path: Path, strict: bool = False) -> tuple[list[Record], SourceReport]:
+    """One record per item: question = QUESTION, answer = LONG_ANSWER, topic = the PMID."""
+    path = Path(path)
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}: line {err.lineno} is not valid JSON ({err.msg}); is it PubMedQA's JSON file?"
+        ) from err
+    report = SourceReport(source=f"pubmedqa:{path}")
+    records: list[Record] = []
+    for pmid, row in _items(data, path).items():
+        problem = None
+        if not isinstance(row, dict):
+            problem = "not_an_object"
+        elif not isinstance(row.get("QUESTION"), str) or not row["QUESTION"].strip():
+            problem = "no_question"
+        elif not isinstance(row.get("LONG_ANSWER"), str) or not row["LONG_ANSWER"].strip():
+            problem = "no_long_answer"
+        if problem:
+            if strict:
+                field = {"no_question": "QUESTION", "no_long_answer": "LONG_ANSWER"}.get(problem)
+                what = f"has no {field}" if field else "is not a JSON object"
+                raise DataError(f"{path}: item {pmid} {what}; fix it or drop strict to skip it")
+            report.skip(problem)
+            continue
+        assert isinstance(row, dict)
+        records.append(
+            Record(
+                id=f"pubmedqa-{pmid}",
+                question=row["QUESTION"].strip(),
+                answer=row["LONG_ANSWER"].strip(),
+                source="pubmedqa",
+                topic=str(pmid),  # one abstract per topic: its question never crosses splits
+                meta={"pmid": str(pmid), "final_decision": str(row.get("final_decision", ""))},
+            )
+        )
+    if not records and not report.skipped:
+        raise DataError(f"{path}: no items found; is it PubMedQA's JSON (pqal_*.json)?")
+    report.records = len(records)
+    # PubMedQA's benchmark reads this same file by default: training on it inflates that score.
+    report.warnings.append(
+        f"pubmedqa:{path} is trained on; score the PubMedQA benchmark on other items "
+        "(e.g. the official test split), not this file"
+    )
+    return records, report
