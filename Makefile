@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MEDLORA_DATA_DIR ?= $(abspath ../shared/datasets)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/demo_bench.py
+
+# Wheels that bench/gpu_check.sh installs offline on the GPU machine (Python 3.12, no pydantic):
+# carry .gpu_wheels with the device run.
+GPU_PYTHON ?= 3.12
+gpu-wheels:
+	$(PY) -m pip download -q --disable-pip-version-check --only-binary=:all: \
+		--python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu_wheels \
+		pydantic pydantic-core typing-inspection annotated-types
+	ls .gpu_wheels
 
 clean:
 	rm -rf runs .pytest_cache

@@ -191,12 +191,45 @@ def train_cmd(
 ) -> None:
     """Fine-tune with LoRA; writes the adapter, metrics.jsonl and charts into the run directory."""
     _quiet_libraries()
+    from medlora.models import check_quantization
     from medlora.train import train
 
     config = _load(recipe, set_)
+    check_quantization(config.model.quantization)  # no GPU/bitsandbytes: one line, nothing loaded
     run_dir = out or Path(config.output.dir)
     result = train(config, run_dir, prepared_dir=data, resume=resume)
     console.print_json(json.dumps(result.to_dict()))
+
+
+@app.command("sweep")
+@user_errors
+def sweep_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML or bundled name (smollm2-135m-cpu).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: one run per value.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="section.key=value; exactly one with a comma list (lora.r=4,8,16,32) is the "
+            "sweep axis, the others are fixed overrides.",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Folder written by `medlora data prepare`.")
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Retrain runs that a previous sweep finished.")
+    ] = False,
+) -> None:
+    """One LoRA run per value of one recipe key; sweep.md/json (validation loss, trainable
+    parameters, train time, tokens/s) and sweep.png."""
+    _quiet_libraries()
+    from medlora.sweep import run_sweep, summary_table
+
+    path = resolve_recipe_path(recipe)
+    result = run_sweep(path, set_ or [], out, prepared_dir=data, fresh=fresh, console=console)
+    console.print(summary_table(result))
+    console.print(f"wrote {out}/sweep.md, {out}/sweep.json, {out}/sweep.png")
 
 
 @app.command("eval")

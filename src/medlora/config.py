@@ -42,6 +42,11 @@ class ModelConfig(_Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the Hub.")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="Load the frozen base quantized with bitsandbytes (QLoRA): 4bit = NF4 with "
+        "double quantization, computing in model.dtype (bfloat16 unless float16); needs CUDA.",
+    )
 
 
 WEIGHTED_ENTRY_KEYS = ("source", "weight")

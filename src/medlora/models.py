@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medlora.errors import ModelError
+from medlora.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -193,22 +193,83 @@ def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bo
     return prepare_tokenizer(tokenizer)
 
 
+QUANTIZATIONS = ("none", "4bit", "8bit")
+
+
+def check_quantization(quantization: str) -> None:
+    """Refuse a quantized (QLoRA) load where it cannot work, in one line and before any download."""
+    if quantization == "none":
+        return
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(
+            f"invalid value model.quantization={quantization!r}: choose none, 4bit or 8bit"
+        )
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.quantization={quantization} needs a CUDA GPU (bitsandbytes kernels) and none is "
+            "visible; on this machine use --set model.quantization=none (LoRA on the unquantized base)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"model.quantization={quantization} needs bitsandbytes, which is not installed: "
+            "pip install bitsandbytes (or --set model.quantization=none)"
+        )
+
+
+def _quantization_kwargs(quantization: str, dtype: str) -> dict[str, Any]:
+    """from_pretrained arguments for a bitsandbytes 4-bit (NF4) or 8-bit frozen base."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    # Matmuls run in the compute dtype; fp32 compute would waste the GPU, so bf16 unless fp16 asked.
+    compute = torch.float16 if dtype == "float16" else torch.bfloat16
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            # Packed weights stored in the compute dtype, so FSDP can shard them with the rest.
+            bnb_4bit_quant_storage=compute,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    # Each process of a DDP/FSDP launch puts its copy on its own GPU.
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    return {"quantization_config": config, "dtype": compute, "device_map": {"": device}}
+
+
 def load_model(
     spec: str,
     dtype: str = "float32",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    *,
+    quantization: str = "none",
+    kbit_training: bool = False,
+    gradient_checkpointing: bool = True,
 ) -> tuple[Any, Any]:
-    """Load `(model, tokenizer)` for a spec; the tokenizer always has a pad token and chat template."""
+    """Load `(model, tokenizer)` for a spec; the tokenizer always has a pad token and chat template.
+
+    `quantization` 4bit/8bit loads the base with bitsandbytes on the GPU; with `kbit_training` it is
+    then made trainable for QLoRA (`peft.prepare_model_for_kbit_training`: norms in fp32, input
+    gradients on, gradient checkpointing unless `gradient_checkpointing=False`).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_quantization(quantization)  # before the tokenizer: nothing is downloaded for nothing
     tokenizer = load_tokenizer(spec, revision, trust_remote_code)
     folder = local_folder(spec)
     torch_dtype = _DTYPES[dtype] if dtype == "auto" else getattr(torch, _DTYPES[dtype])
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quantization != "none":
+        kwargs = _quantization_kwargs(quantization, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code
+            folder, revision=revision, trust_remote_code=trust_remote_code, **kwargs
         )
     except OSError as error:
         if resolve(spec).kind == "hub":
@@ -218,6 +279,12 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if quantization != "none" and kbit_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
     return model, tokenizer
 
 

@@ -27,6 +27,9 @@ def answer_token_losses(model: Any, batch: dict[str, Any]) -> tuple[float, int, 
     import torch
     import torch.nn.functional as F
 
+    # Batches are built on the CPU; a model trained on a GPU stays there, so follow its device.
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     parts = _backbone_and_head(model)
@@ -40,7 +43,7 @@ def answer_token_losses(model: Any, batch: dict[str, Any]) -> tuple[float, int, 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, :-1][mask].float()
     token_losses = F.cross_entropy(logits, labels[mask], reduction="none")
-    per_row = torch.zeros(labels.shape[0], dtype=token_losses.dtype)
+    per_row = torch.zeros(labels.shape[0], dtype=token_losses.dtype, device=token_losses.device)
     per_row.index_add_(0, mask.nonzero()[:, 0], token_losses)
     counts = mask.sum(dim=1).clamp(min=1)
     return float(token_losses.sum()), int(mask.sum()), (per_row / counts).tolist()

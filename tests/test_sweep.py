@@ -1,0 +1,114 @@
+"""`medlora sweep` on the tiny Llama: run dirs, table, plot, params growing with r, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import tiny_records, write_prepared
+from typer.testing import CliRunner
+
+from medlora.cli import app
+from medlora.errors import ConfigError
+from medlora.sweep import split_axis
+
+FAST = [
+    "train.lr=0.03",
+    "train.batch_size=4",
+    "train.grad_accum=1",
+    "train.max_steps=3",
+    "lora.alpha=16",
+    "lora.dropout=0.0",
+    "lora.target_modules=[q_proj,v_proj]",  # a YAML list stays one fixed value, not an axis
+    "data.system_prompt=null",
+]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [part for item in items for part in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def sweep_setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("sweep")
+    records = tiny_records()
+    prepared = write_prepared(root / "prepared", records[:15], records[15:20], records[15:20])
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}}))
+    args = ["sweep", str(recipe), "--out", str(root / "out"), "--data", str(prepared)]
+    args += ["--set", "lora.r=2,8", *_sets(FAST)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {"out": root / "out", "args": args, "output": result.output}
+
+
+def test_sweep_writes_runs_table_and_plot(sweep_setup: dict[str, Any]) -> None:
+    out = sweep_setup["out"]
+    for value in ("2", "8"):
+        run = out / f"lora.r={value}"
+        assert (run / "adapter_model.safetensors").is_file()
+        assert yaml.safe_load((run / "recipe.yaml").read_text())["lora"]["r"] == int(value)
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "sweep.md").read_text()
+    assert "| lora.r | trainable params | validation loss | train time (s) | tokens/s |" in table
+    assert "score_examples" in table  # says which validation loss it is
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["axis"] == "lora.r"
+    assert [row["value"] for row in summary["rows"]] == [2, 8]
+    for row in summary["rows"]:
+        assert math.isfinite(row["val_loss"]) and row["val_examples"] == 5
+        assert row["train_time_s"] > 0 and row["tokens_per_s"] > 0 and row["steps"] == 3
+    assert not list(out.rglob("*.tmp"))
+    assert "sweep over lora.r" in sweep_setup["output"]
+
+
+def test_trainable_parameters_grow_with_rank(sweep_setup: dict[str, Any]) -> None:
+    rows = json.loads((sweep_setup["out"] / "sweep.json").read_text())["rows"]
+    small, large = rows[0]["trainable_params"], rows[1]["trainable_params"]
+    assert small > 0 and large == 4 * small  # LoRA parameters are linear in r
+    assert rows[1]["trainable_pct"] > rows[0]["trainable_pct"]
+
+
+def test_rerun_reuses_finished_runs(sweep_setup: dict[str, Any]) -> None:
+    before = (sweep_setup["out"] / "lora.r=2" / "adapter_model.safetensors").stat().st_mtime_ns
+    result = CliRunner().invoke(app, sweep_setup["args"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("finished earlier") == 2
+    after = (sweep_setup["out"] / "lora.r=2" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert before == after
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["lora.rank=4,8"], "unknown key 'lora.rank'"),
+        (["lora.r=0,8"], "invalid value lora.r=0"),
+        (["lora.r=16"], "a sweep needs one --set with comma-separated values"),
+        (["lora.r=4,8", "train.lr=1e-4,2e-4"], "a sweep has exactly one axis, got 2"),
+    ],
+)
+def test_bad_axis_is_one_line(
+    tmp_path: Path, tiny_model_dir: Path, sets: list[str], message: str
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}}))
+    args = ["sweep", str(recipe), "--out", str(tmp_path / "out"), *_sets(sets)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_only_bare_comma_lists_are_axes() -> None:
+    key, values, fixed = split_axis(
+        ["lora.target_modules=[q_proj,v_proj]", "lora.r=4, 8,16", "data.system_prompt='Hi, you'"]
+    )
+    assert (key, values) == ("lora.r", ["4", "8", "16"])
+    assert fixed == ["lora.target_modules=[q_proj,v_proj]", "data.system_prompt='Hi, you'"]
+    with pytest.raises(ConfigError, match="repeated"):
+        split_axis(["lora.r=4,4"])
