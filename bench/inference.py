@@ -1,6 +1,7 @@
 """Single-stream inference speed on the demo model: the model card's snippet vs medlora's engines.
 
-    python bench/inference.py [--run RUN_DIR] [--new-tokens 128] [--repeats 3]
+    python bench/inference.py [--run RUN_DIR] [--new-tokens 128] [--repeats 3] [--threads N]
+                              [--gguf-types q8_0,q4_0]
 
 Measured in one run, on this machine, greedy, one request at a time, the same ≈200-token prompt
 (the run's chat template and system prompt) for every engine:
@@ -10,10 +11,13 @@ Measured in one run, on this machine, greedy, one request at a time, the same �
    `max_new_tokens`, so generation stops at the library default of 20 tokens;
 2. the snippet's style with a sane length: `generate` on the unmerged PEFT model (the baseline);
 3. medlora's transformers path: merged weights, KV cache, streaming (`TransformersEngine`);
-4. medlora's fast engine: llama.cpp on the merged model as GGUF (`LlamaCppEngine`), when installed.
+4. medlora's fast engine: llama.cpp on the merged model as GGUF (`LlamaCppEngine`, flash attention),
+   one row per `--gguf-types` entry (q8_0: serve's default; q4_0: faster prefill), when installed.
 
-Time to first token = request start → first streamed token (prefill included). Decode tokens/s =
-tokens after the first ÷ time after the first. Median of `--repeats`. Greedy answers of the fast
+Every engine is loaded and warmed up (one generation) before it is timed. Time to first token =
+request start → first streamed token (prefill included, loading excluded). Decode tokens/s =
+tokens after the first ÷ time after the first. Median of `--repeats`. `--threads` (default:
+OMP_NUM_THREADS, else the physical cores) applies to every engine. Greedy answers of the fast
 engine are compared with the transformers path on several questions. Writes the `inference`
 section of docs/benchmarks.md.
 """
@@ -33,8 +37,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import update_section  # noqa: E402
+from _shared import QUESTIONS, SPEC, default_run  # noqa: E402
 
-SPEC = "smollm2-135m-instruct"
+from medlora.serve.fast import default_threads  # noqa: E402
+
 CASE = (
     "I am 58 years old. For the past three months I have felt more thirsty than usual, I get up "
     "two or three times a night to urinate, and I have lost about four kilograms without trying. "
@@ -46,35 +52,7 @@ CASE = (
     "recommended first?"
 )
 SHORT_QUESTION = "What are the symptoms of type 2 diabetes?"
-AGREEMENT_QUESTIONS = [
-    "What are the symptoms of asthma?",
-    "How is high blood pressure treated?",
-    "What causes iron deficiency anemia?",
-    "How can I prevent the flu?",
-    "What are the early signs of Lyme disease?",
-    "Who is at risk for osteoporosis?",
-    "What is the outlook for people with migraine?",
-    "How is strep throat diagnosed?",
-]
-
-
-def default_run() -> Path:
-    """runs/demo when `make demo` has run, else a short real run (10 steps) made once for the bench."""
-    demo = Path("runs/demo")
-    if (demo / "adapter_config.json").is_file():
-        return demo
-    run = Path("runs/bench-inference")
-    if not (run / "adapter_config.json").is_file():
-        from medlora.cli import BUNDLED_RECIPES
-        from medlora.config import load_recipe
-        from medlora.train import train
-
-        print("no runs/demo: training a 10-step run into runs/bench-inference", flush=True)
-        root = Path(__file__).resolve().parents[1]
-        os.environ.setdefault("MEDLORA_DATA_DIR", str(root.parent / "shared" / "datasets"))
-        overrides = ["train.max_steps=10", "data.max_train_examples=80", "train.eval_steps=0"]
-        train(load_recipe(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml", overrides), run)
-    return run
+AGREEMENT_QUESTIONS = QUESTIONS[:8]
 
 
 def timed_stream(start: Callable[[Callable[[int], None]], Any]) -> dict[str, float]:
@@ -118,8 +96,19 @@ def main() -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for every engine.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for every engine (default: OMP_NUM_THREADS, else physical cores).",
+    )
+    parser.add_argument(
+        "--gguf-types",
+        default="q8_0,q4_0",
+        help="Fast engine weights to measure, each a row: q8_0 (serve's default), q4_0 (faster).",
+    )
     args = parser.parse_args()
+    args.threads = args.threads or default_threads()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
     from peft import PeftModel
@@ -223,47 +212,55 @@ def main() -> None:
         merged, tokenizer, AGREEMENT_QUESTIONS, system, n_new, batch_size=1
     )
 
-    # 4. medlora's fast engine.
-    agreement = None
+    # 4. medlora's fast engine, once per GGUF type.
+    agreements: dict[str, tuple[int, int, float]] = {}
     if llama_cpp_available():
         from medlora.export import cached_gguf
         from medlora.serve.fast import LlamaCppEngine
 
-        gguf = cached_gguf(run, SPEC)
-        fast = LlamaCppEngine({"tuned": gguf}, tokenizer, threads=args.threads)
-        measure(
-            "medlora llama.cpp (merged q8_0 GGUF)",
-            engine_runner(fast, "tuned", ids, n_new),
-        )
-        fast_answers = []
-        for question in AGREEMENT_QUESTIONS:
-            runner = engine_runner(
-                fast,
-                "tuned",
-                conversation_ids(tokenizer, [{"role": "user", "content": question}], system),
-                n_new,
+        for gguf_type in args.gguf_types.split(","):
+            gguf = cached_gguf(run, SPEC, gguf_type)
+            fast = LlamaCppEngine({"tuned": gguf}, tokenizer, threads=args.threads)  # warmed up
+            measure(
+                f"medlora llama.cpp (merged {gguf_type} GGUF)",
+                engine_runner(fast, "tuned", ids, n_new),
             )
-            runner(lambda _t: None)
-            fast_answers.append(runner.last_text)  # type: ignore[attr-defined]
-        same = sum(a == b for a, b in zip(fast_answers, hf_answers, strict=True))
-        prefix = [common_prefix_words(a, b) for a, b in zip(fast_answers, hf_answers, strict=True)]
-        agreement = (same, len(AGREEMENT_QUESTIONS), statistics.median(prefix))
-        for q, a, b in zip(AGREEMENT_QUESTIONS, fast_answers, hf_answers, strict=True):
-            if a != b:
-                notes.append(f"- *{q}* — first difference after {common_prefix_words(a, b)} words")
+            fast_answers = []
+            for question in AGREEMENT_QUESTIONS:
+                runner = engine_runner(
+                    fast,
+                    "tuned",
+                    conversation_ids(tokenizer, [{"role": "user", "content": question}], system),
+                    n_new,
+                )
+                runner(lambda _t: None)
+                fast_answers.append(runner.last_text)  # type: ignore[attr-defined]
+            del fast
+            pairs = list(zip(AGREEMENT_QUESTIONS, fast_answers, hf_answers, strict=True))
+            same = sum(a == b for _, a, b in pairs)
+            prefix = [common_prefix_words(a, b) for _, a, b in pairs]
+            agreements[gguf_type] = (same, len(pairs), statistics.median(prefix))
+            notes += [
+                f"- {gguf_type}, *{q}* — first difference after {common_prefix_words(a, b)} words"
+                for q, a, b in pairs
+                if a != b
+            ]
     else:
         notes.append("- llama-cpp-python is not installed (`make fast`): fast engine not measured.")
 
     baseline = rows["snippet style (unmerged PEFT generate)"]
-    table = ["| path | first token (s) | decode tok/s | × snippet tok/s |", "|---|---:|---:|---:|"]
+    table = [
+        "| path | first token (s) | decode tok/s | × snippet tok/s | targets (< 0.3 s, ≥ 5×) |",
+        "|---|---:|---:|---:|---|",
+    ]
     for name, r in rows.items():
-        table.append(
-            f"| {name} | {r['ttft']:.3f} | {r['tps']:.1f} | {r['tps'] / baseline['tps']:.2f} |"
-        )
+        ratio = r["tps"] / baseline["tps"]
+        met = "met" if r["ttft"] < 0.3 and ratio >= 5 else "not met"
+        table.append(f"| {name} | {r['ttft']:.3f} | {r['tps']:.1f} | {ratio:.2f} | {met} |")
     load = os.getloadavg()[0]
     body = f"""## Inference: single stream on SmolLM2-135M-Instruct + LoRA (CPU)
 
-Command: `python bench/inference.py --run {run} --new-tokens {n_new} --repeats {args.repeats}`
+Command: `python bench/inference.py --run {run} --new-tokens {n_new} --repeats {args.repeats} --threads {args.threads} --gguf-types {args.gguf_types}`
 ({os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, {args.threads} threads,
 greedy, prompt {len(ids)} tokens with the run's chat template, median of {args.repeats} after a warm-up;
 1-minute load average at the end {load:.1f}: the machine is shared, and llama.cpp's spinning threads
@@ -279,18 +276,26 @@ no chat template, `generate(**inputs)` without `max_new_tokens`) took {card_seco
 `medlora export --merge` writes a generation config with `max_new_tokens=512` and the end-of-turn
 stop, so a plain `generate(**inputs)` on the export does not truncate.
 """
-    if agreement:
-        same, total, median_prefix = agreement
+    for gguf_type, (same, total, median_prefix) in agreements.items():
         body += f"""
-Greedy answers, llama.cpp (q8_0 GGUF) vs the transformers path (float32), {n_new} new tokens:
+Greedy answers, llama.cpp ({gguf_type} GGUF) vs the transformers path (float32), {n_new} new tokens:
 **{same} of {total} identical**; where they differ, the median shared prefix is {median_prefix:.0f} words.
-q8_0 rounds every weight to 8 bits and llama.cpp quantizes activations for its dot products, so
-a near-tie between two tokens can flip, and the greedy continuation diverges from there.
+{rounding_note(gguf_type)}, so a near-tie between two tokens can flip, and the greedy
+continuation diverges from there.
 """
     if notes:
         body += "\n" + "\n".join(notes) + "\n"
     print(body)
     update_section("inference", body)
+
+
+def rounding_note(gguf_type: str) -> str:
+    if gguf_type.startswith("q"):
+        return (
+            f"{gguf_type} rounds every weight to {gguf_type[1]} bits and llama.cpp quantizes "
+            "activations to 8 bits for its dot products"
+        )
+    return f"{gguf_type} weights and llama.cpp's own kernels round differently from torch's float32"
 
 
 def clean(text: str) -> str:

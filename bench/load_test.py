@@ -1,7 +1,7 @@
 """Load test: 32 concurrent clients × 4 requests against `medlora serve` on the demo model.
 
     python bench/load_test.py [--run RUN_DIR] [--engines transformers,llama.cpp] [--clients 32]
-                              [--requests 4] [--max-tokens 64] [--rounds 2]
+                              [--requests 4] [--max-tokens 64] [--rounds 2] [--threads N]
 
 For each engine: start the real server (a subprocess on 127.0.0.1), ask every distinct question once
 alone (the single-request greedy answer), then run `--rounds` rounds of the concurrent load and check
@@ -30,26 +30,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import update_section  # noqa: E402
-from inference import SPEC, default_run  # noqa: E402
-
-QUESTIONS = [
-    "What are the symptoms of asthma?",
-    "How is high blood pressure treated?",
-    "What causes iron deficiency anemia?",
-    "How can I prevent the flu?",
-    "What are the early signs of Lyme disease?",
-    "Who is at risk for osteoporosis?",
-    "What is the outlook for people with migraine?",
-    "How is strep throat diagnosed?",
-    "What are the complications of type 2 diabetes?",
-    "How is shingles spread?",
-    "What tests diagnose celiac disease?",
-    "What are the treatments for gout?",
-    "What causes kidney stones?",
-    "How is hepatitis C treated?",
-    "What are the symptoms of hypothyroidism?",
-    "Can psoriasis be cured?",
-]
+from _shared import QUESTIONS, SPEC, default_run  # noqa: E402
 
 
 def free_port() -> int:
@@ -201,7 +182,7 @@ def bench_engine(run: Path, engine: str, args: argparse.Namespace) -> dict[str, 
 
 
 def main() -> None:
-    from medlora.serve.fast import llama_cpp_available
+    from medlora.serve.fast import default_threads, llama_cpp_available
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, default=None)
@@ -213,9 +194,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
-        "--threads", type=int, default=1, help="Server CPU threads (shared machine)."
+        "--threads",
+        type=int,
+        default=None,
+        help="Server CPU threads (default: OMP_NUM_THREADS, else physical cores).",
     )
     args = parser.parse_args()
+    args.threads = args.threads or default_threads()
     run = args.run or default_run()
     results = [bench_engine(run, engine, args) for engine in args.engines.split(",")]
 

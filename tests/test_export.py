@@ -1,8 +1,11 @@
-"""`medlora export`: adapter and merged exports of a tiny run; merged logits equal adapter logits."""
+"""`medlora export`: adapter and merged exports of a tiny run; merged logits equal adapter logits;
+the export's README.md is medlora's model card (never PEFT's template) with the charts it shows."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,13 +16,30 @@ from typer.testing import CliRunner
 from medlora.cli import app
 from medlora.export import ExportError, export_run
 from medlora.models import load_model, load_with_adapter
+from medlora.push import plan_push
+from medlora.report.card import CARD_MARKER, write_report
+
+PEFT_TEMPLATE = (
+    "Model Card for Model ID"  # the title of the README.md peft's save_pretrained writes
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A run as `medlora train` leaves it: adapter, charts/, and PEFT's template README.md."""
     run = train_tiny_run(tmp_path_factory.mktemp("export"), tiny_model_dir)
-    (run / "README.md").write_text("# tiny run\n\nThe run's own model card.\n")
+    if PEFT_TEMPLATE not in (run / "README.md").read_text():  # pin the case even if peft changes
+        (run / "README.md").write_text(f"# {PEFT_TEMPLATE}\n\n<!-- Provide a quick summary -->\n")
     return run
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+def linked_images(card: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", card)
 
 
 def test_merged_logits_equal_adapter_logits(
@@ -49,7 +69,8 @@ def test_merged_export_is_self_contained(tmp_path: Path, tiny_run: Path) -> None
         "recipe.yaml",
     ):
         assert (out / name).is_file(), name
-    assert (out / "README.md").read_text() == (tiny_run / "README.md").read_text()  # the run's card
+    card = (out / "README.md").read_text()
+    assert CARD_MARKER in card and PEFT_TEMPLATE not in card
     assert (out / "chat_template.jinja").read_text() == (
         tiny_run / "chat_template.jinja"
     ).read_text()
@@ -77,19 +98,57 @@ def test_adapter_export_reloads_like_the_run(
     ids = tokenizer("Is hypertension inherited?", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(from_export(**ids).logits, from_run(**ids).logits)
-    assert (out / "README.md").read_text().startswith("# tiny run")
+    assert CARD_MARKER in (out / "README.md").read_text()
 
 
-def test_generated_card_when_the_run_has_none(
+def test_peft_template_is_replaced_by_medlora_card(
     tmp_path: Path, tiny_model_dir: Path, tiny_run: Path
 ) -> None:
-    bare = tmp_path / "bare-run"
-    bare.mkdir()
-    for item in tiny_run.iterdir():
-        if item.is_file() and item.name != "README.md":
-            (bare / item.name).write_bytes(item.read_bytes())
-    card = (export_run(bare, tmp_path / "out").out / "README.md").read_text()
-    assert f"base_model: {tiny_model_dir}" in card and "not medical advice" in card
+    out = export_run(tiny_run, tmp_path / "out").out
+    card = (out / "README.md").read_text()
+    assert PEFT_TEMPLATE not in card and CARD_MARKER in card
+    assert card.startswith("---\n") and f"base_model: {tiny_model_dir}" in card
+    assert "## Training configuration" in card and "not medical advice" in card
+    images = linked_images(card)
+    assert "charts/loss.png" in images  # the training charts `medlora train` drew
+    assert all((out / image).is_file() for image in images), images
+    assert not (
+        tiny_run / "charts" / "quality.png"
+    ).exists()  # exporting wrote nothing into the run
+    uploaded = {name for name, _ in plan_push(out, "alice/med-model").files}
+    assert {"README.md", *images} <= uploaded  # the Hub page shows the charts too
+
+
+def test_reported_card_travels_with_the_merged_export(tmp_path: Path, tiny_run: Path) -> None:
+    run = copy_run(tiny_run, tmp_path / "run")
+    write_report(run)
+    (run / "figures").mkdir()
+    (run / "figures" / "flow.png").write_bytes((run / "charts" / "loss.png").read_bytes())
+    reported = (run / "README.md").read_text() + "\n![data flow](figures/flow.png)\n"
+    (run / "README.md").write_text(reported)
+
+    out = export_run(run, tmp_path / "merged", merge=True).out
+    card = (out / "README.md").read_text()
+    title = next(line for line in reported.splitlines() if line.startswith("# "))
+    assert title in card and "## Normal vs fine-tuned answers" in card  # the run's own card
+    assert "library_name: transformers" in card  # a merged model loads without peft
+    usage = card.split("## Usage", 1)[1].split("\n## ", 1)[0]
+    assert "AutoModelForCausalLM.from_pretrained" in usage and "PeftModel" not in usage
+    images = linked_images(card)
+    assert "figures/flow.png" in images and "charts/loss.png" in images
+    assert all((out / image).is_file() for image in images), images
+
+
+def test_short_card_when_the_run_files_are_unreadable(
+    tmp_path: Path, tiny_model_dir: Path, tiny_run: Path
+) -> None:
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "README.md").unlink()
+    (run / "train_summary.json").write_text("{ not json")  # `medlora report` refuses this run
+    card = (export_run(run, tmp_path / "out").out / "README.md").read_text()
+    assert CARD_MARKER in card and f"base_model: {tiny_model_dir}" in card
+    assert "LoRA r / alpha: 8 / 16" in card and "PeftModel.from_pretrained" in card
+    assert "not medical advice" in card
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, tiny_run: Path) -> None:

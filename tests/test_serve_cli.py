@@ -99,3 +99,44 @@ def test_vllm_engine_without_vllm_is_one_line(tiny_model_dir: Path) -> None:
     result = CliRunner().invoke(app, ["serve", str(tiny_model_dir), "--engine", "vllm"])
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1 and "vllm" in result.output.lower()
+
+
+def test_vllm_command_serves_the_run_as_a_lora_module(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+    import shutil
+
+    import torch
+
+    from medlora.serve.loader import vllm_command
+
+    run = train_tiny_run(tmp_path, tiny_model_dir)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # as on a GPU machine with vLLM installed
+        importlib.util,
+        "find_spec",
+        lambda name, *args: object() if name == "vllm" else real_find_spec(name, *args),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    command = vllm_command(str(tiny_model_dir), run, "127.0.0.1", 8000, None, 256, 1024)
+
+    def value(flag: str) -> str:
+        return command[command.index(flag) + 1]
+
+    assert command[:3] == ["vllm", "serve", str(tiny_model_dir)]
+    assert "--enable-lora" in command
+    assert value("--lora-modules") == f"{run.resolve().name}={run.resolve()}"
+    assert value("--max-lora-rank") == "8"  # the run's r, rounded up to a rank vLLM accepts
+    assert value("--chat-template") == str(run.resolve() / "chat_template.jinja")
+    assert value("--max-model-len") == "1280"
+
+
+def test_threads_default_to_physical_cores_capped_by_omp(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medlora.serve.fast import default_threads, physical_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert 1 <= default_threads() == physical_cores() <= (os.cpu_count() or 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a shared machine's cap wins
+    assert default_threads() == 1

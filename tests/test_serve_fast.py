@@ -90,6 +90,26 @@ def test_llama_cpp_answers_match_transformers(smollm2_run: dict[str, Any]) -> No
     assert got == expected
 
 
+def test_q4_0_export_is_smaller_and_still_answers(
+    tmp_path: Path, smollm2_run: dict[str, Any]
+) -> None:
+    from medlora.models import load_model
+    from medlora.serve.engine import Job, Sampling
+    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.prompt import conversation_ids
+
+    q4 = export_run(smollm2_run["run"], tmp_path / "q4", fmt="gguf", gguf_type="q4_0")
+    assert q4.gguf is not None and q4.gguf.read_bytes()[:4] == b"GGUF"
+    assert q4.gguf.stat().st_size < smollm2_run["export"].gguf.stat().st_size / 4  # vs f32
+    assert not list(tmp_path.glob("q4/*.tmp"))
+    _, tokenizer = load_model(str(q4.out))
+    engine = LlamaCppEngine({"q4": q4.gguf}, tokenizer, threads=1)
+    ids = conversation_ids(tokenizer, [{"role": "user", "content": QUESTIONS[0]}], None)
+    job = Job("q4", ids, Sampling(max_new_tokens=NEW_TOKENS), sink=lambda event: None)
+    engine.run_batch([job])
+    assert job.text.strip() and job.finish_reason in ("stop", "length")
+
+
 def test_server_on_llama_cpp_side_by_side(smollm2_run: dict[str, Any]) -> None:
     import httpx
 

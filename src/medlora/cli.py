@@ -323,7 +323,7 @@ def export_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the export into.")],
     merge: Annotated[bool, typer.Option("--merge", help="Merge LoRA into the base (merge_and_unload).")] = False,
     fmt: Annotated[str, typer.Option("--format", help="hf | gguf (llama.cpp; implies --merge).")] = "hf",
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="GGUF weights: q8_0 | f16 | bf16 | f32.")] = "q8_0",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="GGUF weights: q8_0 | q4_0 | f16 | bf16 | f32.")] = "q8_0",
     base: Annotated[str | None, typer.Option("--base", help="Base model spec (default: the run's).")] = None,
 ) -> None:
     """Export a run: adapter, merged model (--merge) or GGUF (--format gguf), with its model card."""
@@ -421,7 +421,8 @@ def serve_cmd(
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Waiting requests before 429.")] = 64,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests per batch.")] = 8,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds before a request gets 504.")] = 120.0,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else physical cores).")] = None,
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="llama.cpp weights: q8_0 | q4_0 (faster, answers differ more) | f16 | bf16 | f32.")] = "q8_0",
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompts and answers.")] = False,
     disclaimer: Annotated[str | None, typer.Option("--disclaimer", help="Text added to every answer.")] = None,
     no_disclaimer: Annotated[bool, typer.Option("--no-disclaimer")] = False,
@@ -450,7 +451,7 @@ def serve_cmd(
     with console.status("loading…"):
         served = build_engine(
             spec, adapter, engine=engine, with_base=base, max_batch=max_batch, threads=threads,
-            n_ctx=max_prompt_tokens + max_new_tokens,
+            n_ctx=max_prompt_tokens + max_new_tokens, gguf_type=gguf_type,
         )
     safety = Safety(
         disclaimer=None if no_disclaimer else (disclaimer or DEFAULT_DISCLAIMER),

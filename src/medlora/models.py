@@ -124,17 +124,25 @@ def _convert_gguf(source: ModelSource) -> Path:
     return target
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_endpoint() -> str:
+    """The Hub's base URL (`HF_ENDPOINT`, as huggingface_hub reads it)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_offline() -> bool:
+    """`HF_HUB_OFFLINE` is set to anything but 0, false or no."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect to the Hub endpoint, so offline users get an answer in seconds,
     not after huggingface_hub's retries with back-off (≈25 s per file)."""
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
+    parsed = urlparse(hub_endpoint())
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout).close()
     except OSError:
         return False
     return True
@@ -146,7 +154,7 @@ def _check_hub_id(spec: str) -> None:
     cached = try_to_load_from_cache(spec, "config.json")
     if isinstance(cached, str):
         return  # already downloaded once: from_pretrained will use the local copy
-    if not _hub_reachable():
+    if hub_offline() or not hub_reachable():
         raise _hub_error(spec, ConnectionError("Hub not reachable"))
 
 

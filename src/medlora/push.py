@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from medlora.errors import MedloraError
+from medlora.models import hub_endpoint, hub_offline, hub_reachable
 
 # Left behind by interrupted writes or training; never worth uploading.
 SKIP = ("*.tmp", ".*", "**/.*", "checkpoints/**", "__pycache__/**", "*.pyc")
@@ -35,24 +34,6 @@ class PushPlan:
     @property
     def total_bytes(self) -> int:
         return sum(size for _, size in self.files)
-
-
-def endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname or "", port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def _skipped(relative: Path) -> bool:
@@ -95,13 +76,13 @@ def push_folder(
     plan = plan_push(folder, repo_id, private)
     if dry_run:
         return plan, None
-    if _offline():
+    if hub_offline():
         raise PushError(
             "push needs the network but HF_HUB_OFFLINE is set: unset it where you are online"
         )
-    if not _reachable(endpoint()):
+    if not hub_reachable():
         raise PushError(
-            f"cannot reach {endpoint()}: push from a machine that is online (or set HF_ENDPOINT)"
+            f"cannot reach {hub_endpoint()}: push from a machine that is online (or set HF_ENDPOINT)"
         )
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
@@ -109,7 +90,7 @@ def push_folder(
     token = token or get_token()
     if not token:
         raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
-    api = HfApi(endpoint=endpoint(), token=token)
+    api = HfApi(endpoint=hub_endpoint(), token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info: Any = api.upload_folder(

@@ -52,6 +52,37 @@ def load_eval_records(
     return splits[split]
 
 
+def sampled_eval_records(
+    data: str,
+    split: str,
+    recipe: Recipe,
+    column_map: dict[str, str] | None = None,
+    limit: int | None = None,
+) -> list[Record]:
+    """The split's records, `limit` of them sampled with the recipe's seed; never an empty list."""
+    records = sample_records(
+        load_eval_records(data, split, recipe, column_map), limit, recipe.data.seed
+    )
+    if not records:
+        raise DataError(f"{data}: the {split!r} split is empty; try --split all")
+    return records
+
+
+def load_eval_model(
+    model_spec: str,
+    adapter_dir: str | Path | None,
+    recipe: Recipe,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+) -> tuple[Any, Any]:
+    """`(model, tokenizer)` to evaluate: the one given (loaded once by the caller), else the base
+    with the run's adapter, else the base alone, in the recipe's dtype."""
+    if model_and_tokenizer is not None:
+        return model_and_tokenizer
+    if adapter_dir is not None:
+        return load_with_adapter(model_spec, adapter_dir, recipe.model.dtype)
+    return load_model(model_spec, recipe.model.dtype)
+
+
 def score_model(
     model: Any,
     tokenizer: Any,
@@ -85,16 +116,8 @@ def evaluate_heldout(
     model_and_tokenizer: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     recipe = run_recipe(adapter_dir)
-    records = load_eval_records(data, split, recipe, column_map)
-    records = sample_records(records, limit, recipe.data.seed)
-    if not records:
-        raise DataError(f"{data}: the {split!r} split is empty; try --split all")
-    if model_and_tokenizer is not None:
-        model, tokenizer = model_and_tokenizer
-    elif adapter_dir is not None:
-        model, tokenizer = load_with_adapter(model_spec, adapter_dir, recipe.model.dtype)
-    else:
-        model, tokenizer = load_model(model_spec, recipe.model.dtype)
+    records = sampled_eval_records(data, split, recipe, column_map, limit)
+    model, tokenizer = load_eval_model(model_spec, adapter_dir, recipe, model_and_tokenizer)
     examples, stats = format_records(
         tokenizer, records, recipe.data.system_prompt, recipe.data.max_seq_len
     )

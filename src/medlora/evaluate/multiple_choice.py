@@ -664,9 +664,8 @@ def run_bench(
     model_and_tokenizer: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """`medlora bench`: load the model (with its adapter) once, score every task, write --out."""
-    from medlora.evaluate.heldout import run_recipe
+    from medlora.evaluate.heldout import load_eval_model, run_recipe
     from medlora.io import write_json_atomic
-    from medlora.models import load_model, load_with_adapter
 
     if compare_base and adapter is None:
         raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
@@ -674,13 +673,7 @@ def run_bench(
         if task not in TASKS:
             raise ConfigError(f"unknown task '{task}': choose from {', '.join(TASKS)}")
     recipe = run_recipe(adapter)
-    if model_and_tokenizer is None:
-        model_and_tokenizer = (
-            load_with_adapter(model_spec, adapter, recipe.model.dtype)
-            if adapter is not None
-            else load_model(model_spec, recipe.model.dtype)
-        )
-    model, tokenizer = model_and_tokenizer
+    model, tokenizer = load_eval_model(model_spec, adapter, recipe, model_and_tokenizer)
     result = run_benchmarks(
         model,
         tokenizer,

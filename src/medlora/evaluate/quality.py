@@ -242,21 +242,18 @@ def evaluate_run(
     model_and_tokenizer: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """`medlora eval`: loss (unchanged) and/or answer quality, one model load, one results file."""
-    from medlora.data.sample import sample_records
-    from medlora.errors import DataError
-    from medlora.evaluate.heldout import evaluate_heldout, load_eval_records, run_recipe
+    from medlora.evaluate.heldout import (
+        evaluate_heldout,
+        load_eval_model,
+        run_recipe,
+        sampled_eval_records,
+    )
     from medlora.io import write_json_atomic
-    from medlora.models import load_model, load_with_adapter
 
     if compare_base and adapter is None:
         raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
     recipe = run_recipe(adapter)
-    if model_and_tokenizer is None:
-        model_and_tokenizer = (
-            load_with_adapter(model_spec, adapter, recipe.model.dtype)
-            if adapter is not None
-            else load_model(model_spec, recipe.model.dtype)
-        )
+    model_and_tokenizer = load_eval_model(model_spec, adapter, recipe, model_and_tokenizer)
     result: dict[str, Any] = {
         "model": model_spec,
         "adapter": str(adapter) if adapter else None,
@@ -287,11 +284,7 @@ def evaluate_run(
             )
     wanted = [m for m in metrics if m in METRICS]
     if wanted:
-        records = sample_records(
-            load_eval_records(data, split, recipe, column_map), limit, recipe.data.seed
-        )
-        if not records:
-            raise DataError(f"{data}: the {split!r} split is empty; try --split all")
+        records = sampled_eval_records(data, split, recipe, column_map, limit)
         if predictions_path is None:
             predictions_path = (
                 Path(out).with_name("predictions.jsonl") if out else "predictions.jsonl"

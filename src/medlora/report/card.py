@@ -27,6 +27,15 @@ HUB_BASE = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 HUB_DATASETS = {"medquad": "lavita/MedQuAD", "pubmedqa": "qiaojin/PubMedQA"}
 LICENSES = {"HuggingFaceTB/SmolLM2": "apache-2.0", "meta-llama/Llama-3.2": "llama3.2"}
 METRIC_NAMES = {"rougeL": "ROUGE-L (F)", "f1": "token F1", "similarity": "MiniLM cosine similarity"}
+# Marks a README.md as medlora's card (an HTML comment: invisible on the Hub), so `medlora export`
+# can tell it from the template "Model Card for Model ID" that PEFT's save_pretrained writes.
+CARD_MARKER = "<!-- medlora:model-card -->"
+_CARD_FOOTER = "_Written by `medlora report`"  # cards written before the marker existed
+
+
+def is_medlora_card(text: str) -> bool:
+    """True for a card written by `medlora report` or `medlora export`, False for PEFT's template."""
+    return CARD_MARKER in text or _CARD_FOOTER in text
 
 
 @dataclass
@@ -70,7 +79,9 @@ def collect(
     repo_id: str | None = None,
     license: str | None = None,
     datasets: list[str] | None = None,
+    draw_charts: bool = True,
 ) -> RunFacts:
+    """Read the run's files; `draw_charts=False` only reads, writing nothing into the run."""
     run = Path(run_dir)
     recipe_file = run / "recipe.yaml"
     if not recipe_file.is_file():
@@ -79,7 +90,8 @@ def collect(
         )
     recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
     metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
-    quality_chart(metrics, run / "charts")
+    if draw_charts:
+        quality_chart(metrics, run / "charts")
     model_name = str(recipe.get("model", {}).get("name", ""))
     base = base_model or HUB_BASE.get(model_name, model_name)
     sources = recipe.get("data", {}).get("sources", [])
@@ -495,6 +507,7 @@ def render_card(facts: RunFacts) -> str:
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
         "---",
+        CARD_MARKER,
         "",
         f"# {ctx['title']}",
         "",

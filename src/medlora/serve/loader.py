@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def _build_llama_cpp(
     with_base: bool,
     threads: int | None,
     n_ctx: int,
+    gguf_type: str,
 ) -> Served:
     from medlora.export import base_gguf, cached_gguf
     from medlora.models import load_tokenizer, prepare_tokenizer
@@ -87,12 +89,12 @@ def _build_llama_cpp(
         from transformers import AutoTokenizer
 
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(run))
-        ggufs = {str(tuned_id): cached_gguf(run, spec)}
+        ggufs = {str(tuned_id): cached_gguf(run, spec, gguf_type)}
         if with_base:
-            ggufs[base_id] = base_gguf(spec)
+            ggufs[base_id] = base_gguf(spec, gguf_type)
     else:
         tokenizer = load_tokenizer(spec)
-        ggufs = {base_id: base_gguf(spec)}
+        ggufs = {base_id: base_gguf(spec, gguf_type)}
     fast = LlamaCppEngine(ggufs, tokenizer, threads=threads, n_ctx=n_ctx)
     return Served(fast, tuned_id, base_id if (with_base or run is None) else None, prompt)
 
@@ -106,6 +108,7 @@ def build_engine(
     max_batch: int = 8,
     threads: int | None = None,
     n_ctx: int = 2048,
+    gguf_type: str = "q8_0",
     system_prompt: Any = _UNSET,
     name: str | None = None,
     device: str | None = None,
@@ -119,6 +122,10 @@ def build_engine(
         raise ConfigError(
             f"--engine {engine}: use one of auto, transformers, llama.cpp (vllm: see serve --help)"
         )
+    from medlora.export import GGUF_TYPES
+
+    if gguf_type not in GGUF_TYPES:  # checked here: under auto, a failed conversion falls back
+        raise ConfigError(f"--gguf-type {gguf_type} is not one of {', '.join(GGUF_TYPES)}")
     run = Path(adapter) if adapter else None
     base_id = model_id(spec)
     tuned_id = name or (run.resolve().name if run else None)
@@ -130,7 +137,9 @@ def build_engine(
 
     if _want_llama_cpp(engine, spec):
         try:
-            return _build_llama_cpp(spec, run, base_id, tuned_id, prompt, with_base, threads, n_ctx)
+            return _build_llama_cpp(
+                spec, run, base_id, tuned_id, prompt, with_base, threads, n_ctx, gguf_type
+            )
         except MedloraError as error:
             if engine != "auto":
                 raise
@@ -174,6 +183,11 @@ def vllm_command(
         raise ConfigError("--engine vllm needs vLLM and a CUDA GPU: pip install vllm")
     if not torch.cuda.is_available():
         raise ConfigError("--engine vllm needs a CUDA GPU and none is visible; use --engine auto")
+    if shutil.which("vllm") is None:
+        raise ConfigError(
+            "--engine vllm runs the `vllm` command, which is not on PATH: pip install vllm "
+            "into the environment medlora runs in"
+        )
     command = ["vllm", "serve", local_folder(spec), "--host", host, "--port", str(port)]
     command += ["--served-model-name", model_id(spec)]
     command += ["--max-model-len", str(max_prompt_tokens + max_new_tokens)]
