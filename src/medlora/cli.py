@@ -273,8 +273,18 @@ def eval_cmd(
     wanted = parse_metrics(metrics)
     with console.status("scoring…"):
         result = evaluate_run(
-            model, data, adapter, split, limit, compare_base, out, batch_size,
-            parse_map(column_map) or None, wanted, max_new_tokens, predictions,
+            model,
+            data,
+            adapter,
+            split,
+            limit,
+            compare_base,
+            out,
+            batch_size,
+            parse_map(column_map) or None,
+            wanted,
+            max_new_tokens,
+            predictions,
         )
     if "loss" in result:
         line = f"{result['examples']} examples, {result['answer_tokens']} answer tokens: "
@@ -321,10 +331,18 @@ def demo_cmd(
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `medlora train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the export into.")],
-    merge: Annotated[bool, typer.Option("--merge", help="Merge LoRA into the base (merge_and_unload).")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="hf | gguf (llama.cpp; implies --merge).")] = "hf",
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="GGUF weights: q8_0 | q4_0 | f16 | bf16 | f32.")] = "q8_0",
-    base: Annotated[str | None, typer.Option("--base", help="Base model spec (default: the run's).")] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Merge LoRA into the base (merge_and_unload).")
+    ] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="hf | gguf (llama.cpp; implies --merge).")
+    ] = "hf",
+    gguf_type: Annotated[
+        str, typer.Option("--gguf-type", help="GGUF weights: q8_0 | q4_0 | f16 | bf16 | f32.")
+    ] = "q8_0",
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model spec (default: the run's).")
+    ] = None,
 ) -> None:
     """Export a run: adapter, merged model (--merge) or GGUF (--format gguf), with its model card."""
     _quiet_libraries()
@@ -333,16 +351,22 @@ def export_cmd(
     with console.status("exporting…"):
         result = export_run(run_dir, out, merge=merge, fmt=fmt, gguf_type=gguf_type, base=base)
     kind = "merged model" if result.merged else "adapter"
-    console.print(f"wrote {kind} to {out} ({len(result.files)} files{', model.gguf' if result.gguf else ''})")
+    console.print(
+        f"wrote {kind} to {out} ({len(result.files)} files{', model.gguf' if result.gguf else ''})"
+    )
 
 
 @app.command("push")
 @user_errors
 def push_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder written by `medlora export`.")],
-    repo: Annotated[str, typer.Option("--repo", help="Hub model repo USER/NAME (created if missing).")],
+    repo: Annotated[
+        str, typer.Option("--repo", help="Hub model repo USER/NAME (created if missing).")
+    ],
     private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; send nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be uploaded; send nothing.")
+    ] = False,
 ) -> None:
     """Upload an export to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."""
     from medlora.push import push_folder
@@ -358,9 +382,14 @@ def push_cmd(
 
 
 EngineOption = Annotated[
-    str, typer.Option("--engine", help="auto (llama.cpp when installed) | transformers | llama.cpp | vllm.")
+    str,
+    typer.Option(
+        "--engine", help="auto (llama.cpp when installed) | transformers | llama.cpp | vllm."
+    ),
 ]
-AdapterOption = Annotated[Path | None, typer.Option("--adapter", "-a", help="Run directory with the adapter.")]
+AdapterOption = Annotated[
+    Path | None, typer.Option("--adapter", "-a", help="Run directory with the adapter.")
+]
 
 
 @app.command("chat")
@@ -385,8 +414,12 @@ def chat_cmd(
 @user_errors
 def generate_cmd(
     spec: Annotated[str, typer.Argument(help="Base model spec (alias, folder, .gguf, Hub id).")],
-    in_path: Annotated[Path, typer.Option("--in", help='JSONL with one {"question": ...} per line.')],
-    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL to write, one answer per question.")],
+    in_path: Annotated[
+        Path, typer.Option("--in", help='JSONL with one {"question": ...} per line.')
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="JSONL to write, one answer per question.")
+    ],
     adapter: AdapterOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
@@ -397,7 +430,12 @@ def generate_cmd(
 
     with console.status("answering…") as status:
         rows = generate_file(
-            spec, adapter, in_path, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            spec,
+            adapter,
+            in_path,
+            out,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
             log=lambda line: status.update(f"answering… {line}"),
         )
     console.print(f"wrote {len(rows)} answers to {out}")
@@ -412,19 +450,43 @@ def serve_cmd(
     port: Annotated[int, typer.Option("--port")] = 8000,
     engine: EngineOption = "auto",
     api_key: Annotated[
-        str | None, typer.Option("--api-key", envvar="MEDLORA_API_KEY", help="Require Bearer KEY on /v1.")
+        str | None,
+        typer.Option("--api-key", envvar="MEDLORA_API_KEY", help="Require Bearer KEY on /v1."),
     ] = None,
-    base: Annotated[bool, typer.Option("--base/--no-base", help="Also serve the base model (side by side).")] = True,
+    base: Annotated[
+        bool, typer.Option("--base/--no-base", help="Also serve the base model (side by side).")
+    ] = True,
     max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", min=1)] = 1024,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most a request may ask.")] = 512,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Most a request may ask.")
+    ] = 512,
     max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1)] = 256,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Waiting requests before 429.")] = 64,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", min=1, help="Waiting requests before 429.")
+    ] = 64,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests per batch.")] = 8,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds before a request gets 504.")] = 120.0,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else physical cores).")] = None,
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="llama.cpp weights: q8_0 | q4_0 (faster, answers differ more) | f16 | bf16 | f32.")] = "q8_0",
-    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompts and answers.")] = False,
-    disclaimer: Annotated[str | None, typer.Option("--disclaimer", help="Text added to every answer.")] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds before a request gets 504.")
+    ] = 120.0,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads", help="CPU threads (default: OMP_NUM_THREADS, else physical cores)."
+        ),
+    ] = None,
+    gguf_type: Annotated[
+        str,
+        typer.Option(
+            "--gguf-type",
+            help="llama.cpp weights: q8_0 | q4_0 (faster, answers differ more) | f16 | bf16 | f32.",
+        ),
+    ] = "q8_0",
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Log prompts and answers.")
+    ] = False,
+    disclaimer: Annotated[
+        str | None, typer.Option("--disclaimer", help="Text added to every answer.")
+    ] = None,
     no_disclaimer: Annotated[bool, typer.Option("--no-disclaimer")] = False,
     no_emergency_notice: Annotated[bool, typer.Option("--no-emergency-notice")] = False,
 ) -> None:
@@ -439,8 +501,12 @@ def serve_cmd(
 
         from medlora.serve.loader import vllm_command
 
-        command = vllm_command(spec, adapter, host, port, api_key, max_new_tokens, max_prompt_tokens)
-        console.print("starting: " + " ".join(c if c != api_key else "***" for c in command), highlight=False)
+        command = vllm_command(
+            spec, adapter, host, port, api_key, max_new_tokens, max_prompt_tokens
+        )
+        console.print(
+            "starting: " + " ".join(c if c != api_key else "***" for c in command), highlight=False
+        )
         raise typer.Exit(subprocess.call(command))
     import uvicorn
 
@@ -450,17 +516,29 @@ def serve_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with console.status("loading…"):
         served = build_engine(
-            spec, adapter, engine=engine, with_base=base, max_batch=max_batch, threads=threads,
-            n_ctx=max_prompt_tokens + max_new_tokens, gguf_type=gguf_type,
+            spec,
+            adapter,
+            engine=engine,
+            with_base=base,
+            max_batch=max_batch,
+            threads=threads,
+            n_ctx=max_prompt_tokens + max_new_tokens,
+            gguf_type=gguf_type,
         )
     safety = Safety(
         disclaimer=None if no_disclaimer else (disclaimer or DEFAULT_DISCLAIMER),
         emergency_notices=not no_emergency_notice,
     )
     limits = Limits(
-        api_key=api_key, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-        default_max_tokens=min(256, max_new_tokens), max_body_bytes=max_body_kb * 1024,
-        max_queue=max_queue, request_timeout_s=timeout, log_prompts=log_prompts, safety=safety,
+        api_key=api_key,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        default_max_tokens=min(256, max_new_tokens),
+        max_body_bytes=max_body_kb * 1024,
+        max_queue=max_queue,
+        request_timeout_s=timeout,
+        log_prompts=log_prompts,
+        safety=safety,
     )
     console.print(
         f"serving {', '.join(served.engine.models)} with {served.engine.name} on http://{host}:{port} "
@@ -479,7 +557,9 @@ def _print_quality(quality: dict[str, Any]) -> None:
     for name, entry in quality["metrics"].items():
         line = f"  {name:<11} {fmt_ci(entry['model'])}"
         if "base" in entry:
-            line += f"   base {fmt_ci(entry['base'])}   difference {fmt_ci(entry['diff'], signed=True)}"
+            line += (
+                f"   base {fmt_ci(entry['base'])}   difference {fmt_ci(entry['diff'], signed=True)}"
+            )
             line += f" ({verdict(entry['diff'])})"
         console.print(line)
     if quality.get("predictions"):
@@ -506,7 +586,9 @@ def bench_cmd(
             "(default: under $MEDLORA_DATA_DIR).",
         ),
     ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="At most N questions per task.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="At most N questions per task.")
+    ] = None,
     shots: Annotated[int, typer.Option("--shots", help="Few-shot exemplars (0: zero-shot).")] = 0,
     compare_base: Annotated[
         bool, typer.Option("--compare-base", help="Also score the base model in the same run.")
@@ -524,8 +606,20 @@ def bench_cmd(
     from medlora.report.html import fmt, fmt_ci
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    result = run_bench(model, adapter, names, data or [], limit, shots, compare_base, out,
-                       batch_size, chat, strict, progress=console.print)
+    result = run_bench(
+        model,
+        adapter,
+        names,
+        data or [],
+        limit,
+        shots,
+        compare_base,
+        out,
+        batch_size,
+        chat,
+        strict,
+        progress=console.print,
+    )
     for task, r in result["tasks"].items():
         line = f"{task}: n={r['n']}  acc {fmt_ci(r['acc_ci'])}  acc_norm {fmt(r['acc_norm'])}"
         line += f"  chance {fmt(r['chance'])}"
@@ -536,9 +630,13 @@ def bench_cmd(
         if len(r["subjects"]) > 1:
             for subject, s in r["subjects"].items():
                 base = f"  base {fmt(s['base_acc'])}" if "base_acc" in s else ""
-                console.print(f"  {subject:<22} n={s['n']:<4} acc {fmt(s['acc'])}{base}  "
-                              f"chance {fmt(s['chance'])}")
-            console.print(f"  {'macro average':<22} acc {fmt(r['macro_acc'])}  chance {fmt(r['chance'])}")
+                console.print(
+                    f"  {subject:<22} n={s['n']:<4} acc {fmt(s['acc'])}{base}  "
+                    f"chance {fmt(s['chance'])}"
+                )
+            console.print(
+                f"  {'macro average':<22} acc {fmt(r['macro_acc'])}  chance {fmt(r['chance'])}"
+            )
         if r["skipped"]:
             console.print(f"  skipped rows: {r['skipped']}")
     if out:
@@ -569,11 +667,14 @@ def compare_cmd(
     from medlora.report.html import fmt_ci
 
     with console.status("answering with both models…"):
-        result = run_compare(model, adapter, questions, from_split, n, out, max_new_tokens,
-                             batch_size)
+        result = run_compare(
+            model, adapter, questions, from_split, n, out, max_new_tokens, batch_size
+        )
     for name, m in result["metrics"].items():
-        console.print(f"{name}: base {fmt_ci(m['base'])}  fine-tuned {fmt_ci(m['model'])}  "
-                      f"difference {fmt_ci(m['diff'], signed=True)}")
+        console.print(
+            f"{name}: base {fmt_ci(m['base'])}  fine-tuned {fmt_ci(m['model'])}  "
+            f"difference {fmt_ci(m['diff'], signed=True)}"
+        )
     console.print("wrote " + ", ".join(result["files"].values()))
 
 
@@ -601,9 +702,15 @@ def report_cmd(
     """report.html (self-contained) and a Hub-ready README.md model card, from the run's files."""
     from medlora.report.card import write_report
 
-    paths = write_report(run_dir, eval_path=eval_file, bench_path=bench_file,
-                         compare_path=compare_file, base_model=base_model, repo_id=repo_id,
-                         license=license_)
+    paths = write_report(
+        run_dir,
+        eval_path=eval_file,
+        bench_path=bench_file,
+        compare_path=compare_file,
+        base_model=base_model,
+        repo_id=repo_id,
+        license=license_,
+    )
     console.print(f"wrote {paths['card']} and {paths['html']}")
 
 

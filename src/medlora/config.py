@@ -211,9 +211,12 @@ class TrainConfig(_Section):
         False, description="Without packing: batch examples of similar length (less padding)."
     )
     shuffle: bool = Field(
-        True, description="Shuffle training examples each epoch (false: file order, for exact replays)."
+        True,
+        description="Shuffle training examples each epoch (false: file order, for exact replays).",
     )
-    compile: bool = Field(False, description="torch.compile the model (helps on GPUs, static shapes).")
+    compile: bool = Field(
+        False, description="torch.compile the model (helps on GPUs, static shapes)."
+    )
     keep_best: int = Field(
         2, ge=1, description="Checkpoints kept: the best N by validation loss, plus the latest."
     )
@@ -237,7 +240,9 @@ class EvalConfig(_Section):
     )
     # Quality during training (medlora.evaluate.callback); off unless during_training_every > 0.
     during_training_every: int = Field(
-        0, ge=0, description="Score generated answers (and a benchmark sample) every N steps; 0: off."
+        0,
+        ge=0,
+        description="Score generated answers (and a benchmark sample) every N steps; 0: off.",
     )
     during_training_examples: int = Field(
         8, ge=1, description="Fixed validation questions answered at each during-training check."

@@ -414,18 +414,27 @@ def _check_writable(run_dir: Path) -> None:
         ) from None
 
 
-def _save_run_files(model: Any, tokenizer: Any, run_dir: Path) -> None:
-    """Adapter and tokenizer go to a scratch folder first, then move in file by file (atomic)."""
+def _save_run_files(trainer: Any, tokenizer: Any, run_dir: Path) -> None:
+    """Adapter and tokenizer go to a scratch folder first, then move in file by file (atomic).
+
+    Every process calls this: under FSDP/DeepSpeed the adapter is gathered from all of them, and
+    only the main process writes.
+    """
     scratch = run_dir / ".save.tmp"
-    shutil.rmtree(scratch, ignore_errors=True)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(scratch, ignore_errors=True)
     try:
-        model.save_pretrained(scratch)
+        trainer.save_model(str(scratch))
+        if not main:
+            return
         tokenizer.save_pretrained(scratch)
         # Keep the template beside the adapter even where the tokenizer stores it in its config.
         if not (scratch / "chat_template.jinja").exists() and tokenizer.chat_template:
             (scratch / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
         # PEFT drops a blank model-card template; the real card comes from `medlora report`.
         (scratch / "README.md").unlink(missing_ok=True)
+        (scratch / "training_args.bin").unlink(missing_ok=True)  # pickled; recipe.yaml says it all
     except OSError as error:
         shutil.rmtree(scratch, ignore_errors=True)
         raise TrainingError(
@@ -438,8 +447,15 @@ def _save_run_files(model: Any, tokenizer: Any, run_dir: Path) -> None:
 def _build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> tuple[Any, Any]:
     from peft import LoraConfig, get_peft_model
 
+    m = recipe.model
     model, tokenizer = model_and_tokenizer or load_model(
-        recipe.model.name, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code
+        m.name,
+        m.dtype,
+        m.revision,
+        m.trust_remote_code,
+        quantization=m.quantization,
+        kbit_training=True,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
     lora = recipe.lora
     peft_config = LoraConfig(
@@ -573,9 +589,9 @@ def train(
         ) from None
     runtime = time.perf_counter() - start
     eval_loss = trainer.evaluate()["eval_loss"] if val_examples else None
+    _save_run_files(trainer, tokenizer, run_dir)
     if not trainer.is_world_process_zero():
         return _result(trainer, run_dir, train_examples, val_examples, output, eval_loss, runtime)
-    _save_run_files(trainer.model, tokenizer, run_dir)
     plot_training_charts(metrics_path, run_dir / "charts")
     result = _result(trainer, run_dir, train_examples, val_examples, output, eval_loss, runtime)
     write_json_atomic(run_dir / "train_summary.json", result.to_dict())
