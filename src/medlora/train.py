@@ -323,7 +323,7 @@ def _training_arguments(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
     else:
         sampling = "random" if t.shuffle else "sequential"
     save_steps = t.save_steps or 500
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -362,6 +362,20 @@ def _training_arguments(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
+    return TrainingArguments(**_supported_arguments(TrainingArguments, kwargs))
+
+
+def _supported_arguments(arguments_class: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop arguments an older transformers 5.x lacks (GPU images often lag PyPI by months)."""
+    import dataclasses
+
+    names = {field.name for field in dataclasses.fields(arguments_class)}
+    if "train_sampling_strategy" not in names:
+        # Older name; "sequential" is served by MedloraTrainer._get_train_sampler instead.
+        kwargs["group_by_length"] = kwargs.pop("train_sampling_strategy") == "group_by_length"
+    if "activation_checkpointing" in names:  # 5.2x renamed it; the old name warns
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+    return {key: value for key, value in kwargs.items() if key in names}
 
 
 def _tracking_callbacks(recipe: Recipe, run_dir: Path) -> list[Any]:
