@@ -23,6 +23,7 @@ from medlora.data.format import format_records, pad_batch
 from medlora.data.pack import collate_packed, pack_lengths, pack_rows
 from medlora.errors import TrainingError
 from medlora.models import load_model
+from medlora.packed_attention import use_packed_attention
 from medlora.train import train
 
 TESTS = Path(__file__).parent
@@ -87,8 +88,11 @@ def test_packing_keeps_every_example_and_respects_the_budget() -> None:
     assert len(bins) < len(lengths)  # really packed
 
 
-def test_packed_loss_equals_unpacked_loss_per_example(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "packed_sdpa"])
+def test_packed_loss_equals_unpacked_loss_per_example(tiny_model_dir: Path, attention: str) -> None:
     model, tokenizer = load_model(str(tiny_model_dir))
+    if attention == "packed_sdpa":
+        assert use_packed_attention(model)
     model.eval()
     examples, _ = format_records(tokenizer, tiny_records(2), None, 128)
     rows = pack_rows(examples, budget=4096)
@@ -103,6 +107,23 @@ def test_packed_loss_equals_unpacked_loss_per_example(tiny_model_dir: Path) -> N
     assert count == sum(n for _, n, _ in singles) == sum(e.answer_tokens for e in examples)
     assert float(total) == pytest.approx(sum(float(s) for s, _, _ in singles), rel=1e-5)
     assert abs(float(leaky_total) - float(total)) > 1e-3 * float(total)
+
+
+def test_packed_attention_leaves_padded_batches_and_generation_unchanged(
+    tiny_model_dir: Path,
+) -> None:
+    model, tokenizer = load_model(str(tiny_model_dir))
+    model.eval()
+    examples, _ = format_records(tokenizer, tiny_records(1), None, 128)
+    batch = pad_batch(examples, tokenizer.pad_token_id)
+    batch.pop("labels")
+    prompt = tokenizer("What causes anemia?", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+        assert use_packed_attention(model)
+        torch.testing.assert_close(model(**batch).logits, logits)
+        assert torch.equal(model.generate(**prompt, max_new_tokens=8, do_sample=False), generated)
 
 
 def test_packed_training_trains_the_same_examples_in_fewer_steps(

@@ -26,6 +26,7 @@ from medlora.data.sample import sample_records
 from medlora.errors import TrainingError
 from medlora.io import append_jsonl, move_files_atomic, write_json_atomic, write_text_atomic
 from medlora.models import load_model
+from medlora.packed_attention import use_packed_attention
 from medlora.report.charts import plot_training_charts
 
 
@@ -211,6 +212,11 @@ def _checkpoint_callback(trainer_ref: dict[str, Any], keep_best: int) -> Any:
     from transformers import TrainerCallback
 
     class Checkpoints(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # Training time starts here: model loading and Trainer set-up are not training.
+            trainer = trainer_ref["trainer"]
+            trainer.train_clock_start = time.perf_counter() - trainer_ref.get("previous_seconds", 0)
+
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if not state.is_world_process_zero:
                 return
@@ -471,6 +477,8 @@ def _build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) ->
         kbit_training=True,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
+    if recipe.train.packing:
+        use_packed_attention(model)  # per-example causal attention instead of a row-wide mask
     lora = recipe.lora
     peft_config = LoraConfig(
         r=lora.r,
@@ -585,8 +593,8 @@ def train(
         counter.answer_tokens_seen = state["answer_tokens_seen"]
         previous_seconds = state["train_seconds"]
         _truncate_metrics(metrics_path, state["step"])
+    trainer_ref["previous_seconds"] = previous_seconds
     start = time.perf_counter()
-    trainer.train_clock_start = start - previous_seconds
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteLoss as error:
