@@ -280,7 +280,7 @@ def _child(args: argparse.Namespace) -> None:
         steps = max(1, args.peer_eval_every)
         result = run_medlora(data, out, "medlora-same", _medlora_overrides(steps, engine))
     else:
-        result = run_medlora(data, out, "medlora-recipe", _medlora_overrides(2, []))
+        result = run_medlora(data, out, "medlora-recipe", _medlora_overrides(1, []))
     (out / f"{args.child}.json").write_text(json.dumps(result, indent=2))
 
 
