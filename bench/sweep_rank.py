@@ -38,6 +38,8 @@ def main() -> None:
     ]
     overrides = [f"lora.r={args.ranks}", *fixed]
     result = run_sweep(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml", overrides, args.out)
+    losses = [row["val_loss"] for row in result.rows if row.get("val_loss") is not None]
+    spread = max(losses) - min(losses)
     plot = DOC.parent / "sweep-lora-r.png"
     shutil.copyfile(Path(args.out) / "sweep.png", plot)
     body = (
@@ -49,6 +51,8 @@ def main() -> None:
         "alpha 16, lr 5e-4, packed rows); the same examples and validation split for every rank. "
         "Validation loss: token-weighted answer-token loss of the saved adapter.\n\n"
         f"{markdown_table(result)}\n\n"
+        f"Spread of validation loss across ranks: {spread:.4f}. Train times vary with the shared "
+        "machine's load (every run does the same work but for the adapter size).\n\n"
         f"![validation loss vs LoRA rank]({plot.name})\n"
     )
     print(body)

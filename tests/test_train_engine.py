@@ -335,3 +335,24 @@ def test_two_process_ddp_gives_the_same_loss_curve_as_one_process(
     assert len(single) == 4 and single.keys() == double.keys()
     assert list(double.values()) == pytest.approx(list(single.values()), rel=1e-4)
     assert (tmp_path / "two/adapter_model.safetensors").exists()
+
+
+def test_validation_loss_is_logged_per_data_source(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from medlora.data.mix import tag_source_group
+
+    records = tiny_records()
+    tag_source_group(records[:10], "medquad")
+    tag_source_group(records[10:], "jsonl:mine.jsonl")
+    validation = records[8:12]  # two from each source
+    prepared = write_prepared(tmp_path / "prepared", records, validation, validation)
+    recipe = recipe_from_dict(
+        {"model": {"name": str(tiny_model_dir)}}, [*BASE, "train.epochs=1", "train.eval_steps=4"]
+    )
+    train(recipe, tmp_path / "run", prepared_dir=prepared)
+    evals = [row for row in _metrics(tmp_path / "run") if "eval_loss" in row]
+    assert evals
+    for row in evals:
+        medquad, mine = row["eval_loss_medquad"], row["eval_loss_jsonl:mine.jsonl"]
+        assert medquad != mine
+        # The overall loss is the token-weighted mix of the two, so it lies between them.
+        assert min(medquad, mine) <= row["eval_loss"] <= max(medquad, mine)
