@@ -465,6 +465,7 @@ def _save_run_files(trainer: Any, tokenizer: Any, run_dir: Path) -> None:
 
 
 def _build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    import torch
     from peft import LoraConfig, get_peft_model
 
     m = recipe.model
@@ -477,8 +478,10 @@ def _build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) ->
         kbit_training=True,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
-    if recipe.train.packing:
-        use_packed_attention(model)  # per-example causal attention instead of a row-wide mask
+    if recipe.train.packing and not torch.cuda.is_available():
+        # CPU: per-example causal SDPA beats sdpa's row-wide block mask. On GPUs the masked kernel
+        # measured faster (many small per-example launches; docs/benchmarks.md `gpu`).
+        use_packed_attention(model)
     lora = recipe.lora
     peft_config = LoraConfig(
         r=lora.r,
