@@ -312,3 +312,17 @@ def load_with_adapter(
     model = PeftModel.from_pretrained(model, run)
     model.eval()
     return model, tokenizer
+
+
+def load_recipe_model(recipe: Any, training: bool = True) -> tuple[Any, Any]:
+    """`load_model` with everything the recipe says (dtype, revision, quantization for QLoRA)."""
+    m = recipe.model
+    return load_model(
+        m.name,
+        m.dtype,
+        m.revision,
+        m.trust_remote_code,
+        quantization=m.quantization,
+        kbit_training=training,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+    )

@@ -169,18 +169,9 @@ class _Bases:
 
     @staticmethod
     def _load(recipe: Recipe, training: bool) -> tuple[Any, Any]:
-        from medlora.models import load_model
+        from medlora.models import load_recipe_model
 
-        m = recipe.model
-        return load_model(
-            m.name,
-            m.dtype,
-            m.revision,
-            m.trust_remote_code,
-            quantization=m.quantization,
-            kbit_training=training,
-            gradient_checkpointing=recipe.train.gradient_checkpointing,
-        )
+        return load_recipe_model(recipe, training)
 
     def fresh(self, recipe: Recipe, training: bool) -> tuple[Any, Any]:
         if self.pristine is not None and not self.per_run:

@@ -25,7 +25,7 @@ from medlora.data.records import Record
 from medlora.data.sample import sample_records
 from medlora.errors import TrainingError
 from medlora.io import append_jsonl, move_files_atomic, write_json_atomic, write_text_atomic
-from medlora.models import load_model
+from medlora.models import load_recipe_model
 from medlora.packed_attention import use_packed_attention
 from medlora.report.charts import plot_training_charts
 
@@ -468,16 +468,7 @@ def _build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) ->
     import torch
     from peft import LoraConfig, get_peft_model
 
-    m = recipe.model
-    model, tokenizer = model_and_tokenizer or load_model(
-        m.name,
-        m.dtype,
-        m.revision,
-        m.trust_remote_code,
-        quantization=m.quantization,
-        kbit_training=True,
-        gradient_checkpointing=recipe.train.gradient_checkpointing,
-    )
+    model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
     if recipe.train.packing and not torch.cuda.is_available():
         # CPU: per-example causal SDPA beats sdpa's row-wide block mask. On GPUs the masked kernel
         # measured faster (many small per-example launches; docs/benchmarks.md `gpu`).
