@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -290,6 +291,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=96)
     parser.add_argument("--val", type=int, default=32)
     parser.add_argument("--peer-eval-every", type=int, default=6)
+    parser.add_argument("--pairs", type=int, default=1, help="peer/medlora-same repeats")
     parser.add_argument("--child", choices=["peer", "medlora-same", "medlora-recipe"])
     args = parser.parse_args()
     if args.child:
@@ -300,8 +302,12 @@ def main() -> None:
     _prepare(out, args.train, args.val)
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TQDM_DISABLE="1")
     gflops_before = _gemm_gflops()
-    results = {}
-    for name in ("peer", "medlora-same", "medlora-recipe"):
+    results: dict[str, Any] = {}
+    pair_ratios: list[float] = []
+    # Alternating peer / medlora-same pairs: the shared machine drifts, so a ratio is taken within
+    # each pair and the median of the pairs is reported.
+    order = [*(["peer", "medlora-same"] * args.pairs), "medlora-recipe"]
+    for name in order:
         started = time.perf_counter()
         subprocess.run(
             [
@@ -320,12 +326,16 @@ def main() -> None:
         results[name] = json.loads((out / f"{name}.json").read_text())
         results[name]["process_wall_s"] = time.perf_counter() - started
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "curve"}))
+        if name == "medlora-same":
+            pair_ratios.append(results[name]["tokens_per_s"] / results["peer"]["tokens_per_s"])
     gflops_after = _gemm_gflops()
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_doc(results, args, (gflops_before + gflops_after) / 2)
+    (out / "results.json").write_text(json.dumps({**results, "pair_ratios": pair_ratios}, indent=2))
+    write_doc(results, args, (gflops_before + gflops_after) / 2, pair_ratios)
 
 
-def write_doc(results: dict[str, Any], args: argparse.Namespace, gemm_gflops: float) -> None:
+def write_doc(
+    results: dict[str, Any], args: argparse.Namespace, gemm_gflops: float, pair_ratios: list[float]
+) -> None:
     import torch
     from _markdown import update_section
 
@@ -336,7 +346,8 @@ def write_doc(results: dict[str, Any], args: argparse.Namespace, gemm_gflops: fl
     lines = [
         "## Training engine: the model card's recipe by hand vs medlora (CPU)",
         "",
-        f"Command: `python bench/peer_recipe.py --train {args.train} --val {args.val}` "
+        f"Command: `python bench/peer_recipe.py --train {args.train} --val {args.val} "
+        f"--pairs {args.pairs}` "
         f"({os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
         f"{THREADS} threads per run, runs one after another in separate processes).",
         f"Data: {args.train} training / {args.val} validation examples of MedQuAD "
@@ -368,6 +379,10 @@ def write_doc(results: dict[str, Any], args: argparse.Namespace, gemm_gflops: fl
             f"– | {ratio} | {run['peak_rss_mb']:.0f} |"
         )
     lines += [
+        "",
+        f"Paired repeats (peer, then medlora-same, alternating; the table shows the last pair): "
+        f"medlora-same ÷ peer tokens/s = {', '.join(f'{r:.2f}' for r in pair_ratios)}; "
+        f"median {statistics.median(pair_ratios):.2f}.",
         "",
         f"Base model validation loss {peer['base_val_loss']:.4f}; the peer ends at {target:.4f} "
         f"after {peer['train_seconds']:.0f} s of training.",
