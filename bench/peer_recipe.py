@@ -361,7 +361,8 @@ def write_doc(
     ]
     setups = {
         "peer": "Trainer + peft, r=4 q/v, batch 1 × 4, lr 2e-5, DataCollatorForSeq2Seq",
-        "medlora-same": "medlora train(), same LoRA/lr; packed 1024 tokens, answer-only logits",
+        "medlora-same": "medlora train(), same LoRA/lr; packed 1024 tokens, per-example "
+        "attention, 15-bit dropout mask, fused answer-only head and loss",
         "medlora-recipe": "medlora train(), bundled `smollm2-135m-cpu` recipe, packed",
     }
     for name, run in results.items():

@@ -89,23 +89,35 @@ def test_packing_keeps_every_example_and_respects_the_budget() -> None:
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "packed_sdpa"])
-def test_packed_loss_equals_unpacked_loss_per_example(tiny_model_dir: Path, attention: str) -> None:
+def test_packed_loss_and_gradients_equal_unpacked_per_example(
+    tiny_model_dir: Path, attention: str
+) -> None:
     model, tokenizer = load_model(str(tiny_model_dir))
     if attention == "packed_sdpa":
         assert use_packed_attention(model)
-    model.eval()
+    model.eval()  # no dropout: the two passes must see the same function
     examples, _ = format_records(tokenizer, tiny_records(2), None, 128)
     rows = pack_rows(examples, budget=4096)
     assert len(rows) == 1 and len(rows[0]["parts"]) == len(examples)
     packed = collate_packed(rows)
+    weight = model.model.layers[0].self_attn.k_proj.weight  # grouped-query heads: 4 q, 2 kv
+
+    total, count, _ = answer_loss_sum(model, packed)
+    total.backward()
+    packed_grad = weight.grad.clone()
+    model.zero_grad()
+    singles = [answer_loss_sum(model, pad_batch([e], tokenizer.pad_token_id)) for e in examples]
+    sum(s for s, _, _ in singles).backward()
     with torch.no_grad():
-        total, count, _ = answer_loss_sum(model, packed)
-        singles = [answer_loss_sum(model, pad_batch([e], tokenizer.pad_token_id)) for e in examples]
         # The same row with positions running on (no restart) lets tokens see the previous example.
         leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
         leaky_total, _, _ = answer_loss_sum(model, leaky)
     assert count == sum(n for _, n, _ in singles) == sum(e.answer_tokens for e in examples)
-    assert float(total) == pytest.approx(sum(float(s) for s, _, _ in singles), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(
+        sum(float(s.detach()) for s, _, _ in singles), rel=1e-5
+    )
+    scale = float(weight.grad.abs().max())  # float32 summation order differs: tolerance to scale
+    torch.testing.assert_close(packed_grad, weight.grad, rtol=1e-4, atol=1e-4 * scale)
     assert abs(float(leaky_total) - float(total)) > 1e-3 * float(total)
 
 

@@ -4,14 +4,27 @@ A causal LM's head turns every position into vocabulary logits (49k for SmolLM2,
 for a prompt-heavy medical QA row that is most of the step's memory traffic, and the prompt's logits
 carry no loss. The model's own `logits_to_keep` argument takes a tensor of positions, so only the
 positions whose next token is an answer token go through the head. The call still goes through the
-model's forward (and so through DDP/FSDP/DeepSpeed wrappers and PEFT) unchanged.
+model's forward (and so through DDP wrappers and PEFT) unchanged.
+
+In training, for model families whose forward ends in a plain bias-free `lm_head` (allow-listed
+below), the head is also fused with the loss: the forward returns the kept hidden states and
+`HeadCrossEntropy` computes the summed cross-entropy and its gradient chunk by chunk, so the
+(answer tokens x vocabulary) logits, their log-softmax and their gradient are never all held at once
+(the same idea as torchtune's chunked and Liger's fused linear cross-entropy).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from medlora.data.format import IGNORE_INDEX
+
+# Families whose causal-LM forward is `logits = self.lm_head(hidden_states)` with nothing after it
+# (no soft-capping or logit scaling), checked in their transformers modeling files.
+FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"})
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in float32): big GEMMs, bounded memory
 
 
 def answer_positions(labels: Any) -> tuple[Any, Any]:
@@ -25,13 +38,29 @@ def answer_positions(labels: Any) -> tuple[Any, Any]:
     return keep, shifted[:, keep]
 
 
-def answer_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int, Any]:
-    """Summed answer-token cross-entropy, the number of answer tokens, and the model outputs."""
+def answer_loss_sum(
+    model: Any, batch: dict[str, Any], fused: bool | None = None
+) -> tuple[Any, int, Any]:
+    """Summed answer-token cross-entropy, the number of answer tokens, and the model outputs.
+
+    `fused` (default: when the model is training) fuses the head with the loss where the model
+    allows it; the returned outputs then carry hidden states, not logits, in `.logits`.
+    """
     import torch.nn.functional as F
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     keep, targets = answer_positions(batch["labels"])
-    # use_cache=False: with a cache transformers skips the packed-sequence mask (see data/pack.py).
+    count = int((targets != IGNORE_INDEX).sum())
+    head = output_head(model) if (model.training if fused is None else fused) else None
+    if head is not None:
+        with head_bypassed(head):
+            # use_cache=False: with a cache transformers skips the packed mask (see data/pack.py).
+            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        hidden = outputs.logits
+        loss_sum = HeadCrossEntropy.apply(
+            hidden.reshape(-1, hidden.shape[-1]), head[2].weight, targets.reshape(-1)
+        )
+        return loss_sum, count, outputs
     outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
     logits = outputs.logits.float()
     loss_sum = F.cross_entropy(
@@ -40,4 +69,145 @@ def answer_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int, Any]:
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return loss_sum, int((targets != IGNORE_INDEX).sum()), outputs
+    return loss_sum, count, outputs
+
+
+def output_head(model: Any) -> tuple[Any, str, Any] | None:
+    """(owner module, attribute name, head) when the head can be fused with the loss, else None.
+
+    Only a plain bias-free `nn.Linear` head of an allow-listed family with full (unsharded) weights:
+    LoRA on the head, `modules_to_save`, FSDP/DeepSpeed-sharded or compiled models keep the plain
+    logits path.
+    """
+    import torch
+
+    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()  # PEFT
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES:
+        return None
+    if not hasattr(inner, "get_output_embeddings"):
+        return None
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    weight = head.weight
+    if weight.dim() != 2 or tuple(weight.shape) != (config.vocab_size, config.hidden_size):
+        return None
+    for name, child in inner.named_children():
+        if child is head:
+            return inner, name, head
+    return None
+
+
+@contextmanager
+def head_bypassed(head: tuple[Any, str, Any]) -> Iterator[None]:
+    """Within the block the model's forward returns its last hidden states in place of logits."""
+    import torch
+
+    owner, name, linear = head
+    setattr(owner, name, torch.nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(owner, name, linear)
+
+
+_CPU_BUFFER: dict[str, Any] = {}
+
+
+def _logits_buffer(rows: int, vocab: int, device: Any) -> Any:
+    """A float32 (rows x vocab) scratch for the chunks' logits, softmaxed in place.
+
+    On CPU a fresh vocabulary-sized tensor is a fresh mmap, paid again in page faults on every
+    step (measured: the head and loss 28% slower than with this buffer kept between steps), so
+    the CPU buffer is kept; on GPUs the caching allocator already reuses memory.
+    """
+    import torch
+
+    if device.type != "cpu":
+        return torch.empty((rows, vocab), dtype=torch.float32, device=device)
+    buffer = _CPU_BUFFER.get("logits")
+    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != vocab:
+        _CPU_BUFFER.pop("logits", None)
+        buffer = _CPU_BUFFER["logits"] = torch.empty((rows, vocab), dtype=torch.float32)
+    return buffer
+
+
+def _head_cross_entropy() -> Any:
+    import torch
+
+    class _HeadCrossEntropy(torch.autograd.Function):
+        """sum_t CE(hidden_t @ weight.T, target_t) over targets != -100, with its gradient.
+
+        The gradient is computed in the forward, chunk by chunk (softmax minus one-hot, times the
+        weight), so no vocabulary-sized tensor outlives its chunk; backward only scales it.
+        """
+
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any) -> Any:
+            needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+            rows = max(1, min(hidden.shape[0], CHUNK_ELEMENTS // weight.shape[0]))
+            buffer = _logits_buffer(rows, weight.shape[0], hidden.device)
+            for start in range(0, hidden.shape[0], rows):
+                chunk = hidden[start : start + rows]
+                chunk_targets = targets[start : start + rows]
+                valid = chunk_targets != IGNORE_INDEX
+                if not bool(valid.any()):
+                    continue
+                safe = torch.where(valid, chunk_targets, 0)
+                logits = buffer[: len(chunk)]
+                if chunk.dtype == torch.float32 and weight.dtype == torch.float32:
+                    torch.mm(chunk, weight.t(), out=logits)
+                else:
+                    logits.copy_(chunk @ weight.t())
+                picked = logits.gather(1, safe[:, None]).squeeze(1)
+                peak = logits.amax(dim=-1, keepdim=True)
+                norm = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+                log_norm = (peak + norm.log()).squeeze(1)
+                total += ((log_norm - picked) * valid).sum()
+                if not (needs_hidden or needs_weight):
+                    continue
+                # d loss / d logits = softmax - one_hot(target), zero for ignored rows; in place.
+                probs = logits.div_(norm)
+                probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0
+                grad_logits = probs.mul_(valid[:, None]).to(hidden.dtype)
+                if needs_hidden:
+                    grad_hidden[start : start + rows] = grad_logits @ weight
+                if needs_weight:
+                    grad_weight += (grad_logits.t() @ chunk).float()
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.weight_dtype = weight.dtype
+            return total
+
+        @staticmethod
+        def backward(ctx: Any, grad_total: Any) -> tuple[Any, Any, None]:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            scale = grad_total.to(torch.float32)
+            return (
+                None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
+                None,
+            )
+
+    return _HeadCrossEntropy
+
+
+class _LazyFunction:
+    """Builds the autograd Function on first use, so importing this module does not import torch."""
+
+    def __init__(self, build: Any) -> None:
+        self._build = build
+        self._function: Any = None
+
+    def apply(self, *args: Any) -> Any:
+        if self._function is None:
+            self._function = self._build()
+        return self._function.apply(*args)
+
+
+HeadCrossEntropy = _LazyFunction(_head_cross_entropy)

@@ -483,6 +483,10 @@ def _build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) ->
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)
+    if not torch.cuda.is_available():
+        from medlora.lora_dropout import use_fast_lora_dropout
+
+        use_fast_lora_dropout(model)  # CPU: torch's per-element Bernoulli draws are the slow part
     if recipe.train.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, tokenizer

@@ -1,0 +1,86 @@
+"""The training loss: answer tokens only, and the fused head+loss path gives the same loss and the
+same gradients as materialising the logits, with LoRA or full weights, in one chunk or many."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import tiny_records
+
+from medlora import answer_loss
+from medlora.answer_loss import answer_loss_sum, output_head
+from medlora.data.format import format_records
+from medlora.data.pack import collate_packed, pack_rows
+from medlora.models import load_model
+
+
+def _packed_batch(tokenizer: Any) -> dict[str, Any]:
+    examples, _ = format_records(tokenizer, tiny_records(2), None, 128)
+    return collate_packed(pack_rows(examples, budget=4096))
+
+
+def _loss_and_grads(model: Any, batch: dict[str, Any], fused: bool) -> tuple[float, dict[str, Any]]:
+    model.zero_grad()
+    total, _, _ = answer_loss_sum(model, batch, fused=fused)
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(total.detach()), grads
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_fused_head_loss_equals_materialised_logits(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, adapter: str, chunk_rows: int | None
+) -> None:
+    model, tokenizer = load_model(str(tiny_model_dir))
+    if adapter == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # non-zero B, so the LoRA A gradients are not all zero
+                param.data.normal_(0, 0.1)
+    if chunk_rows is not None:  # several chunks, some of them holding no answer token at all
+        monkeypatch.setattr(answer_loss, "CHUNK_ELEMENTS", chunk_rows * model.config.vocab_size)
+    model.train()  # the tiny Llama has no dropout: both passes see the same function
+    batch = _packed_batch(tokenizer)
+    assert output_head(model) is not None
+
+    plain_loss, plain_grads = _loss_and_grads(model, batch, fused=False)
+    fused_loss, fused_grads = _loss_and_grads(model, batch, fused=True)
+
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain_grads.keys() == fused_grads.keys() and plain_grads
+    if adapter == "full":  # the tied embedding/head weight gets the head's gradient too
+        assert any("embed_tokens" in name for name in fused_grads)
+    for name, grad in plain_grads.items():
+        scale = float(grad.abs().max()) or 1.0
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_the_head_is_back_after_the_fused_call(tiny_model_dir: Path) -> None:
+    model, tokenizer = load_model(str(tiny_model_dir))
+    model.train()
+    batch = _packed_batch(tokenizer)
+    head = model.get_output_embeddings()
+    _, _, outputs = answer_loss_sum(model, batch)  # training: fused by default
+    assert outputs.logits.shape[-1] == model.config.hidden_size
+    assert model.get_output_embeddings() is head
+    logits = model(input_ids=batch["input_ids"]).logits
+    assert logits.shape[-1] == model.config.vocab_size
+
+
+def test_heads_that_cannot_be_fused_keep_the_logits_path(tiny_model_dir: Path) -> None:
+    model, tokenizer = load_model(str(tiny_model_dir))
+    model.config.model_type = "granite"  # divides its logits after the head: not allow-listed
+    assert output_head(model) is None
+    model.config.model_type = "llama"
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    assert output_head(model) is None
+    model.train()
+    _, _, outputs = answer_loss_sum(model, _packed_batch(tokenizer))
+    assert outputs.logits.shape[-1] == model.config.vocab_size
