@@ -79,8 +79,31 @@ def test_heads_that_cannot_be_fused_keep_the_logits_path(tiny_model_dir: Path) -
     model.config.model_type = "granite"  # divides its logits after the head: not allow-listed
     assert output_head(model) is None
     model.config.model_type = "llama"
+    assert output_head(torch.compile(model)) is None  # compiled graphs keep their modules
     model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
     assert output_head(model) is None
     model.train()
     _, _, outputs = answer_loss_sum(model, _packed_batch(tokenizer))
     assert outputs.logits.shape[-1] == model.config.vocab_size
+
+
+def test_fused_head_loss_under_bf16_autocast(tiny_model_dir: Path) -> None:
+    """The mixed-precision path GPUs take (bf16 matmuls, float32 softmax), here on CPU."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    model.train()
+    batch = _packed_batch(tokenizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_loss, plain_grads = _loss_and_grads(model, batch, fused=False)
+        fused_loss, fused_grads = _loss_and_grads(model, batch, fused=True)
+    assert fused_loss == pytest.approx(plain_loss, rel=2e-2)
+    for name, grad in plain_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(
+            grad.flatten(), fused_grads[name].flatten(), 0
+        )
+        assert float(cosine) > 0.99, name

@@ -68,3 +68,15 @@ def test_training_on_cpu_uses_it_in_every_lora_layer(tiny_model_dir: Path) -> No
     built, _ = _build_model(recipe, None)
     dropouts = [m for m in built.modules() if isinstance(m, (FastDropout, torch.nn.Dropout))]
     assert dropouts and all(isinstance(m, FastDropout) for m in dropouts)
+
+
+def test_backward_holds_only_a_one_byte_mask() -> None:
+    saved: list[torch.dtype] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.dtype)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        FastDropout(0.1).train()(torch.randn(64, 8, requires_grad=True))
+    assert saved == [torch.bool]  # not a float32 copy of the mask (4x the activation memory)

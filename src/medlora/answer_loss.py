@@ -81,7 +81,9 @@ def output_head(model: Any) -> tuple[Any, str, Any] | None:
     """
     import torch
 
-    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
+    if hasattr(model, "_orig_mod"):
+        return None  # torch.compile'd: swapping a submodule would invalidate the compiled graph
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed / accelerate wrappers
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()  # PEFT
     config = getattr(inner, "config", None)
@@ -93,6 +95,8 @@ def output_head(model: Any) -> tuple[Any, str, Any] | None:
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
     weight = head.weight
+    if hasattr(weight, "device_mesh") or hasattr(weight, "ds_id"):
+        return None  # FSDP2 DTensor or DeepSpeed ZeRO-3 parameter: not a whole local matrix
     if weight.dim() != 2 or tuple(weight.shape) != (config.vocab_size, config.hidden_size):
         return None
     for name, child in inner.named_children():

@@ -35,7 +35,7 @@ import yaml
 from medlora.errors import MedloraError, ModelError
 from medlora.io import move_files_atomic
 from medlora.models import cache_dir, load_model, prepare_tokenizer
-from medlora.report.card import CARD_MARKER, DISCLAIMER, HUB_BASE, is_medlora_card
+from medlora.report.card import DISCLAIMER, HUB_BASE, card_header, is_medlora_card
 
 logger = logging.getLogger(__name__)
 
@@ -234,17 +234,12 @@ def short_card(run_dir: Path, base: str, repo_id: str | None = None) -> str:
     where = repo_id or str(run_dir.resolve())
     front = {"base_model": base, "library_name": "peft", "tags": ["medical", "lora", "peft"]}
     lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        CARD_MARKER,
-        "",
-        f"# {base} + LoRA for medical question answering",
-        "",
-        f"A LoRA adapter (PEFT) fine-tuned from `{base}` by medlora (run `{run_dir.resolve().name}`).",
-        "",
-        f"> **Medical disclaimer.** {DISCLAIMER}",
-        "",
+        *card_header(
+            front,
+            f"{base} + LoRA for medical question answering",
+            f"A LoRA adapter (PEFT) fine-tuned from `{base}` by medlora "
+            f"(run `{run_dir.resolve().name}`).",
+        ),
         "## Recipe",
         "",
         *[f"- {label}: {value}" for label, value in recipe_rows if value not in (None, "")],

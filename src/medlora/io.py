@@ -20,11 +20,17 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
         os.close(dir_fd)
 
 
+def _scratch(final: Path) -> Path:
+    # One scratch name per process: under torchrun every rank may write the same file, and a
+    # shared name would let one rank truncate another's half-written scratch before its rename.
+    return final.with_name(f"{final.name}.{os.getpid()}.tmp")
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` via `path.tmp` + fsync + rename."""
+    """Write `text` to `path` via a scratch file + fsync + rename."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = _scratch(final)
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
@@ -34,10 +40,10 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `data` to `path` via `path.tmp` + fsync + rename (images, binary blobs)."""
+    """Write `data` to `path` via a scratch file + fsync + rename (images, binary blobs)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = _scratch(final)
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()

@@ -38,10 +38,25 @@ class FastDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
-        return x * (self.keep_mask(x.shape, x.device).to(x.dtype) * self.scale)
+        return _KeepAndScale.apply(x, self.keep_mask(x.shape, x.device), self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class _KeepAndScale(torch.autograd.Function):
+    """x * keep * scale, saving the boolean mask (1 byte per element, not a float32 one)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None, None
 
 
 def use_fast_lora_dropout(model: Any) -> int:

@@ -38,6 +38,23 @@ def is_medlora_card(text: str) -> bool:
     return CARD_MARKER in text or _CARD_FOOTER in text
 
 
+def card_header(front: dict[str, Any], title: str, description: str) -> list[str]:
+    """The opening every medlora card shares: Hub metadata, marker, title and the disclaimer."""
+    return [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        CARD_MARKER,
+        "",
+        f"# {title}",
+        "",
+        description,
+        "",
+        f"> **Medical disclaimer.** {DISCLAIMER}",
+        "",
+    ]
+
+
 @dataclass
 class RunFacts:
     """Everything the card and the page show, read from one run directory."""
@@ -504,17 +521,7 @@ def render_card(facts: RunFacts) -> str:
         "pipeline_tag": "text-generation",
     }
     out = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        CARD_MARKER,
-        "",
-        f"# {ctx['title']}",
-        "",
-        ctx["description"],
-        "",
-        f"> **Medical disclaimer.** {DISCLAIMER}",
-        "",
+        *card_header(front, ctx["title"], ctx["description"]),
         "## Training configuration",
         "",
         _table(["setting", "value"], [list(r) for r in ctx["config_rows"]]),
