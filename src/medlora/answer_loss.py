@@ -8,13 +8,14 @@ model's forward (and so through DDP wrappers and PEFT) unchanged.
 
 In training, for model families whose forward ends in a plain bias-free `lm_head` (allow-listed
 below), the head is also fused with the loss: the forward returns the kept hidden states and
-`HeadCrossEntropy` computes the summed cross-entropy and its gradient chunk by chunk, so the
+`_head_cross_entropy` computes the summed cross-entropy and its gradient chunk by chunk, so the
 (answer tokens x vocabulary) logits, their log-softmax and their gradient are never all held at once
 (the same idea as torchtune's chunked and Liger's fused linear cross-entropy).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -57,7 +58,7 @@ def answer_loss_sum(
             # use_cache=False: with a cache transformers skips the packed mask (see data/pack.py).
             outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
         hidden = outputs.logits
-        loss_sum = HeadCrossEntropy.apply(
+        loss_sum = _head_cross_entropy().apply(
             hidden.reshape(-1, hidden.shape[-1]), head[2].weight, targets.reshape(-1)
         )
         return loss_sum, count, outputs
@@ -139,6 +140,7 @@ def _logits_buffer(rows: int, vocab: int, device: Any) -> Any:
     return buffer
 
 
+@functools.cache  # built on first use: importing this module does not import torch
 def _head_cross_entropy() -> Any:
     import torch
 
@@ -199,19 +201,3 @@ def _head_cross_entropy() -> Any:
             )
 
     return _HeadCrossEntropy
-
-
-class _LazyFunction:
-    """Builds the autograd Function on first use, so importing this module does not import torch."""
-
-    def __init__(self, build: Any) -> None:
-        self._build = build
-        self._function: Any = None
-
-    def apply(self, *args: Any) -> Any:
-        if self._function is None:
-            self._function = self._build()
-        return self._function.apply(*args)
-
-
-HeadCrossEntropy = _LazyFunction(_head_cross_entropy)
