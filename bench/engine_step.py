@@ -160,8 +160,8 @@ def write_doc(
         "section's MedQuAD examples; LoRA r=4 alpha 32 dropout 0.05 on q/v, AdamW lr 2e-5, grad "
         "clip 1.0 for both. Peer: each example alone through the model's own loss (full logits, "
         "stock PEFT), optimizer step every 4 examples. medlora: the row packed, the model "
-        "`train()` builds (per-example attention, 15-bit dropout mask, fused answer-only head "
-        "and loss), one optimizer step.",
+        "`train()` builds (per-example attention with equal lengths batched, 15-bit dropout "
+        "mask, frozen-weight RMSNorm, fused answer-only head and loss), one optimizer step.",
         "",
         "| engine | seconds | tokens/s |",
         "|---|---:|---:|",

@@ -17,6 +17,7 @@ import torch
 from helpers import tiny_records, write_prepared
 from safetensors.torch import load_file
 
+from medlora import packed_attention
 from medlora.answer_loss import answer_loss_sum
 from medlora.config import recipe_from_dict
 from medlora.data.format import format_records, pad_batch
@@ -88,15 +89,25 @@ def test_packing_keeps_every_example_and_respects_the_budget() -> None:
     assert len(bins) < len(lengths)  # really packed
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "packed_sdpa"])
+@pytest.mark.parametrize("attention", ["sdpa", "packed_sdpa", "packed_sdpa_runs"])
 def test_packed_loss_and_gradients_equal_unpacked_per_example(
-    tiny_model_dir: Path, attention: str
+    tiny_model_dir: Path, attention: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, tokenizer = load_model(str(tiny_model_dir))
-    if attention == "packed_sdpa":
+    if attention != "sdpa":
         assert use_packed_attention(model)
+    batched_runs: list[list[tuple[int, int]]] = []
+    original = packed_attention._attend_runs
+    monkeypatch.setattr(
+        packed_attention,
+        "_attend_runs",
+        lambda q, k, v, runs, *rest: batched_runs.append(runs) or original(q, k, v, runs, *rest),
+    )
     model.eval()  # no dropout: the two passes must see the same function
     examples, _ = format_records(tokenizer, tiny_records(2), None, 128)
+    if attention == "packed_sdpa_runs":
+        # Equal lengths side by side (answers cut at max_seq_len): attended as one batch.
+        examples = [examples[0], examples[0], examples[1]]
     rows = pack_rows(examples, budget=4096)
     assert len(rows) == 1 and len(rows[0]["parts"]) == len(examples)
     packed = collate_packed(rows)
@@ -119,6 +130,11 @@ def test_packed_loss_and_gradients_equal_unpacked_per_example(
     scale = float(weight.grad.abs().max())  # float32 summation order differs: tolerance to scale
     torch.testing.assert_close(packed_grad, weight.grad, rtol=1e-4, atol=1e-4 * scale)
     assert abs(float(leaky_total) - float(total)) > 1e-3 * float(total)
+    # The batched path ran exactly when the row holds a run of equal lengths.
+    lengths = [len(part["input_ids"]) for part in rows[0]["parts"]]
+    has_run = any(a == b for a, b in zip(lengths, lengths[1:], strict=False))
+    assert has_run or attention != "packed_sdpa_runs"
+    assert bool(batched_runs) == (has_run and attention != "sdpa")
 
 
 def test_packed_attention_leaves_padded_batches_and_generation_unchanged(

@@ -10,6 +10,7 @@ generation with a KV cache) goes to the stock sdpa function unchanged.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 NAME = "medlora_packed_sdpa"
@@ -42,6 +43,10 @@ def packed_sdpa_forward(
         )
     ends = [*starts[1:], query.shape[2]]
     lengths = [end - begin for begin, end in zip(starts, ends, strict=True)]
+    dropout_p = dropout if module.training else 0.0
+    runs = [(length, len(list(run))) for length, run in itertools.groupby(lengths)]
+    if len(runs) < len(lengths):
+        return _attend_runs(query, key, value, runs, dropout_p, scaling), None
     if query.shape[1] != key.shape[1]:
         # Grouped-query attention: expand the key/value heads once for the whole row, not per
         # example inside the kernel (measured faster, forward plus backward, on CPU).
@@ -51,14 +56,7 @@ def packed_sdpa_forward(
     # `split`, not slicing: the backward of a slice allocates a zeroed row-sized gradient per
     # example; split's backward is one concatenation.
     parts = [
-        F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            dropout_p=dropout if module.training else 0.0,
-            scale=scaling,
-        )
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scaling)
         for q, k, v in zip(
             query.split(lengths, dim=2),
             key.split(lengths, dim=2),
@@ -67,6 +65,53 @@ def packed_sdpa_forward(
         )
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _attend_runs(
+    query: Any,
+    key: Any,
+    value: Any,
+    runs: list[tuple[int, int]],
+    dropout_p: float,
+    scaling: float | None,
+) -> Any:
+    """Consecutive examples of equal length (often: answers cut at `max_seq_len`) as one batch.
+
+    A run of b examples of n tokens is a (b, heads, n, d) view of the row, so it takes a single
+    causal SDPA call with the key/value heads shared in the kernel (`enable_gqa`); the outputs are
+    concatenated straight into the (1, T, heads, d) layout the output projection reads. Measured
+    on CPU against the per-example loop (SmolLM2 heads, fwd+bwd per layer): 4 x 256 tokens
+    24.5 -> 20.9 ms, 3 x 256 + 200 + 56 tokens 23.7 -> 21.8 ms; rows without a run stay on the
+    loop, which is faster there (28.7 vs 30.9 ms for six distinct lengths).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    sizes = [length * count for length, count in runs]
+    outputs = []
+    for (length, count), q, k, v in zip(
+        runs,
+        query.split(sizes, dim=2),
+        key.split(sizes, dim=2),
+        value.split(sizes, dim=2),
+        strict=True,
+    ):
+
+        def batch(t: Any, length: int = length, count: int = count) -> Any:
+            return t[0].unflatten(1, (count, length)).transpose(0, 1)
+
+        out = F.scaled_dot_product_attention(
+            batch(q),
+            batch(k),
+            batch(v),
+            is_causal=True,
+            dropout_p=dropout_p,
+            scale=scaling,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        # (b, heads, n, d) -> (1, b * n, heads, d)
+        outputs.append(out.transpose(1, 2).reshape(1, length * count, out.shape[1], out.shape[3]))
+    return torch.cat(outputs, dim=1)
 
 
 def use_packed_attention(model: Any) -> bool:

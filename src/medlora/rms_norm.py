@@ -1,0 +1,76 @@
+"""RMSNorm with a frozen weight in three passes over the activations, for CPU training.
+
+Llama-style RMSNorm (`weight * x / sqrt(mean(x²) + eps)`) runs in transformers as six separate
+elementwise operations, and autograd's backward through them as about a dozen more, each one a
+full pass over a (tokens x hidden) tensor. With LoRA the norm weights are frozen, so the backward
+needs only the input gradient, which has a closed form:
+
+    x̂ = x·r,  r = 1/sqrt(mean(x²) + eps),  y = w·x̂
+    dx = r·(w·dy) - x · r³ · mean(w·dy·x)
+
+`FrozenRMSNorm` computes the forward in three passes and that gradient in four. On this
+project's 2-core CPU, one SmolLM2 norm over a 1024-token row took 7.0 ms forward plus backward
+stock and 2.9 ms this way, and the whole training step about 2.5% less (interleaved A/B on the
+`engine-step` rows; the model has 61 norms). `use_fast_rms_norm` switches a
+model's norms to it in place: the module keeps its class (a subclass), weight and state dict.
+Norms with a trainable weight, or inputs that are not float32, take the stock forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Norm classes whose forward is exactly `weight * (x * rsqrt(mean(x²) + variance_epsilon))`
+# computed in float32 (Gemma's `1 + weight` norm is not one of them).
+STOCK_NAMES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+
+
+class FrozenRMSNorm(torch.autograd.Function):
+    """y = weight * x * rsqrt(mean(x²) + eps), gradient for x only (the weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        inverse_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, inverse_rms)
+        return torch.mul(x, inverse_rms).mul_(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x, weight, inverse_rms = ctx.saved_tensors
+        weighted = grad * weight
+        # x · r³ · mean(w·dy·x), as one multiply-add onto r·(w·dy).
+        coefficient = torch.linalg.vecdot(weighted, x).unsqueeze(-1)
+        coefficient.mul_(inverse_rms.pow(3)).div_(-x.shape[-1])
+        return torch.addcmul(weighted.mul_(inverse_rms), x, coefficient), None, None
+
+
+def _fast_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    if self.weight.requires_grad or hidden_states.dtype != torch.float32:
+        return super(type(self), self).forward(hidden_states)
+    if not torch.is_grad_enabled() or not hidden_states.requires_grad:
+        return super(type(self), self).forward(hidden_states)
+    return FrozenRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+_FAST_CLASSES: dict[type, type] = {}
+
+
+def use_fast_rms_norm(model: Any) -> int:
+    """Switch the model's stock RMSNorm modules to `FrozenRMSNorm`; returns how many switched."""
+    switched = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ not in STOCK_NAMES or not isinstance(
+            getattr(module, "variance_epsilon", None), float
+        ):
+            continue
+        fast = _FAST_CLASSES.get(cls)
+        if fast is None:
+            fast = _FAST_CLASSES[cls] = type(
+                f"Fast{cls.__name__}", (cls,), {"forward": _fast_forward}
+            )
+        module.__class__ = fast
+        switched += 1
+    return switched
