@@ -1,7 +1,10 @@
-"""Does the demo adapter answer medical questions better than its base? Held-out answer quality and
-multiple-choice benchmarks, base vs tuned in one process, with 95% bootstrap confidence intervals.
+"""Does the demo adapter answer medical questions better than its base? Answer quality on MedQuAD
+collections the run never trained on (the recipe's `eval.unseen_sources`) and multiple-choice
+benchmarks, base vs tuned in one process, with 95% bootstrap confidence intervals.
 
-    python bench/quality.py [--run runs/demo] [--questions 32] [--pubmedqa-limit 100] [--threads 1]
+    python bench/quality.py [--run runs/demo] [--questions 100] [--pubmedqa-limit 100] [--threads 1]
+
+Answers use the run's `generation:` settings (the ones every command uses).
 
 Writes RUN/eval_quality.json, RUN/predictions.jsonl, RUN/bench.json, RUN/compare.{json,md,html},
 RUN/README.md + RUN/report.html (`medlora report`), and the `quality` section of docs/benchmarks.md.
@@ -31,15 +34,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import update_section  # noqa: E402
 
+from medlora.demo import loss_base_vs_tuned, unseen_records  # noqa: E402
 from medlora.evaluate.heldout import run_recipe  # noqa: E402
 from medlora.evaluate.multiple_choice import run_bench  # noqa: E402
-from medlora.evaluate.quality import evaluate_run  # noqa: E402
+from medlora.evaluate.quality import LOWER_IS_BETTER, evaluate_answers  # noqa: E402
+from medlora.io import write_json_atomic  # noqa: E402
 from medlora.models import load_with_adapter  # noqa: E402
 from medlora.report.card import write_report  # noqa: E402
 from medlora.report.compare import run_compare  # noqa: E402
 from medlora.report.html import fmt, fmt_ci, verdict  # noqa: E402
 
-NAMES = {"rougeL": "ROUGE-L (F)", "f1": "token F1", "similarity": "MiniLM cosine similarity"}
+NAMES = {
+    "rougeL": "ROUGE-L (F)",
+    "f1": "token F1",
+    "similarity": "MiniLM cosine similarity",
+    "repetition": "repeated word 4-grams (lower is better)",
+    "echo": "answers restating the question (lower is better)",
+}
 
 
 def quality_table(quality: dict[str, Any]) -> str:
@@ -50,7 +61,7 @@ def quality_table(quality: dict[str, Any]) -> str:
     for name, m in quality["metrics"].items():
         lines.append(
             f"| {NAMES[name]} | {fmt_ci(m['base'])} | {fmt_ci(m['model'])} | "
-            f"{fmt_ci(m['diff'], signed=True)} | {verdict(m['diff'])} |"
+            f"{fmt_ci(m['diff'], signed=True)} | {verdict(m['diff'], name not in LOWER_IS_BETTER)} |"
         )
     return "\n".join(lines)
 
@@ -109,8 +120,7 @@ def prediction_spread(items: dict[str, list[dict[str, Any]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", default="runs/demo")
-    parser.add_argument("--questions", type=int, default=32, help="held-out questions answered")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--questions", type=int, default=100, help="unseen-source questions")
     parser.add_argument("--pubmedqa-limit", type=int, default=100)
     parser.add_argument("--mmlu-limit", type=int, default=None, help="default: all val questions")
     parser.add_argument("--compare-n", type=int, default=6)
@@ -130,19 +140,30 @@ def main() -> None:
     started = time.perf_counter()
     loaded = load_with_adapter(spec, run, recipe.model.dtype)
     quality_out = run / "eval_quality.json"
-    result = evaluate_run(
-        spec,
-        str(run / "data"),
-        run,
-        "test",
-        args.questions,
-        True,
-        quality_out,
-        metrics=["loss", "rouge", "f1", "similarity"],
-        max_new_tokens=args.max_new_tokens,
-        model_and_tokenizer=loaded,
+    recipe.eval.max_examples = args.questions
+    if not recipe.eval.unseen_sources:
+        recipe.eval.unseen_sources = ["medquad:7_SeniorHealth_QA", "medquad:9_CDC_QA"]
+    records, specs = unseen_records(recipe)
+    result = {
+        "model": spec,
+        "adapter": str(run),
+        "data": specs,
+        "split": "all",
+        **loss_base_vs_tuned(*loaded, records, recipe),
+    }
+    result["quality"] = evaluate_answers(
+        *loaded,
+        records,
+        recipe.data.system_prompt,
+        ["rouge", "f1", "similarity", "repetition", "echo"],
+        recipe.generation,
+        recipe.eval.batch_size,
+        compare_base=True,
+        predictions_path=run / "predictions.jsonl",
+        seed=recipe.data.seed,
     )
-    timings["held-out loss + answers (base and tuned)"] = time.perf_counter() - started
+    write_json_atomic(quality_out, result)
+    timings["unseen-source loss + answers (base and tuned)"] = time.perf_counter() - started
 
     started = time.perf_counter()
     pubmedqa = run_bench(
@@ -169,8 +190,6 @@ def main() -> None:
         "items": {**pubmedqa["items"], **mmlu["items"]},
         "limit": {"pubmedqa": args.pubmedqa_limit, "mmlu": args.mmlu_limit},
     }
-    from medlora.io import write_json_atomic
-
     write_json_atomic(run / "bench.json", bench)
     timings["benchmarks (base and tuned)"] = time.perf_counter() - started
 
@@ -180,7 +199,6 @@ def main() -> None:
         run,
         from_split="test",
         n=args.compare_n,
-        max_new_tokens=args.max_new_tokens,
         model_and_tokenizer=loaded,
     )
     timings["side-by-side answers"] = time.perf_counter() - started
@@ -197,11 +215,13 @@ questions (2,000 resamples), and differences are paired (same questions, resampl
 Files: `{run}/eval_quality.json`, `{run}/predictions.jsonl`, `{run}/bench.json`,
 `{run}/compare.md`, model card `{run}/README.md`, `{run}/report.html`.
 
-### Held-out answers ({q["examples"]} questions of the run's test split; topics never trained on)
+### Answers on sources never trained on ({q["examples"]} questions of {", ".join(Path(s).name for s in specs)})
 
-Greedy decoding with the training chat template, at most {q["max_new_tokens"]} new tokens; empty
-answers: base {q["base_empty_predictions"]}, tuned {q["empty_predictions"]}. Answer-token loss on the
-same questions: base {fmt(result["base_loss"], 4)} → tuned {fmt(result["loss"], 4)}.
+{q["decoding"].capitalize()} decoding with the training chat template and the run's `generation:`
+settings ({", ".join(f"{k}={v}" for k, v in q["generation"].items())}); empty answers: base
+{q["base_empty_predictions"]}, tuned {q["empty_predictions"]}. Answer-token loss on the same
+questions: base {fmt(result["base_loss"], 4)} → tuned {fmt(result["loss"], 4)}
+({result["loss_change_pct"]:+.1f} %).
 
 {quality_table(q)}
 

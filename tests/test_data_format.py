@@ -87,3 +87,25 @@ def test_preview_highlights_only_answer_tokens(tiny_tokenizer: Any) -> None:
     )
     assert highlighted.startswith(ANSWER)
     assert QUESTION not in highlighted
+
+
+def test_sentence_truncation_keeps_whole_sentences_and_the_end_of_turn(
+    tiny_tokenizer: Any,
+) -> None:
+    answer = "Asthma narrows the airways. It causes wheezing and coughing. " * 6
+    prompt_len = len(prompt_ids(tiny_tokenizer, QUESTION, None))
+    full = format_record(tiny_tokenizer, record(answer=answer), None, 10_000)
+    assert full is not None
+    limit = prompt_len + full.answer_tokens // 2
+    by_token = format_record(tiny_tokenizer, record(answer=answer), None, limit, "token")
+    by_sentence = format_record(tiny_tokenizer, record(answer=answer), None, limit, "sentence")
+    assert by_token is not None and by_sentence is not None
+    assert by_sentence.truncated and len(by_sentence.input_ids) <= limit
+    token_text = tiny_tokenizer.decode(by_token.input_ids[prompt_len:])
+    sentence_text = tiny_tokenizer.decode(by_sentence.input_ids[prompt_len:])
+    assert "<|im_end|>" not in token_text  # cut mid-answer: the model never sees it stop
+    assert sentence_text.rstrip().endswith("<|im_end|>")
+    assert sentence_text.split("<|im_end|>")[0].rstrip().endswith(".")
+    # An answer that fits is not touched.
+    short = format_record(tiny_tokenizer, record(), None, 512, "sentence")
+    assert short == format_record(tiny_tokenizer, record(), None, 512, "token")

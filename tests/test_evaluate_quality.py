@@ -228,3 +228,25 @@ def test_best_metric_mode_follows_the_metric_name() -> None:
 
     assert metric_mode("eval_loss") == "min" and metric_mode("quality_rougeL") == "max"
     assert metric_mode("bench_pubmedqa_acc") == "max" and metric_mode("loss", "max") == "max"
+
+
+def test_repetition_is_the_share_of_repeated_word_4grams() -> None:
+    from medlora.evaluate.quality import repeated_ngram_share
+
+    assert repeated_ngram_share("Asthma makes the airways narrow and swollen.") == 0.0
+    looped = "The symptoms of X can include: The symptoms of X can include: fever."
+    # 11 words → 8 four-grams, of which 4 repeat an earlier one ("the symptoms of x" …).
+    assert repeated_ngram_share(looped) == pytest.approx(4 / 8)
+    assert repeated_ngram_share("too short") == 0.0
+
+
+def test_echo_counts_answers_that_restate_the_question() -> None:
+    questions = ["What are the symptoms of kidney stones ?"] * 3
+    answers = [
+        "What are the symptoms of kidney stones? The symptoms include pain.",
+        "Kidney stones cause sharp pain in the back, side and groin.",
+        "",
+    ]
+    scores = score_answers(answers, ["ref"] * 3, ["echo", "repetition"], questions)
+    assert scores["echo"] == [1.0, 0.0, 0.0]
+    assert parse_metrics("loss,repetition,echo") == ["loss", "repetition", "echo"]

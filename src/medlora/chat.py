@@ -27,10 +27,12 @@ HELP = "Type a question. /reset starts a new conversation, /exit (or Ctrl-D) qui
 class Chat:
     """A conversation with one served model; `ask` streams the answer and remembers the turn."""
 
-    def __init__(self, served: Served, max_new_tokens: int = 256, model: str | None = None) -> None:
+    def __init__(
+        self, served: Served, max_new_tokens: int | None = None, model: str | None = None
+    ) -> None:
         self.served = served
         self.model = model or served.default_model
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = max_new_tokens or served.generation.max_new_tokens
         self.history: list[dict[str, str]] = []
 
     def reset(self) -> None:
@@ -44,7 +46,14 @@ class Chat:
         """Generate in the engine's thread, hand pieces to `on_piece` as they come; Ctrl-C stops it."""
         events: queue.Queue[Event] = queue.Queue()
         job = Job(
-            self.model, self.prompt_ids(question), Sampling(self.max_new_tokens), sink=events.put
+            self.model,
+            self.prompt_ids(question),
+            Sampling(
+                self.max_new_tokens,
+                repetition_penalty=self.served.generation.repetition_penalty,
+                no_repeat_ngram_size=self.served.generation.no_repeat_ngram_size,
+            ),
+            sink=events.put,
         )
         worker = threading.Thread(target=self.served.engine.run_batch, args=([job],), daemon=True)
         worker.start()
@@ -138,12 +147,12 @@ def generate_file(
     out_path: str | os.PathLike[str],
     *,
     batch_size: int = 8,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     system_prompt: Any = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> list[dict[str, Any]]:
     """Answer every question of a JSONL file in batches (greedy, merged weights); write JSONL."""
-    from medlora.evaluate.generate import generate_answers
+    from medlora.evaluate.generate import generate_answers, run_generation_settings
     from medlora.models import load_model, load_with_adapter
     from medlora.serve.loader import model_id, run_system_prompt
 
@@ -158,10 +167,15 @@ def generate_file(
         if system_prompt is None
         else system_prompt
     )
+    settings = run_generation_settings(adapter)
+    if max_new_tokens is not None:
+        settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})
     answers: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = [row["question"] for row in rows[start : start + batch_size]]
-        answers += generate_answers(model, tokenizer, chunk, prompt, max_new_tokens, batch_size)
+        answers += generate_answers(
+            model, tokenizer, chunk, prompt, settings, batch_size, show_progress=False
+        )
         log(f"{len(answers)}/{len(rows)} answered")
     out = [
         {**row, "answer": answer, "model": name} for row, answer in zip(rows, answers, strict=True)

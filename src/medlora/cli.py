@@ -127,9 +127,42 @@ def data_prepare(
             val_fraction=config.data.val_fraction,
             test_fraction=config.data.test_fraction,
             count_tokens=token_counter(tokenizer, config.data.system_prompt),
+            hygiene=config.data.clean,
         )
     console.print(f"wrote {out}/{{train,validation,test}}.jsonl and data_card.json")
-    console.print_json(json.dumps({k: card.get(k) for k in ("splits", "skipped", "token_lengths")}))
+    console.print_json(
+        json.dumps({k: card.get(k) for k in ("splits", "skipped", "hygiene", "token_lengths")})
+    )
+
+
+def _preview_hygiene(config: Any, data: str | None, n: int) -> None:
+    """Raw vs cleaned answers: the first `n` records each hygiene rule changed or dropped."""
+    from medlora.data.clean import clean_records
+    from medlora.data.hygiene import RECORD_RULES, apply_hygiene
+    from medlora.data.sources import load_source
+
+    records: list[Any] = []
+    for spec in [data] if data else config.data.sources:
+        records += load_source(spec, column_map=config.data.map or None)[0]
+    records, _ = clean_records(records)
+    kept, counts = apply_hygiene(records, config.data.clean)
+    cleaned = {r.id: r.answer for r in kept}
+    for name, rule in RECORD_RULES.items():
+        shown = 0
+        for record in records:
+            if shown == n:
+                break
+            if record.answer == cleaned.get(record.id) or rule(record) == record.answer:
+                continue
+            shown += 1
+            console.rule(f"{name}: {record.id}  {record.question}")
+            console.print(f"[red]raw[/]      {record.answer[:400]}", highlight=False)
+            after = cleaned.get(record.id)
+            console.print(
+                f"[green]cleaned[/]  {after[:400] if after is not None else '(dropped)'}",
+                highlight=False,
+            )
+    console.print_json(json.dumps(counts))
 
 
 @data_app.command("preview")
@@ -142,10 +175,17 @@ def data_preview(
     ] = None,
     n: Annotated[int, typer.Option("-n", help="How many examples to show.")] = 3,
     split: Annotated[str, typer.Option("--split")] = "train",
+    hygiene: Annotated[
+        bool,
+        typer.Option("--hygiene", help="Show raw vs cleaned answers the hygiene rules changed."),
+    ] = False,
     set_: SetOption = None,
 ) -> None:
     """Show formatted examples with the trained (answer) tokens highlighted."""
     _quiet_libraries()
+    if hygiene:
+        _preview_hygiene(_load(recipe, set_), data, n)
+        return
     from medlora.data.format import format_records
     from medlora.evaluate.heldout import load_eval_records
     from medlora.models import load_tokenizer
@@ -156,7 +196,11 @@ def data_preview(
         data or config.data.sources[0], split, config, config.data.map or None
     )
     examples, stats = format_records(
-        tokenizer, records[: max(n * 4, n)], config.data.system_prompt, config.data.max_seq_len
+        tokenizer,
+        records[: max(n * 4, n)],
+        config.data.system_prompt,
+        config.data.max_seq_len,
+        config.data.truncation,
     )
     for example in examples[:n]:
         console.rule(
@@ -318,12 +362,16 @@ def demo_cmd(
     from medlora.demo import run_demo
 
     config = _load(recipe, set_)
+    from medlora.demo import metric_table
+
     summary = run_demo(config, out, log=console.print)
+    unseen = summary["unseen"]
     console.print(
-        f"held-out loss: base {summary['base_loss']:.4f} → tuned {summary['loss']:.4f} "
-        f"(perplexity {summary['base_perplexity']:.2f} → {summary['perplexity']:.2f}); "
-        f"see {out}/summary.md"
+        f"unseen sources ({unseen['examples']} questions): answer loss base "
+        f"{unseen['base_loss']:.4f} → tuned {unseen['loss']:.4f} ({unseen['loss_change_pct']:+.1f} %)"
     )
+    console.print("\n".join(metric_table(unseen["quality"])), highlight=False)
+    console.print(f"see {out}/summary.md")
 
 
 @app.command("export")
@@ -398,7 +446,10 @@ def chat_cmd(
     spec: Annotated[str, typer.Argument(help="Base model spec (alias, folder, .gguf, Hub id).")],
     adapter: AdapterOption = None,
     engine: EngineOption = "auto",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", min=1, help="Default: the run's generation settings."),
+    ] = None,
 ) -> None:
     """Talk to the model in the terminal: streaming, multi-turn, /reset for a new conversation."""
     _quiet_libraries()
@@ -422,7 +473,10 @@ def generate_cmd(
     ],
     adapter: AdapterOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", min=1, help="Default: the run's generation settings."),
+    ] = None,
 ) -> None:
     """Answer a file of questions in batches (greedy, merged weights, the run's chat template)."""
     _quiet_libraries()
@@ -533,7 +587,7 @@ def serve_cmd(
         api_key=api_key,
         max_prompt_tokens=max_prompt_tokens,
         max_new_tokens=max_new_tokens,
-        default_max_tokens=min(256, max_new_tokens),
+        default_max_tokens=min(served.generation.max_new_tokens, max_new_tokens),
         max_body_bytes=max_body_kb * 1024,
         max_queue=max_queue,
         request_timeout_s=timeout,
@@ -548,6 +602,7 @@ def serve_cmd(
 
 
 def _print_quality(quality: dict[str, Any]) -> None:
+    from medlora.evaluate.quality import LOWER_IS_BETTER
     from medlora.report.html import fmt_ci, verdict
 
     console.print(
@@ -560,7 +615,7 @@ def _print_quality(quality: dict[str, Any]) -> None:
             line += (
                 f"   base {fmt_ci(entry['base'])}   difference {fmt_ci(entry['diff'], signed=True)}"
             )
-            line += f" ({verdict(entry['diff'])})"
+            line += f" ({verdict(entry['diff'], name not in LOWER_IS_BETTER)})"
         console.print(line)
     if quality.get("predictions"):
         console.print(f"answers: {quality['predictions']}")

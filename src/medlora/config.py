@@ -99,6 +99,27 @@ class DataConfig(_Section):
     strict: bool = Field(
         False, description="Fail on a malformed source file instead of skipping it."
     )
+    clean: (
+        list[
+            Literal[
+                "question_echo",
+                "hpo_table",
+                "pointer_answer",
+                "source_boilerplate",
+                "templated_duplicate",
+            ]
+        ]
+        | None
+    ) = Field(
+        None,
+        description="Answer-hygiene rules (medlora.data.hygiene) for every source; null: all rules "
+        "on MedQuAD, none elsewhere; []: none.",
+    )
+    truncation: Literal["sentence", "token"] = Field(
+        "sentence",
+        description="An answer longer than max_seq_len: 'sentence' keeps whole sentences and the "
+        "end of turn (the model learns to stop); 'token' cuts mid-sentence.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -234,7 +255,15 @@ class EvalConfig(_Section):
     )
     max_examples: int | None = Field(64, ge=1, description="Score at most this many examples.")
     batch_size: int = Field(8, ge=1, description="Examples per forward pass when scoring.")
-    max_new_tokens: int = Field(128, ge=1, description="Longest generated answer.")
+    unseen_sources: list[str] = Field(
+        default_factory=list,
+        description="KIND:PATH sources never trained on: the demo's headline scores base vs tuned "
+        "on them (e.g. medquad:7_SeniorHealth_QA, relative to the MedQuAD folder).",
+    )
+    metrics: list[Literal["rouge", "f1", "similarity", "repetition", "echo"]] = Field(
+        default_factory=lambda: ["rouge", "f1", "similarity", "repetition", "echo"],
+        description="Answer metrics the demo reports (with paired bootstrap CIs).",
+    )
     num_answers: int = Field(
         3, ge=0, description="Base-vs-tuned answers shown in the demo summary."
     )
@@ -273,6 +302,33 @@ class EvalConfig(_Section):
     )
 
 
+class GenerationConfig(_Section):
+    """How every command generates: demo, eval, compare, chat, serve and the exported model."""
+
+    max_new_tokens: int = Field(128, ge=1, description="Longest generated answer.")
+    do_sample: bool = Field(False, description="Sample (true) or greedy decoding (false).")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    repetition_penalty: float = Field(
+        1.0, ge=1.0, description="Divide the logits of tokens already present (1.0: off)."
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="Never repeat a word-piece n-gram of this size (0: off)."
+    )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate` (sampling knobs only when sampling)."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+        }
+        if self.do_sample:
+            kwargs |= {"temperature": self.temperature, "top_p": self.top_p}
+        return kwargs
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs/demo", description="Run directory (adapter, metrics, charts).")
     report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
@@ -286,7 +342,20 @@ class Recipe(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """Runs written before the `generation` section kept the answer length in `eval`."""
+        if isinstance(data, dict) and isinstance(data.get("eval"), dict):
+            if "max_new_tokens" in data["eval"]:
+                evaluation = dict(data["eval"])
+                generation = dict(data.get("generation") or {})
+                generation.setdefault("max_new_tokens", evaluation.pop("max_new_tokens"))
+                data = {**data, "eval": evaluation, "generation": generation}
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

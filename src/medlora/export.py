@@ -32,7 +32,9 @@ from typing import Any
 
 import yaml
 
+from medlora.config import GenerationConfig
 from medlora.errors import MedloraError, ModelError
+from medlora.evaluate.generate import generate_arguments, run_generation_settings
 from medlora.io import move_files_atomic
 from medlora.models import cache_dir, load_model, prepare_tokenizer
 from medlora.report.card import DISCLAIMER, HUB_BASE, card_header, is_medlora_card
@@ -125,23 +127,24 @@ def load_merged(run_dir: Path, base: str | None = None) -> tuple[Any, Any]:
     return merged, tokenizer
 
 
-def _generation_config(model: Any, tokenizer: Any) -> None:
-    """Stop at the end of turn and allow a full answer, so a plain `generate(**inputs)` works.
+def _generation_config(model: Any, tokenizer: Any, settings: GenerationConfig) -> None:
+    """The run's `generation:` settings and end-of-turn stops, so a plain `generate(**inputs)`
+    answers as `medlora eval`, the demo and the server do.
 
     The model card's snippet calls `generate` without `max_new_tokens`; with the library default
-    (20 tokens) its answers are cut off after a few words.
+    (20 tokens) its answers would be cut off after a few words.
     """
-    from medlora.serve.engine import stop_token_ids
+    from medlora.evaluate.generate import stop_token_ids
 
     config = model.generation_config
-    config.eos_token_id = sorted(stop_token_ids(tokenizer)) or config.eos_token_id
+    config.eos_token_id = stop_token_ids(tokenizer) or config.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
-    config.max_new_tokens = 512
     config.max_length = None
-    config.do_sample = False
+    config.top_k = None
     config.temperature = None
     config.top_p = None
-    config.top_k = None
+    for key, value in settings.generate_kwargs().items():
+        setattr(config, key, value)
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
@@ -262,7 +265,7 @@ def short_card(run_dir: Path, base: str, repo_id: str | None = None) -> str:
         "inputs = tokenizer.apply_chat_template(",
         '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
         ")",
-        "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",
+        f"output = model.generate(**inputs, {generate_arguments(run_generation_settings(run_dir))})",
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
         "",
@@ -485,7 +488,7 @@ def export_run(
     try:
         if merge:
             model, tokenizer = load_merged(run, spec)
-            _generation_config(model, tokenizer)
+            _generation_config(model, tokenizer, run_generation_settings(run_dir))
             model.save_pretrained(scratch, safe_serialization=True)
             _save_tokenizer(tokenizer, scratch)
         else:

@@ -199,6 +199,7 @@ def prepare_shared_data(recipe: Recipe, out: Path, tokenizer: Any) -> Path:
         val_fraction=d.val_fraction,
         test_fraction=d.test_fraction,
         count_tokens=token_counter(tokenizer, d.system_prompt),
+        hygiene=d.clean,
     )
     return out
 

@@ -305,6 +305,7 @@ def load_or_prepare_splits(
             val_fraction=recipe.data.val_fraction,
             test_fraction=recipe.data.test_fraction,
             count_tokens=token_counter(tokenizer, recipe.data.system_prompt),
+            hygiene=recipe.data.clean,
         )
     card_path = source_dir / "data_card.json"
     card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
@@ -530,7 +531,7 @@ def train(
     )
     d = recipe.data
     train_examples, train_stats = format_records(
-        tokenizer, train_records, d.system_prompt, d.max_seq_len
+        tokenizer, train_records, d.system_prompt, d.max_seq_len, d.truncation
     )
     val_examples, val_stats = format_records(tokenizer, val_records, d.system_prompt, d.max_seq_len)
     if not train_examples or train_stats.answer_tokens == 0:

@@ -7,6 +7,7 @@ so training on the same split keeps the two identical. Prompt positions get labe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,13 +74,50 @@ class Example:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _sentence_fit(
+    tokenizer: Any, record: Record, system_prompt: str | None, budget: int
+) -> list[int] | None:
+    """The answer's ids (end of turn included) cut after its last whole sentence that fits."""
+    ends = [m.start() for m in _SENTENCE_END.finditer(record.answer)]
+    for end in reversed(ends):
+        _, answer = split_prompt_answer(
+            tokenizer, record.question, record.answer[:end], system_prompt
+        )
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if len(ids) <= budget:
+            return ids
+    return None
+
+
 def format_record(
-    tokenizer: Any, record: Record, system_prompt: str | None, max_seq_len: int
+    tokenizer: Any,
+    record: Record,
+    system_prompt: str | None,
+    max_seq_len: int,
+    truncation: str = "token",
 ) -> Example | None:
-    """Tokenize one record; None when truncation leaves no answer token to learn from."""
+    """Tokenize one record; None when truncation leaves no answer token to learn from.
+
+    An example longer than `max_seq_len` is cut: `token` cuts at the limit (the end-of-turn token
+    is lost), `sentence` keeps the answer's whole sentences that fit and then the end of turn, so
+    the model still learns where an answer stops (falls back to `token` when no sentence fits).
+    """
     prompt, answer = split_prompt_answer(tokenizer, record.question, record.answer, system_prompt)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if truncation == "sentence" and len(p_ids) + len(a_ids) > max_seq_len:
+        fitted = _sentence_fit(tokenizer, record, system_prompt, max_seq_len - len(p_ids))
+        if fitted is not None:
+            return Example(
+                p_ids + fitted,
+                [IGNORE_INDEX] * len(p_ids) + fitted,
+                record.id,
+                record.source,
+                truncated=True,
+            )
     ids = (p_ids + a_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(p_ids) + a_ids)[:max_seq_len]
     if all(label == IGNORE_INDEX for label in labels):
@@ -105,12 +143,16 @@ class FormatStats:
 
 
 def format_records(
-    tokenizer: Any, records: Sequence[Record], system_prompt: str | None, max_seq_len: int
+    tokenizer: Any,
+    records: Sequence[Record],
+    system_prompt: str | None,
+    max_seq_len: int,
+    truncation: str = "token",
 ) -> tuple[list[Example], FormatStats]:
     stats = FormatStats()
     examples = []
     for record in records:
-        example = format_record(tokenizer, record, system_prompt, max_seq_len)
+        example = format_record(tokenizer, record, system_prompt, max_seq_len, truncation)
         if example is None:
             stats.dropped_no_answer_tokens += 1
             stats.dropped_ids.append(record.id)

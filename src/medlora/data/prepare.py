@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medlora.data.clean import clean_records
+from medlora.data.hygiene import apply_hygiene
 from medlora.data.mix import group_counts, source_group, tag_source_group
 from medlora.data.records import Record
 from medlora.data.sources import load_source
@@ -53,8 +54,13 @@ def prepare_data(
     val_fraction: float = 0.05,
     test_fraction: float = 0.05,
     count_tokens: Callable[[Record], int] | None = None,
+    hygiene: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Load, filter, clean and split every source; write the splits and the data card."""
+    """Load, filter, clean and split every source; write the splits and the data card.
+
+    `hygiene`: the answer-hygiene rules (`medlora.data.hygiene`); None: all of them on MedQuAD
+    records, none on others.
+    """
     out_dir = Path(out_dir)
     if not sources:
         raise DataError("no data sources given; add --source KIND:PATH or set data.sources")
@@ -87,6 +93,10 @@ def prepare_data(
 
     records, clean_counts = clean_records(records)
     skipped["cleaning"] = {"excluded": excluded, **clean_counts}
+    try:
+        records, hygiene_counts = apply_hygiene(records, hygiene)
+    except ValueError as err:
+        raise DataError(f"data.clean: {err}") from None
     if not records:
         raise DataError(
             f"no records left from {', '.join(sources)} after exclude and cleaning; "
@@ -122,6 +132,11 @@ def prepare_data(
         "source_groups": source_groups,
         "per_qtype": dict(per_qtype.most_common()),
         "skipped": skipped,
+        # Per answer-hygiene rule: answers it changed and answers it dropped.
+        "hygiene": {
+            "rules": "medquad-default" if hygiene is None else list(hygiene),
+            **hygiene_counts,
+        },
         "warnings": _cap_warnings(warnings),
         "token_lengths": (
             {name: _length_stats([count_tokens(r) for r in splits[name]]) for name in SPLIT_NAMES}

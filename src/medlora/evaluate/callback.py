@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medlora.config import Recipe
+from medlora.config import GenerationConfig, Recipe
 from medlora.data.records import Record
 from medlora.data.sample import sample_records
 from medlora.io import move_files_atomic, write_json_atomic
@@ -45,6 +45,7 @@ class QualityCallback(_trainer_callback_base()):  # type: ignore[misc]
         system_prompt: str | None = None,
         metrics: tuple[str, ...] = ("rouge", "f1"),
         max_new_tokens: int = 64,
+        generation: GenerationConfig | None = None,
         benchmark: tuple[str, dict[str, Any]] | None = None,
         best_metric: str | None = None,
         best_mode: str = "auto",
@@ -57,6 +58,7 @@ class QualityCallback(_trainer_callback_base()):  # type: ignore[misc]
         self.system_prompt = system_prompt
         self.metrics = metrics
         self.max_new_tokens = max_new_tokens
+        self.generation = generation or GenerationConfig()
         self.benchmark = benchmark
         self.best_metric = best_metric
         self.best_mode = metric_mode(best_metric or "", best_mode)
@@ -83,8 +85,9 @@ class QualityCallback(_trainer_callback_base()):  # type: ignore[misc]
                     self.tokenizer,
                     [r.question for r in self.records],
                     self.system_prompt,
-                    self.max_new_tokens,
+                    self.generation.model_copy(update={"max_new_tokens": self.max_new_tokens}),
                     batch_size=len(self.records),
+                    show_progress=False,
                 )
                 scores = score_answers(answers, [r.answer for r in self.records], self.metrics)
                 for name, values in scores.items():
@@ -203,6 +206,7 @@ def attach_quality_callback(
         system_prompt=recipe.data.system_prompt,
         metrics=tuple(e.during_training_metrics),
         max_new_tokens=e.during_training_max_new_tokens,
+        generation=recipe.generation,
         benchmark=benchmark,
         best_metric=e.best_metric,
         best_mode=e.best_metric_mode,

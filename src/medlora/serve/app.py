@@ -294,6 +294,8 @@ def create_app(served: Served, limits: Limits | None = None) -> FastAPI:
             temperature=body.temperature or 0.0,
             top_p=body.top_p or 1.0,
             seed=body.seed,
+            repetition_penalty=served.generation.repetition_penalty,
+            no_repeat_ngram_size=served.generation.no_repeat_ngram_size,
         )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()

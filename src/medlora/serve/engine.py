@@ -25,6 +25,9 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    # From the run's `generation:` section (the same settings eval and the demo used).
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -32,7 +35,14 @@ class Sampling:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs batch together only when they decode the same way (the length may differ)."""
-        return (self.greedy, self.temperature, self.top_p, self.seed)
+        return (
+            self.greedy,
+            self.temperature,
+            self.top_p,
+            self.seed,
+            self.repetition_penalty,
+            self.no_repeat_ngram_size,
+        )
 
 
 @dataclass
@@ -86,10 +96,9 @@ class Engine(Protocol):
 
 def stop_token_ids(tokenizer: Any) -> set[int]:
     """End of sequence and end of turn: the same stops as `medlora.evaluate.generate`."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    if "<|im_end|>" in tokenizer.get_vocab():
-        ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    return ids
+    from medlora.evaluate.generate import stop_token_ids as stops
+
+    return set(stops(tokenizer))
 
 
 class Detokenizer:
@@ -204,6 +213,8 @@ class TransformersEngine:
             temperature=sampling.temperature if not sampling.greedy else None,
             top_p=sampling.top_p if not sampling.greedy else None,
             top_k=None,
+            repetition_penalty=sampling.repetition_penalty,
+            no_repeat_ngram_size=sampling.no_repeat_ngram_size,
             pad_token_id=pad_id,
             eos_token_id=sorted(self.stops) or None,
         )

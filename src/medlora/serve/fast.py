@@ -127,7 +127,8 @@ class LlamaCppEngine:
             top_p=1.0 if sampling.greedy else sampling.top_p,
             top_k=0 if not sampling.greedy else 1,
             min_p=0.0,
-            repeat_penalty=1.0,
+            # llama.cpp has no no-repeat-n-gram rule; the penalty is the same as transformers'.
+            repeat_penalty=sampling.repetition_penalty,
             reset=True,
         )
         for token in tokens:

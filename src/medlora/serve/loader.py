@@ -12,14 +12,15 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from medlora.config import DEFAULT_SYSTEM_PROMPT
+from medlora.config import DEFAULT_SYSTEM_PROMPT, GenerationConfig
 from medlora.errors import ConfigError, MedloraError
+from medlora.evaluate.generate import run_generation_settings
 from medlora.serve.engine import Engine
 
 ENGINES = ("auto", "transformers", "llama.cpp", "vllm")
@@ -34,6 +35,8 @@ class Served:
     tuned: str | None  # model id of the fine-tuned model (None when serving a base alone)
     base: str | None  # model id of the base model (None when left out)
     system_prompt: str | None
+    # The run's `generation:` section: request defaults and repetition control come from it.
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     @property
     def default_model(self) -> str:
@@ -96,7 +99,13 @@ def _build_llama_cpp(
         tokenizer = load_tokenizer(spec)
         ggufs = {base_id: base_gguf(spec, gguf_type)}
     fast = LlamaCppEngine(ggufs, tokenizer, threads=threads, n_ctx=n_ctx)
-    return Served(fast, tuned_id, base_id if (with_base or run is None) else None, prompt)
+    return Served(
+        fast,
+        tuned_id,
+        base_id if (with_base or run is None) else None,
+        prompt,
+        run_generation_settings(run),
+    )
 
 
 def build_engine(
@@ -160,7 +169,13 @@ def build_engine(
     for model in models.values():
         model.to(device)
     hf = TransformersEngine(models, tokenizer, max_batch=max_batch)
-    return Served(hf, tuned_id, base_id if (with_base or run is None) else None, prompt)
+    return Served(
+        hf,
+        tuned_id,
+        base_id if (with_base or run is None) else None,
+        prompt,
+        run_generation_settings(run),
+    )
 
 
 def vllm_command(
