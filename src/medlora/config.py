@@ -195,6 +195,9 @@ class LoraConfig(_Section):
         return value
 
 
+PREFERENCE_KINDS = ("jsonl", "json", "parquet", "hf")
+
+
 class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
@@ -247,6 +250,52 @@ class TrainConfig(_Section):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (null: torch default)."
     )
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description="sft: answer-only loss on data.sources; dpo/orpo: preference tuning of the "
+        "same LoRA adapter on train.preference_data (TRL's DPOTrainer / ORPOTrainer).",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO: KL strength (reward scale); ORPO: weight of the odds-ratio term.",
+    )
+    preference_data: str | None = Field(
+        None,
+        description="dpo/orpo pairs: KIND:PATH (jsonl, json, parquet, hf) of prompt/chosen/rejected "
+        "rows, or self (chosen = reference answer, rejected = the model's own greedy answer).",
+    )
+    init_adapter: str | None = Field(
+        None,
+        description="dpo/orpo: a run directory whose LoRA adapter to continue from (SFT then DPO).",
+    )
+
+    @field_validator("preference_data")
+    @classmethod
+    def _preference_spec(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "self":
+            return None if value is None else "self"
+        kind, _, path = value.strip().partition(":")
+        if kind.strip().lower() not in PREFERENCE_KINDS or not path.strip():
+            raise ValueError(
+                f"write KIND:PATH with KIND one of {', '.join(PREFERENCE_KINDS)} "
+                "(e.g. jsonl:data/pairs.jsonl), or self"
+            )
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _preference_needs_data(self) -> TrainConfig:
+        if self.method != "sft" and self.preference_data is None:
+            raise ValueError(
+                f"train.preference_data=None: required with train.method={self.method}; give "
+                "KIND:PATH of prompt/chosen/rejected rows (e.g. jsonl:pairs.jsonl) or self"
+            )
+        if self.method == "sft" and self.init_adapter is not None:
+            raise ValueError(
+                f"train.init_adapter={self.init_adapter!r}: only used with train.method=dpo or "
+                "orpo; drop it (--set train.init_adapter=null) or set train.method"
+            )
+        return self
 
 
 class EvalConfig(_Section):

@@ -313,8 +313,15 @@ def load_or_prepare_splits(
 
 
 def _training_arguments(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
-    import torch
     from transformers import TrainingArguments
+
+    kwargs = training_kwargs(recipe, run_dir, has_eval)
+    return TrainingArguments(**_supported_arguments(TrainingArguments, kwargs))
+
+
+def training_kwargs(recipe: Recipe, run_dir: Path, has_eval: bool) -> dict[str, Any]:
+    """`TrainingArguments` keywords from the recipe (also the base of TRL's preference configs)."""
+    import torch
 
     t = recipe.train
     if t.precision == "fp16" and not torch.cuda.is_available():
@@ -369,7 +376,7 @@ def _training_arguments(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
-    return TrainingArguments(**_supported_arguments(TrainingArguments, kwargs))
+    return kwargs
 
 
 def _supported_arguments(arguments_class: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -508,6 +515,16 @@ def train(
     from transformers import set_seed
 
     run_dir = Path(run_dir)
+    if recipe.train.method != "sft":  # DPO / ORPO on the same LoRA adapter (medlora.preference)
+        from medlora.preference import train_preference
+
+        return train_preference(
+            recipe,
+            run_dir,
+            prepared_dir=prepared_dir,
+            resume=resume,
+            model_and_tokenizer=model_and_tokenizer,
+        )
     _check_writable(run_dir)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
