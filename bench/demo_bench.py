@@ -22,7 +22,7 @@ from _markdown import update_section  # noqa: E402
 
 from medlora.cli import BUNDLED_RECIPES  # noqa: E402
 from medlora.config import load_recipe  # noqa: E402
-from medlora.demo import run_demo  # noqa: E402
+from medlora.demo import metric_table, run_demo  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     summary = run_demo(recipe, args.out)
     wall = time.perf_counter() - started
     train = summary["train"]
-    score_tps = summary["tokens_scored_per_s"]
+    unseen, test = summary["unseen"], summary["test"]
     body = f"""## Demo: SmolLM2-135M-Instruct + LoRA on MedQuAD (CPU)
 
 Command: `python bench/demo_bench.py` (recipe `smollm2-135m-cpu`, {os.cpu_count()} CPU cores,
@@ -44,14 +44,14 @@ Command: `python bench/demo_bench.py` (recipe `smollm2-135m-cpu`, {os.cpu_count(
 |---|---:|
 | training examples / optimizer steps | {train["train_examples"]} / {train["steps"]} |
 | training throughput (prompt + answer tokens/s) | {train["tokens_per_s"]:.0f} |
-| forward-only scoring throughput, same run (tokens/s) | {score_tps:.0f} |
-| training ÷ scoring throughput | {train["tokens_per_s"] / score_tps:.2f} |
-| held-out test examples (answer tokens) | {summary["examples"]} ({summary["answer_tokens"]}) |
-| base answer loss / perplexity | {summary["base_loss"]:.4f} / {summary["base_perplexity"]:.2f} |
-| tuned answer loss / perplexity | {summary["loss"]:.4f} / {summary["perplexity"]:.2f} |
-| tuned ÷ base loss | {summary["loss"] / summary["base_loss"]:.3f} |
-| examples where tuned < base | {summary["examples_better"]} of {summary["examples"]} |
+| unseen-source questions (answer tokens) | {unseen["examples"]} ({unseen["answer_tokens"]}) |
+| unseen sources: base → tuned answer loss | {unseen["base_loss"]:.4f} → {unseen["loss"]:.4f} ({unseen["loss_change_pct"]:+.1f} %) |
+| test split: base → tuned answer loss | {test["base_loss"]:.4f} → {test["loss"]:.4f} ({test["loss_change_pct"]:+.1f} %) |
 | demo wall time (s) | {wall:.0f} |
+
+Answer metrics on the unseen sources (paired 95% bootstrap intervals):
+
+{chr(10).join(metric_table(unseen["quality"]))}
 """
     print(body)
     update_section("demo", body)

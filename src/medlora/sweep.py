@@ -32,7 +32,8 @@ from medlora.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 # A sweep over one of these re-splits the data per run; any other key shares one prepared split.
 PER_RUN_DATA_KEYS = frozenset(
-    f"data.{k}" for k in ("sources", "map", "exclude", "strict", "val_fraction", "test_fraction")
+    f"data.{k}"
+    for k in ("sources", "map", "exclude", "strict", "val_fraction", "test_fraction", "clean")
 )
 LOSS_NOTE = (
     "validation loss = token-weighted answer-token cross-entropy of the saved adapter on the "
