@@ -48,13 +48,15 @@ def test_prepare_writes_splits_and_a_card_that_adds_up(
     assert card == json.loads((out / "data_card.json").read_text(encoding="utf-8"))
     assert card["sources"] == [cdc, faq]
     assert card["splits"] == {name: len(rows[name]) for name in SPLITS}
-    assert sum(card["splits"].values()) == 270 + 40  # CDC pairs + FAQ after dedup
+    # CDC pairs + FAQ after dedup, less what answer hygiene dropped (MedQuAD only, counted per rule).
+    hygiene_dropped = sum(c["dropped"] for k, c in card["hygiene"].items() if k != "rules")
+    assert sum(card["splits"].values()) == 270 + 40 - hygiene_dropped
     assert card["per_source"]["medquad/9_CDC_QA"] == {
         name: sum(r["source"] == "medquad/9_CDC_QA" for r in rows[name]) for name in SPLITS
     }
     assert sum(card["per_source"]["jsonl/faq"].values()) == 40
     assert card["per_qtype"]["unknown"] == 40  # the FAQ has no qtype column
-    assert sum(card["per_qtype"].values()) == 310
+    assert sum(card["per_qtype"].values()) == 310 - hygiene_dropped
     assert card["skipped"][faq] == {"empty_answer": 1}
     assert card["skipped"]["cleaning"] == {
         "excluded": 0,

@@ -61,7 +61,12 @@ def test_paired_interval_sees_a_consistent_small_gain() -> None:
 
 def test_empty_predictions_score_zero_everywhere() -> None:
     scores = score_answers(["", "  "], ["Wheezing and cough.", "Insulin."])
-    assert scores == {"rougeL": [0.0, 0.0], "f1": [0.0, 0.0], "similarity": [0.0, 0.0]}
+    assert scores == {
+        "rougeL": [0.0, 0.0],
+        "f1": [0.0, 0.0],
+        "similarity": [0.0, 0.0],
+        "repetition": [0.0, 0.0],  # no 4-gram at all; `echo` needs the questions
+    }
 
 
 def test_similarity_ranks_a_paraphrase_above_an_unrelated_answer() -> None:
@@ -235,8 +240,8 @@ def test_repetition_is_the_share_of_repeated_word_4grams() -> None:
 
     assert repeated_ngram_share("Asthma makes the airways narrow and swollen.") == 0.0
     looped = "The symptoms of X can include: The symptoms of X can include: fever."
-    # 11 words → 8 four-grams, of which 4 repeat an earlier one ("the symptoms of x" …).
-    assert repeated_ngram_share(looped) == pytest.approx(4 / 8)
+    # 13 words → 10 four-grams, of which 3 repeat an earlier one ("the symptoms of x" …).
+    assert repeated_ngram_share(looped) == pytest.approx(3 / 10)
     assert repeated_ngram_share("too short") == 0.0
 
 

@@ -131,7 +131,7 @@ def test_card_figures_come_from_the_run_files(reported: dict[str, Any]) -> None:
 
 
 def test_card_usage_snippet_runs_and_answers_like_medlora(reported: dict[str, Any]) -> None:
-    from medlora.evaluate.generate import generate_answers
+    from medlora.evaluate.generate import generate_answers, run_generation_settings
 
     card = (reported["run"] / "README.md").read_text()
     snippet = re.search(r"## Usage\n\n```python\n(.*?)```", card, re.S)
@@ -147,7 +147,10 @@ def test_card_usage_snippet_runs_and_answers_like_medlora(reported: dict[str, An
     assert done.returncode == 0, done.stderr[-2000:]
     model, tokenizer = reported["model"]
     system = yaml.safe_load((reported["run"] / "recipe.yaml").read_text())["data"]["system_prompt"]
-    expected = generate_answers(model, tokenizer, ["What are the symptoms of asthma?"], system, 128)
+    settings = run_generation_settings(reported["run"])  # what the card's snippet uses
+    expected = generate_answers(
+        model, tokenizer, ["What are the symptoms of asthma?"], system, settings
+    )
     assert done.stdout.strip() == expected[0]
 
 

@@ -203,7 +203,7 @@ def _generate(model: Any, tokenizer: Any, questions: list[str], recipe: Recipe) 
         tokenizer,
         questions,
         recipe.data.system_prompt,
-        max_new_tokens=recipe.eval.max_new_tokens,
+        recipe.generation,
         batch_size=recipe.eval.batch_size,
     )
 
@@ -215,7 +215,7 @@ def _pair_key(recipe: Recipe, record: Record) -> str:
         recipe.model.revision,
         recipe.train.init_adapter,
         recipe.data.system_prompt,
-        recipe.eval.max_new_tokens,
+        recipe.generation.model_dump(),
         record.id,
         record.question,
         record.answer,

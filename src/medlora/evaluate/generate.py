@@ -86,15 +86,22 @@ def generate_answers(
     tokenizer: Any,
     questions: Sequence[str],
     system_prompt: str | None,
-    settings: GenerationConfig | None = None,
+    settings: GenerationConfig | int | None = None,
     batch_size: int = 8,
     description: str = "generating",
     show_progress: bool = True,
+    max_new_tokens: int | None = None,
 ) -> list[str]:
-    """One answer per question. Prompts are left-padded so generation starts aligned."""
+    """One answer per question. Prompts are left-padded so generation starts aligned.
+
+    `settings`: the run's `generation:` section; a bare int is a length with greedy defaults.
+    """
     import torch
 
-    settings = settings or GenerationConfig()
+    if settings is None or isinstance(settings, int):
+        settings = GenerationConfig(**({"max_new_tokens": settings} if settings else {}))
+    if max_new_tokens is not None:
+        settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})
     answers: list[str] = []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = stop_token_ids(tokenizer)
