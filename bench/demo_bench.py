@@ -10,6 +10,7 @@ on the same held-out examples in the same run; the baseline for speed is the sam
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -28,16 +29,27 @@ from medlora.demo import metric_table, run_demo  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/bench-demo")
+    parser.add_argument(
+        "--from-run",
+        help="Write the section from a finished `medlora demo --out RUN` (its demo.json) "
+        "instead of running the demo again.",
+    )
     args = parser.parse_args()
-    recipe = load_recipe(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml")
-    started = time.perf_counter()
-    summary = run_demo(recipe, args.out)
-    wall = time.perf_counter() - started
+    if args.from_run:
+        summary = json.loads((Path(args.from_run) / "demo.json").read_text(encoding="utf-8"))
+        wall = summary["elapsed_s"]
+        command = f"medlora demo --out {args.from_run}` then `python bench/demo_bench.py --from-run {args.from_run}"
+    else:
+        recipe = load_recipe(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml")
+        started = time.perf_counter()
+        summary = run_demo(recipe, args.out)
+        wall = time.perf_counter() - started
+        command = "python bench/demo_bench.py"
     train = summary["train"]
     unseen, test = summary["unseen"], summary["test"]
     body = f"""## Demo: SmolLM2-135M-Instruct + LoRA on MedQuAD (CPU)
 
-Command: `python bench/demo_bench.py` (recipe `smollm2-135m-cpu`, {os.cpu_count()} CPU cores,
+Command: `{command}` (recipe `smollm2-135m-cpu`, {os.cpu_count()} CPU cores,
 {platform.processor() or platform.machine()}, torch {__import__("torch").__version__}).
 
 | what | value |
