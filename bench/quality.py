@@ -34,36 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import update_section  # noqa: E402
 
-from medlora.demo import loss_base_vs_tuned, unseen_records  # noqa: E402
+from medlora.demo import loss_base_vs_tuned, metric_table, unseen_records  # noqa: E402
 from medlora.evaluate.heldout import run_recipe  # noqa: E402
 from medlora.evaluate.multiple_choice import run_bench  # noqa: E402
-from medlora.evaluate.quality import LOWER_IS_BETTER, evaluate_answers  # noqa: E402
+from medlora.evaluate.quality import evaluate_answers  # noqa: E402
 from medlora.io import write_json_atomic  # noqa: E402
 from medlora.models import load_with_adapter  # noqa: E402
 from medlora.report.card import write_report  # noqa: E402
 from medlora.report.compare import run_compare  # noqa: E402
-from medlora.report.html import fmt, fmt_ci, verdict  # noqa: E402
-
-NAMES = {
-    "rougeL": "ROUGE-L (F)",
-    "f1": "token F1",
-    "similarity": "MiniLM cosine similarity",
-    "repetition": "repeated word 4-grams (lower is better)",
-    "echo": "answers restating the question (lower is better)",
-}
-
-
-def quality_table(quality: dict[str, Any]) -> str:
-    lines = [
-        "| metric | base | fine-tuned | difference (paired) | verdict |",
-        "|---|---|---|---|---|",
-    ]
-    for name, m in quality["metrics"].items():
-        lines.append(
-            f"| {NAMES[name]} | {fmt_ci(m['base'])} | {fmt_ci(m['model'])} | "
-            f"{fmt_ci(m['diff'], signed=True)} | {verdict(m['diff'], name not in LOWER_IS_BETTER)} |"
-        )
-    return "\n".join(lines)
+from medlora.report.html import fmt, fmt_ci  # noqa: E402
 
 
 def bench_table(tasks: dict[str, Any]) -> str:
@@ -223,7 +202,7 @@ settings ({", ".join(f"{k}={v}" for k, v in q["generation"].items())}); empty an
 questions: base {fmt(result["base_loss"], 4)} → tuned {fmt(result["loss"], 4)}
 ({result["loss_change_pct"]:+.1f} %).
 
-{quality_table(q)}
+{chr(10).join(metric_table(q))}
 
 ### Medical multiple choice ({bench["engine"]})
 
