@@ -398,13 +398,11 @@ def _medlora_trainer(base: Any) -> Any:
     """TRL's trainer plus what train.py's callbacks read: token counts, clock, NaN stop."""
     import torch
 
-    from medlora.train import NonFiniteLoss, peak_memory
+    from medlora.train import NonFiniteLoss, TokenAndClockLogs
 
-    class PreferenceTrainer(base):  # type: ignore[misc, valid-type]
+    class PreferenceTrainer(TokenAndClockLogs, base):  # type: ignore[misc, valid-type]
         token_counter: Any
         stop_on_nan: bool = True
-        train_clock_start: float | None = None
-        eval_seconds: float = 0.0
 
         def compute_loss(
             self,
@@ -422,19 +420,6 @@ def _medlora_trainer(base: Any) -> Any:
                 if self.stop_on_nan and not torch.isfinite(loss.detach()).all():
                     raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach()))
             return result
-
-        def train_seconds(self) -> float:
-            if self.train_clock_start is None:
-                return 0.0
-            return time.perf_counter() - self.train_clock_start - self.eval_seconds
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs:
-                logs["tokens_seen"] = self.token_counter.tokens_seen
-                logs["trained_tokens"] = self.token_counter.answer_tokens_seen
-                logs["train_seconds"] = round(self.train_seconds(), 3)
-                logs.update(peak_memory())
-            super().log(logs, start_time)
 
     PreferenceTrainer.__name__ = f"Medlora{base.__name__}"
     return PreferenceTrainer

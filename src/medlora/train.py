@@ -56,11 +56,33 @@ def peak_memory() -> dict[str, float]:
     return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+class TokenAndClockLogs:
+    """Mixin for the Trainer subclasses (SFT and preference): every training log row carries the
+    tokens trained, the training seconds (evaluation excluded) and peak memory."""
+
+    token_counter: TokenCounter
+    train_clock_start: float | None = None
+    eval_seconds: float = 0.0
+
+    def train_seconds(self) -> float:
+        if self.train_clock_start is None:
+            return 0.0
+        return time.perf_counter() - self.train_clock_start - self.eval_seconds
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs["tokens_seen"] = self.token_counter.tokens_seen
+            logs["trained_tokens"] = self.token_counter.answer_tokens_seen
+            logs["train_seconds"] = round(self.train_seconds(), 3)
+            logs.update(peak_memory())
+        super().log(logs, start_time)  # type: ignore[misc]
+
+
 def _trainer_class() -> Any:
     import torch
     from transformers import Trainer
 
-    class MedloraTrainer(Trainer):
+    class MedloraTrainer(TokenAndClockLogs, Trainer):
         """The HF Trainer with answer-only loss, token counting, NaN stop and exact evaluation."""
 
         token_counter: TokenCounter
@@ -70,8 +92,6 @@ def _trainer_class() -> Any:
         val_groups: list[str] = []  # the recipe source each validation example came from
         pad_token_id: int = 0
         eval_batch_size: int = 8
-        eval_seconds: float = 0.0
-        train_clock_start: float | None = None
 
         def compute_loss(
             self,
@@ -100,19 +120,6 @@ def _trainer_class() -> Any:
                 # File order, for runs that must replay exactly (and the DDP equality test).
                 return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
             return super()._get_train_sampler(train_dataset)
-
-        def train_seconds(self) -> float:
-            if self.train_clock_start is None:
-                return 0.0
-            return time.perf_counter() - self.train_clock_start - self.eval_seconds
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs:
-                logs["tokens_seen"] = self.token_counter.tokens_seen
-                logs["trained_tokens"] = self.token_counter.answer_tokens_seen
-                logs["train_seconds"] = round(self.train_seconds(), 3)
-                logs.update(peak_memory())
-            super().log(logs, start_time)
 
         def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
             started = time.perf_counter()

@@ -99,13 +99,21 @@ def _build_llama_cpp(
         tokenizer = load_tokenizer(spec)
         ggufs = {base_id: base_gguf(spec, gguf_type)}
     fast = LlamaCppEngine(ggufs, tokenizer, threads=threads, n_ctx=n_ctx)
-    return Served(
-        fast,
-        tuned_id,
-        base_id if (with_base or run is None) else None,
-        prompt,
-        run_generation_settings(run),
-    )
+    return _served(fast, tuned_id, base_id, with_base, run, prompt)
+
+
+def _served(
+    engine: Engine,
+    tuned_id: str | None,
+    base_id: str,
+    with_base: bool,
+    run: Path | None,
+    prompt: str | None,
+) -> Served:
+    """The served ids (the base only when asked for, or when there is no adapter) and the
+    run's generation settings."""
+    base = base_id if (with_base or run is None) else None
+    return Served(engine, tuned_id, base, prompt, run_generation_settings(run))
 
 
 def build_engine(
@@ -169,13 +177,7 @@ def build_engine(
     for model in models.values():
         model.to(device)
     hf = TransformersEngine(models, tokenizer, max_batch=max_batch)
-    return Served(
-        hf,
-        tuned_id,
-        base_id if (with_base or run is None) else None,
-        prompt,
-        run_generation_settings(run),
-    )
+    return _served(hf, tuned_id, base_id, with_base, run, prompt)
 
 
 def vllm_command(
