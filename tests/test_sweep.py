@@ -89,6 +89,7 @@ def test_rerun_reuses_finished_runs(sweep_setup: dict[str, Any]) -> None:
         (["lora.r=0,8"], "invalid value lora.r=0"),
         (["lora.r=16"], "a sweep needs one --set with comma-separated values"),
         (["lora.r=4,8", "train.lr=1e-4,2e-4"], "a sweep has exactly one axis, got 2"),
+        (["lora.r=0,8"], "write [a,b] for one list value"),  # brackets print (not rich markup)
     ],
 )
 def test_bad_axis_is_one_line(
@@ -112,3 +113,57 @@ def test_only_bare_comma_lists_are_axes() -> None:
     assert fixed == ["lora.target_modules=[q_proj,v_proj]", "data.system_prompt='Hi, you'"]
     with pytest.raises(ConfigError, match="repeated"):
         split_axis(["lora.r=4,4"])
+
+
+def test_unseen_scores_every_run_against_one_base(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`--unseen`: each run gets loss and answer metrics on sources it never trained on, paired with
+    the base's answers, which are generated once (every run's file holds the same base answers)."""
+    records = tiny_records()
+    prepared = write_prepared(tmp_path / "prepared", records[:15], records[15:20], records[15:20])
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text(
+        "".join(
+            json.dumps({"question": r.question + " (new source)", "answer": r.answer}) + "\n"
+            for r in records[:6]
+        )
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}}))
+    sets = [
+        *FAST,
+        f"eval.unseen_sources=[jsonl:{unseen}]",
+        "eval.max_examples=4",
+        "eval.metrics=[rouge,f1,repetition,echo]",
+        "generation.max_new_tokens=6",
+    ]
+    args = ["sweep", str(recipe), "--out", str(tmp_path / "out"), "--data", str(prepared)]
+    args += ["--set", "train.lr=0.001,0.05", *_sets(sets), "--unseen"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert "--unseen" in summary["command"] and "--set train.lr=0.001,0.05" in summary["command"]
+    rows = summary["rows"]
+    base_answers = []
+    for row in rows:
+        u = row["unseen"]
+        assert u["examples"] == 4 and math.isfinite(u["loss"]) and math.isfinite(u["base_loss"])
+        assert set(u["metrics"]) == {"rougeL", "f1", "repetition", "echo"}
+        assert {"model", "base", "diff"} <= set(u["metrics"]["f1"])
+        lines = Path(u["predictions"]).read_text().splitlines()
+        base_answers.append([json.loads(line)["base_prediction"] for line in lines])
+    assert base_answers[0] == base_answers[1]
+    assert rows[0]["unseen"]["base_loss"] == pytest.approx(rows[1]["unseen"]["base_loss"])
+    # a larger step moves the adapter further from the base on the unseen answers
+    assert rows[0]["unseen"]["loss"] != pytest.approx(rows[1]["unseen"]["loss"])
+    table = (tmp_path / "out" / "sweep.md").read_text()
+    assert "## Sources never trained on" in table and "answer loss (base → tuned)" in table
+
+
+def test_unseen_needs_unseen_sources(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}}))
+    args = ["sweep", str(recipe), "--out", str(tmp_path / "out"), "--unseen"]
+    result = CliRunner().invoke(app, [*args, "--set", "lora.r=2,4"])
+    assert result.exit_code != 0
+    assert "--unseen scores eval.unseen_sources" in result.output
+    assert "Traceback" not in result.output

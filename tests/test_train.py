@@ -136,3 +136,27 @@ def test_fp16_without_gpu_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path)
     recipe = recipe_from_dict({"model": {"name": str(tiny_model_dir)}}, ["train.precision=fp16"])
     with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU"):
         train(recipe, tmp_path / "out", prepared_dir=prepared)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_neftune_noise_reaches_training_and_leaves_no_hook(
+    tmp_path: Path, tiny_model_dir: Path, packing: bool
+) -> None:
+    """`train.neftune_noise_alpha` changes what the model sees while training (the first logged
+    loss differs from the same seeded run without it) and is gone afterwards."""
+    records = tiny_records()
+    prepared = write_prepared(tmp_path / "prepared", records[:8], records[8:10], records[8:10])
+    first_losses = []
+    for alpha in ("null", "200"):
+        overrides = [*FAST, "train.max_steps=1", "train.eval_steps=0", f"train.packing={packing}"]
+        recipe = recipe_from_dict(
+            {"model": {"name": str(tiny_model_dir)}},
+            [*overrides, f"train.neftune_noise_alpha={alpha}", "train.tokens_per_batch=256"],
+        )
+        model, tokenizer = load_model(str(tiny_model_dir))
+        out = tmp_path / f"alpha={alpha}"
+        train(recipe, out, prepared_dir=prepared, model_and_tokenizer=(model, tokenizer))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        first_losses.append(next(row["loss"] for row in rows if "loss" in row))
+        assert not model.get_input_embeddings()._forward_hooks  # inference is noise-free
+    assert first_losses[0] != pytest.approx(first_losses[1], rel=1e-4)

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from medlora.errors import ConfigError, MedloraError
 
@@ -42,7 +43,10 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except MedloraError as error:
-            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            # The message is plain text: "[a,b]" in it must print, not be read as rich markup.
+            err_console.print(
+                Text.assemble(("error:", "bold red"), f" {error}"), highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -264,14 +268,24 @@ def sweep_cmd(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Retrain runs that a previous sweep finished.")
     ] = False,
+    unseen: Annotated[
+        bool,
+        typer.Option(
+            "--unseen",
+            help="Also score every run on eval.unseen_sources (sources never trained on): answer "
+            "loss and generated answers vs the base, with paired 95% CIs.",
+        ),
+    ] = False,
 ) -> None:
     """One LoRA run per value of one recipe key; sweep.md/json (validation loss, trainable
-    parameters, train time, tokens/s) and sweep.png."""
+    parameters, train time, tokens/s, and with --unseen the held-out-source scores) and sweep.png."""
     _quiet_libraries()
     from medlora.sweep import run_sweep, summary_table
 
     path = resolve_recipe_path(recipe)
-    result = run_sweep(path, set_ or [], out, prepared_dir=data, fresh=fresh, console=console)
+    result = run_sweep(
+        path, set_ or [], out, prepared_dir=data, fresh=fresh, unseen=unseen, console=console
+    )
     console.print(summary_table(result))
     console.print(f"wrote {out}/sweep.md, {out}/sweep.json, {out}/sweep.png")
 

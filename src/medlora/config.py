@@ -210,6 +210,13 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    neftune_noise_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="NEFTune: uniform noise of scale alpha/sqrt(L*d) on the input embeddings while "
+        "training (transformers' neftune_noise_alpha; 5 is the paper's usual value; null: off). "
+        "With packing, L is the packed row's length.",
+    )
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"] = Field(
         "adamw_torch", description="Optimizer (transformers name)."
     )

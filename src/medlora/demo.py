@@ -13,16 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from medlora.config import Recipe
-from medlora.data.clean import clean_records
-from medlora.data.format import format_records
-from medlora.data.hygiene import apply_hygiene
-from medlora.data.medquad import find_medquad_dir
-from medlora.data.records import Record
 from medlora.data.sample import sample_records
-from medlora.data.sources import load_source, parse_source
-from medlora.errors import ConfigError, DataError
-from medlora.evaluate.heldout import score_model
-from medlora.evaluate.quality import LOWER_IS_BETTER, evaluate_answers
+from medlora.errors import ConfigError
+from medlora.evaluate.quality import LOWER_IS_BETTER
+from medlora.evaluate.unseen import loss_base_vs_tuned, score_unseen, unseen_records
 from medlora.io import read_jsonl, write_json_atomic, write_text_atomic
 from medlora.models import load_with_adapter
 from medlora.report.html import fmt_ci, verdict
@@ -46,27 +40,6 @@ def _cell(text: str, limit: int = 600) -> str:
     if len(text) > limit:
         text = text[:limit] + " …"
     return text.replace("|", "\\|")
-
-
-def unseen_records(recipe: Recipe) -> tuple[list[Record], list[str]]:
-    """The recipe's never-trained-on sources, cleaned like training data, sampled to max_examples.
-
-    A bare `medquad:NAME` is a collection folder of the MedQuAD checkout the run trained on.
-    """
-    records: list[Record] = []
-    specs: list[str] = []
-    for spec in recipe.eval.unseen_sources:
-        kind, path = parse_source(spec)
-        if kind == "medquad" and path is not None and not Path(path).exists():
-            spec = f"medquad:{find_medquad_dir() / path}"
-        loaded, _ = load_source(spec, strict=recipe.data.strict)
-        records += loaded
-        specs.append(spec)
-    records, _ = clean_records(records)
-    records, _ = apply_hygiene(records, recipe.data.clean)
-    if recipe.eval.unseen_sources and not records:
-        raise DataError(f"eval.unseen_sources {recipe.eval.unseen_sources} hold no questions")
-    return sample_records(records, recipe.eval.max_examples, recipe.data.seed), specs
 
 
 def metric_table(quality: dict[str, Any]) -> list[str]:
@@ -150,26 +123,8 @@ def write_summary(
     return write_text_atomic(run_dir / "summary.md", "\n".join(lines))
 
 
-def loss_base_vs_tuned(
-    model: Any, tokenizer: Any, records: list[Record], recipe: Recipe
-) -> dict[str, Any]:
-    examples, _ = format_records(
-        tokenizer, records, recipe.data.system_prompt, recipe.data.max_seq_len
-    )
-    scores = score_model(model, tokenizer, examples, recipe.eval.batch_size, compare_base=True)
-    keys = ("loss", "base_loss", "perplexity", "base_perplexity", "answer_tokens")
-    out = {key: scores[key] for key in keys}
-    out["examples"] = len(examples)
-    out["loss_change_pct"] = (scores["loss"] - scores["base_loss"]) / scores["base_loss"] * 100
-    out["examples_better"] = sum(
-        t < b
-        for t, b in zip(scores["per_example_loss"], scores["base_per_example_loss"], strict=True)
-    )
-    return out
-
-
 def run_demo(recipe: Recipe, run_dir: str | Path, log: Any = print) -> dict[str, Any]:
-    """The whole pipeline on the CPU recipe; returns the scores and writes summary.md + eval.json."""
+    """The whole pipeline on the CPU recipe; returns the scores and writes summary.md + demo.json."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     if not recipe.eval.unseen_sources:
@@ -183,27 +138,12 @@ def run_demo(recipe: Recipe, run_dir: str | Path, log: Any = print) -> dict[str,
     model, tokenizer = load_with_adapter(recipe.model.name, run_dir, recipe.model.dtype)
     splits, card = load_or_prepare_splits(recipe, run_dir / "data", tokenizer, run_dir / "data")
     unseen, specs = unseen_records(recipe)
-    log(
-        f"[2/4] answer loss, base and fine-tuned: {len(unseen)} unseen-source questions + test split"
-    )
+    log("[2/4] answer loss on the held-out test split, base and fine-tuned")
     test = sample_records(splits["test"], recipe.eval.max_examples, recipe.data.seed)
     test_scores = loss_base_vs_tuned(model, tokenizer, test, recipe)
-    unseen_scores: dict[str, Any] = {
-        "data": specs,
-        **loss_base_vs_tuned(model, tokenizer, unseen, recipe),
-    }
-    log(f"[3/4] answering {len(unseen)} unseen-source questions with each model")
-    unseen_scores["quality"] = evaluate_answers(
-        model,
-        tokenizer,
-        unseen,
-        recipe.data.system_prompt,
-        recipe.eval.metrics,
-        recipe.generation,
-        recipe.eval.batch_size,
-        compare_base=True,
-        predictions_path=run_dir / "predictions_unseen.jsonl",
-        seed=recipe.data.seed,
+    log(f"[3/4] {len(unseen)} unseen-source questions: answer loss, then each model's answers")
+    unseen_scores = score_unseen(
+        model, tokenizer, unseen, specs, recipe, run_dir / "predictions_unseen.jsonl"
     )
 
     log("[4/4] writing summary.md")

@@ -246,7 +246,7 @@ def self_generated_pairs(
     Generated rows are appended batch by batch, so an interrupted run keeps what it made; at the
     end the file is rewritten with exactly this run's records, in order.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from medlora.progress import progress_bar
 
     path = run_dir / PAIRS_FILE
     keys = [_pair_key(recipe, record) for record in records]
@@ -254,12 +254,7 @@ def self_generated_pairs(
     todo = [i for i, key in enumerate(keys) if key not in cached]
     if todo:
         chunk = max(recipe.eval.batch_size, 1) * 4
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        ) as progress:
+        with progress_bar() as progress:
             task = progress.add_task("rejected answers (greedy, self)", total=len(todo))
             for start in range(0, len(todo), chunk):
                 indices = todo[start : start + chunk]

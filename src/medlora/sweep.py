@@ -8,6 +8,12 @@ fixed override. YAML lists (`[a,b]`) and quoted strings stay single values. Ever
 so an adapted model is never reused) and lands in `DIR/<key>=<value>/`. The results are
 `DIR/sweep.json`, `DIR/sweep.md` and `DIR/sweep.png`.
 
+With `--unseen`, every run is also scored on the recipe's `eval.unseen_sources` (sources it never
+trained on): answer loss and the generated answers' metrics, base vs tuned with paired 95% intervals
+(`medlora.evaluate.unseen`). The base's answers are generated once and reused while the questions and
+generation settings stay the same. This is the score to choose a recipe by: a lower loss on the
+validation split can come with worse answers on new sources.
+
 Validation loss here is always the same number for every run: the token-weighted answer-token
 cross-entropy of the *saved* adapter on the run's validation split
 (`medlora.evaluate.loss.score_examples`), not the Trainer's `eval_loss` (a mean of batch means).
@@ -61,10 +67,12 @@ class SweepResult:
     out_dir: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    command: str = ""  # the `medlora sweep` call that made it, for whoever reads the table later
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "axis": self.key,
+            "command": self.command,
             "validation_loss": LOSS_NOTE,
             "rows": self.rows,
             "files": self.files,
@@ -269,6 +277,7 @@ def run_sweep(
     prepared_dir: str | Path | None = None,
     model_and_tokenizer: tuple[Any, Any] | None = None,
     fresh: bool = False,
+    unseen: bool = False,
     console: Any = None,
 ) -> SweepResult:
     """Train one run per axis value (see the module docstring); returns the rows and files written.
@@ -277,11 +286,17 @@ def run_sweep(
     """
     from rich.console import Console
 
+    from medlora.evaluate.unseen import score_run_unseen
     from medlora.models import check_quantization
     from medlora.train import train
 
     console = console or Console(stderr=True)
     plan = plan_sweep(recipe_path, overrides)
+    if unseen and not all(r.eval.unseen_sources for r in plan.recipes):
+        raise ConfigError(
+            "--unseen scores eval.unseen_sources and the recipe has none: add e.g. "
+            "--set 'eval.unseen_sources=[medquad:9_CDC_QA]' (and keep them out with data.exclude)"
+        )
     for recipe in plan.recipes:
         check_quantization(recipe.model.quantization)  # refuse QLoRA without CUDA before any load
     out = Path(out_dir)
@@ -299,7 +314,13 @@ def run_sweep(
         with console.status("preparing data once for all runs…"):
             shared = prepare_shared_data(plan.recipes[0], out / "data", tokenizer)
 
-    result = SweepResult(plan.key, out)
+    sets = " ".join(f"--set {_quoted(item)}" for item in overrides)
+    data = f"--data {prepared_dir} " if prepared_dir else ""
+    command = (
+        f"medlora sweep {recipe_path or ''} {'--unseen ' if unseen else ''}{data}{sets} --out {out}"
+    )
+    result = SweepResult(plan.key, out, command=" ".join(command.split()))
+    base_answers: dict[str, list[str]] = {}  # the base's unseen-source answers, per question set
     walls: list[float] = []
     total = len(plan.recipes)
     for i, (raw, recipe) in enumerate(zip(plan.raw_values, plan.recipes, strict=True)):
@@ -326,6 +347,13 @@ def run_sweep(
             row = _row_for(plan, i, run_dir, trained, val)
             write_json_atomic(run_dir / "sweep_row.json", row)
             walls.append(time.perf_counter() - run_started)
+        if unseen and row.get("unseen") is None:
+            console.print(f"{label}: scoring the unseen sources…", highlight=False)
+            base = bases.fresh(recipe, training=False)
+            row["unseen"] = score_run_unseen(recipe, run_dir, base, base_answers)
+            del base
+            _free_memory()
+            write_json_atomic(run_dir / "sweep_row.json", row)
         if base_params:
             row["trainable_pct"] = round(100.0 * row["trainable_params"] / base_params, 4)
         result.rows.append(row)
@@ -335,6 +363,10 @@ def run_sweep(
         row.pop("recipe_yaml", None)  # kept in each run's sweep_row.json and recipe.yaml
     result.files = write_sweep_files(result, plan)
     return result
+
+
+def _quoted(item: str) -> str:
+    return item if all(c not in item for c in " []{}'\"*?") else "'" + item + "'"
 
 
 def fmt_params(n: int | None) -> str:
@@ -365,11 +397,61 @@ def markdown_table(result: SweepResult) -> str:
     for row in result.rows:
         pct = f" ({row['trainable_pct']:.3f}%)" if row.get("trainable_pct") is not None else ""
         lines.append(
-            f"| {json.dumps(row['value']) if not isinstance(row['value'], str) else row['value']} "
+            f"| {_value_cell(row['value'])} "
             f"| {row['trainable_params']:,}{pct} | {_fmt(row['val_loss'], 4)} "
             f"| {row['train_time_s']:.1f} | {row['tokens_per_s']:.0f} | {row['steps']} |"
         )
     return "\n".join(lines)
+
+
+UNSEEN_SHOWN = {
+    "rougeL": "ROUGE-L",
+    "f1": "token F1",
+    "similarity": "MiniLM similarity",
+    "repetition": "repeated 4-grams ↓",
+    "echo": "echo ↓",
+}
+
+
+def unseen_table(result: SweepResult) -> str:
+    """Base vs tuned on the unseen sources per run: loss change, and each metric's tuned value
+    with its paired difference from the base (95% CI)."""
+    from medlora.report.html import fmt_ci
+
+    rows = [r for r in result.rows if r.get("unseen")]
+    if not rows:
+        return ""
+    names = [n for n in UNSEEN_SHOWN if n in rows[0]["unseen"]["metrics"]]
+    lines = [
+        f"| {result.key} | answer loss (base → tuned) | "
+        + " | ".join(f"{UNSEEN_SHOWN[n]}: tuned (− base)" for n in names)
+        + " |",
+        "|---|---:|" + "---|" * len(names),
+    ]
+    for row in rows:
+        u = row["unseen"]
+        cells = [
+            f"{u['metrics'][n]['model']['mean']:.3f} ({fmt_ci(u['metrics'][n]['diff'], signed=True)})"
+            for n in names
+        ]
+        lines.append(
+            f"| {_value_cell(row['value'])} | {u['base_loss']:.4f} → {u['loss']:.4f} "
+            f"({u['loss_change_pct']:+.1f} %) | " + " | ".join(cells) + " |"
+        )
+    first = rows[0]["unseen"]
+    g = first["generation"]
+    return (
+        "\n".join(lines)
+        + f"\n\n- unseen sources: {', '.join(Path(d).name for d in first['data'])}, "
+        f"{first['examples']} questions; answers {'sampled' if g['do_sample'] else 'greedy'}, "
+        f"at most {g['max_new_tokens']} new tokens, repetition_penalty {g['repetition_penalty']}, "
+        f"no_repeat_ngram_size {g['no_repeat_ngram_size']}; tuned value, then tuned − base with "
+        "its paired 95% bootstrap interval (↓: lower is better).\n"
+    )
+
+
+def _value_cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def sweep_markdown(result: SweepResult, plan: SweepPlan) -> str:
@@ -380,6 +462,8 @@ def sweep_markdown(result: SweepResult, plan: SweepPlan) -> str:
         else ""
     )
     fixed = ", ".join(f"`{f}`" for f in plan.fixed) or "none"
+    unseen = unseen_table(result)
+    unseen = f"## Sources never trained on\n\n{unseen}\n" if unseen else ""
     return (
         f"# Sweep over `{result.key}`\n\n"
         f"Fixed overrides: {fixed}. One run per value, each under `{result.key}=VALUE/`.\n\n"
@@ -387,7 +471,7 @@ def sweep_markdown(result: SweepResult, plan: SweepPlan) -> str:
         f"- {LOSS_NOTE}{scored}.\n"
         "- train time: wall time of the training loop; tokens/s: prompt + answer tokens through "
         "training steps per second of it.\n\n"
-        "![sweep](sweep.png)\n"
+        "![sweep](sweep.png)\n" + (f"\n{unseen}" if unseen else "")
     )
 
 
@@ -473,14 +557,29 @@ def summary_table(result: SweepResult) -> Any:
     from rich.table import Table
 
     table = Table(title=f"sweep over {result.key}")
-    for name in (result.key, "trainable params", "validation loss", "train time (s)", "tokens/s"):
+    columns = [result.key, "trainable params", "validation loss", "train time (s)", "tokens/s"]
+    scored = any(row.get("unseen") for row in result.rows)
+    if scored:
+        columns += ["unseen loss Δ", "MiniLM Δ", "repeated 4-grams (base)"]
+    for name in columns:
         table.add_column(name, justify="left" if name == result.key else "right")
     for row in result.rows:
-        table.add_row(
+        cells = [
             str(row["value"]),
             f"{row['trainable_params']:,}",
             _fmt(row["val_loss"], 4),
             f"{row['train_time_s']:.1f}",
             f"{row['tokens_per_s']:.0f}",
-        )
+        ]
+        u = row.get("unseen")
+        if scored and u:
+            sim, rep = u["metrics"].get("similarity"), u["metrics"].get("repetition")
+            cells += [
+                f"{u['loss_change_pct']:+.1f} %",
+                f"{sim['diff']['mean']:+.3f}" if sim else "–",
+                f"{rep['model']['mean']:.3f} ({rep['base']['mean']:.3f})" if rep else "–",
+            ]
+        elif scored:
+            cells += ["–", "–", "–"]
+        table.add_row(*cells)
     return table

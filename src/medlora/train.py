@@ -357,6 +357,7 @@ def training_kwargs(recipe: Recipe, run_dir: Path, has_eval: bool) -> dict[str, 
         warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of all steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
+        neftune_noise_alpha=t.neftune_noise_alpha,
         optim=t.optimizer,
         fp16=t.precision == "fp16",
         bf16=t.precision == "bf16",

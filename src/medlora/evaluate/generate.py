@@ -15,6 +15,7 @@ from typing import Any
 from medlora.config import GenerationConfig, Recipe, load_recipe, recipe_from_dict
 from medlora.data.format import prompt_ids
 from medlora.errors import ConfigError
+from medlora.progress import progress_bar
 
 
 def run_generation_settings(run_dir: str | Path | None) -> GenerationConfig:
@@ -60,27 +61,6 @@ def adapter_disabled(model: Any) -> Any:
     return disable() if disable is not None else nullcontext()
 
 
-def _progress(total: int, description: str, show: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not show or total == 0,
-        transient=False,
-    )
-
-
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -106,7 +86,7 @@ def generate_answers(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = stop_token_ids(tokenizer)
     model.eval()
-    with _progress(len(questions), description, show_progress) as progress:
+    with progress_bar(show_progress and len(questions) > 0) as progress:
         task = progress.add_task(description, total=len(questions))
         for start in range(0, len(questions), batch_size):
             batch = questions[start : start + batch_size]

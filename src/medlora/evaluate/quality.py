@@ -216,9 +216,14 @@ def evaluate_answers(
     predictions_path: str | Path | None = None,
     seed: int = 0,
     generate: Callable[..., list[str]] | None = None,
+    base_predictions: list[str] | None = None,
 ) -> dict[str, Any]:
     """Answers for each record (the run's chat template and generation settings), scored; the
-    base model's too when asked (same questions, same settings, adapter switched off)."""
+    base model's too when asked (same questions, same settings, adapter switched off).
+
+    `base_predictions`, when given with `compare_base`, are the base's answers already generated
+    for these records under these settings (a sweep reuses them across runs).
+    """
     from medlora.evaluate.generate import adapter_disabled, generate_answers
 
     settings = settings or GenerationConfig()
@@ -231,13 +236,17 @@ def evaluate_answers(
         model, tokenizer, questions, system_prompt, settings, batch_size, tuned_label
     )
     scores = score_answers(predictions, references, metrics, questions)
-    base_predictions: list[str] | None = None
     base_scores = None
-    if compare_base:
+    if not compare_base:
+        base_predictions = None
+    elif base_predictions is not None and len(base_predictions) != len(records):
+        raise ValueError("base_predictions must answer the same records")
+    elif base_predictions is None:
         with adapter_disabled(model):
             base_predictions = generate(
                 model, tokenizer, questions, system_prompt, settings, batch_size, "base answers"
             )
+    if base_predictions is not None:
         base_scores = score_answers(base_predictions, references, metrics, questions)
     rows = []
     for i, record in enumerate(records):
