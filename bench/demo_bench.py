@@ -1,8 +1,10 @@
 """The demo as a benchmark: training tokens/s and held-out answer loss before and after LoRA.
 
     python bench/demo_bench.py [--out runs/bench-demo]
+    python bench/demo_bench.py --from-run runs/quality --section demo-2400
 
-Writes the `demo` section of docs/benchmarks.md. The baseline for the loss is the base model scored
+Writes the `demo` section (or `--section`) of docs/benchmarks.md; a run made with `--set` overrides
+shows them in the command (read from the run's recipe.yaml). The baseline for the loss is the base model scored
 on the same held-out examples in the same run; the baseline for speed is the same model's forward-only
 (scoring) throughput on those examples, also measured in this run.
 """
@@ -26,6 +28,18 @@ from medlora.config import load_recipe  # noqa: E402
 from medlora.demo import metric_table, run_demo  # noqa: E402
 
 
+def _overrides(run: Path) -> list[str]:
+    """`section.key=value` where the run's recipe differs from the bundled demo recipe."""
+    demo = load_recipe(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml").model_dump()
+    used = load_recipe(run / "recipe.yaml").model_dump()
+    return [
+        f"{section}.{key}={value}"
+        for section, values in used.items()
+        for key, value in values.items()
+        if section != "output" and demo[section].get(key) != value
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/bench-demo")
@@ -34,20 +48,25 @@ def main() -> None:
         help="Write the section from a finished `medlora demo --out RUN` (its demo.json) "
         "instead of running the demo again.",
     )
+    parser.add_argument("--section", default="demo", help="docs/benchmarks.md section to write")
     args = parser.parse_args()
     if args.from_run:
-        summary = json.loads((Path(args.from_run) / "demo.json").read_text(encoding="utf-8"))
+        run = Path(args.from_run)
+        summary = json.loads((run / "demo.json").read_text(encoding="utf-8"))
         wall = summary["elapsed_s"]
-        command = f"medlora demo --out {args.from_run}` then `python bench/demo_bench.py --from-run {args.from_run}"
+        sets = "".join(f" --set {item}" for item in _overrides(run))
+        command = f"medlora demo{sets} --out {run}` then `python {' '.join(sys.argv)}"
     else:
+        sets = ""
         recipe = load_recipe(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml")
         started = time.perf_counter()
         summary = run_demo(recipe, args.out)
         wall = time.perf_counter() - started
-        command = "python bench/demo_bench.py"
+        command = f"python {' '.join(sys.argv)}"
     train = summary["train"]
     unseen, test = summary["unseen"], summary["test"]
-    body = f"""## Demo: SmolLM2-135M-Instruct + LoRA on MedQuAD (CPU)
+    title = f"Demo with `{sets.strip()}`" if sets else "Demo"
+    body = f"""## {title}: SmolLM2-135M-Instruct + LoRA on MedQuAD (CPU)
 
 Command: `{command}` (recipe `smollm2-135m-cpu`, {os.cpu_count()} CPU cores,
 {platform.processor() or platform.machine()}, torch {__import__("torch").__version__}).
@@ -66,7 +85,7 @@ Answer metrics on the unseen sources (paired 95% bootstrap intervals):
 {chr(10).join(metric_table(unseen["quality"]))}
 """
     print(body)
-    update_section("demo", body)
+    update_section(args.section, body)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """SFT alone vs SFT then preference tuning (DPO or ORPO), on sources neither run trained on.
 
     python bench/preference.py --sft runs/demo [--method dpo] [--pairs 128] [--lr 1e-4] [--beta 0.1]
+    python bench/preference.py --sft runs/demo --pairs 256 --rejected-repetition-penalty 1.0 \
+        --min-rejected-repetition 0.1 --out runs/demo-dpo-loops --section preference-loops
 
 Continues the SFT run's adapter (`train.init_adapter`) with `train.method` on self-generated pairs
 (`train.preference_data: self`: chosen = the reference answer, rejected = the SFT model's own greedy
@@ -49,15 +51,37 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=128, help="training questions made into pairs")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument(
+        "--rejected-repetition-penalty",
+        type=float,
+        default=None,
+        help="repetition_penalty for generating the rejected answers (default: the run's; 1.0 "
+        "shows the model's loops); the scores always use the SFT run's generation settings",
+    )
+    parser.add_argument(
+        "--min-rejected-repetition",
+        type=float,
+        default=0.0,
+        help="train.self_pairs_min_repetition: keep only pairs whose rejected answer loops",
+    )
     parser.add_argument("--out", default=None, help="default: SFT_RUN-METHOD")
+    parser.add_argument("--section", default="preference", help="docs/benchmarks.md section")
     args = parser.parse_args()
     import torch
 
     sft = Path(args.sft)
     out = Path(args.out or f"{sft}-{args.method}")
+    scoring = load_recipe(sft / "recipe.yaml")
+    pair_generation = (
+        []
+        if args.rejected_repetition_penalty is None
+        else [f"generation.repetition_penalty={args.rejected_repetition_penalty}"]
+    )
     recipe = load_recipe(
         sft / "recipe.yaml",
         [
+            *pair_generation,
+            f"train.self_pairs_min_repetition={args.min_rejected_repetition}",
             f"train.method={args.method}",
             "train.preference_data=self",
             f"train.init_adapter={sft}",
@@ -78,8 +102,8 @@ def main() -> None:
     base_answers: dict[str, list[str]] = {}
     scored = {}
     for name, run in (("SFT", sft), (f"SFT + {args.method.upper()}", out)):
-        base = load_recipe_model(recipe, training=False)
-        scored[name] = score_run_unseen(recipe, run, base, base_answers)
+        base = load_recipe_model(scoring, training=False)
+        scored[name] = score_run_unseen(scoring, run, base, base_answers)
         del base
         gc.collect()
     write_json_atomic(out / "preference_bench.json", {"runs": scored, "train_s": train_s})
@@ -114,12 +138,25 @@ def main() -> None:
             + f" | {fmt_ci(second_minus_first, signed=True)} {better} |"
         )
     g = first["generation"]
+    card = json.loads((out / "data_card.json").read_text(encoding="utf-8"))["preference"]
+    rejected_how = "greedy" + (
+        ""
+        if args.rejected_repetition_penalty is None
+        else f", repetition_penalty {args.rejected_repetition_penalty}"
+    )
+    kept = (
+        f"; kept the {card['pairs']} of {card['records']} whose rejected answer repeats ≥ "
+        f"{args.min_rejected_repetition} of its word 4-grams"
+        if args.min_rejected_repetition
+        else ""
+    )
     command = " ".join(["python", "bench/preference.py", *sys.argv[1:]])
-    body = f"""## SFT vs SFT + preference tuning, on sources never trained on
+    aimed = ", pairs aimed at the loops" if args.min_rejected_repetition else ""
+    body = f"""## SFT vs SFT + preference tuning{aimed}, on sources never trained on
 
 Command: `{command}` ({os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}).
 `{out}` continues `{sft}` with `train.method: {args.method}` on {trained.train_examples}
-self-generated pairs (chosen = reference answer, rejected = the SFT model's greedy answer), lr
+self-generated pairs (chosen = reference answer, rejected = the SFT model's answer, {rejected_how}{kept}), lr
 {args.lr}, beta {args.beta}, {trained.steps} steps, {train_s:.0f} s including pair generation.
 Scored on {", ".join(Path(d).name for d in first["data"])} ({first["examples"]} questions, never
 trained on by either run), answers {"sampled" if g["do_sample"] else "greedy"}, at most
@@ -130,7 +167,7 @@ the paired difference between the two fine-tunes.
 {chr(10).join(lines)}
 """
     print(body)
-    update_section("preference", body)
+    update_section(args.section, body)
     print(json.dumps({n: s["loss_change_pct"] for n, s in scored.items()}))
 
 

@@ -188,8 +188,8 @@ def main() -> None:
     command = " ".join(["python", "bench/quality.py", *sys.argv[1:]])
     body = f"""## Quality: is the demo adapter a better medical model than its base?
 
-Command: `{command}` (run `{run}`, base `{spec}`, {os.cpu_count()} CPU cores shared with other
-work, {args.threads} torch thread(s), {platform.machine()}, torch {torch.__version__}). Base and tuned are the same loaded
+Command: `{command}` (run `{run}`, base `{spec}`, {os.cpu_count()} CPU cores,
+{args.threads} torch thread(s), {platform.machine()}, torch {torch.__version__}). Base and tuned are the same loaded
 model with the LoRA adapter switched off and on; every interval is a 95% percentile bootstrap over
 questions (2,000 resamples), and differences are paired (same questions, resampled together).
 Files: `{run}/eval_quality.json`, `{run}/predictions.jsonl`, `{run}/bench.json`,

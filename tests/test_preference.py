@@ -12,7 +12,7 @@ from helpers import write_prepared
 from medlora.config import recipe_from_dict
 from medlora.data.medquad import load_medquad
 from medlora.data.records import Record
-from medlora.errors import ConfigError, DataError
+from medlora.errors import ConfigError, DataError, TrainingError
 from medlora.io import read_jsonl, write_jsonl_atomic
 from medlora.models import load_model, load_with_adapter
 from medlora.preference import PAIRS_FILE, PreferencePair, preference_margins
@@ -199,6 +199,36 @@ def test_self_generated_pairs_are_cached_and_reused(
     assert read_jsonl(run / PAIRS_FILE) == rows
     card = json.loads((run / "data_card.json").read_text())
     assert card["preference"]["reused"] == 4 and card["preference"]["generated"] == 0
+
+
+def test_self_pairs_can_keep_only_looping_answers(
+    tmp_path: Path, tiny_model_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.self_pairs_min_repetition: DPO sees only the answers that loop; none left is one line."""
+    import medlora.preference as preference
+
+    records = _medquad_records(data_dir, 4)
+    prepared = write_prepared(tmp_path / "prepared", records, records[:1], records[:1])
+    loop = "see your doctor if it hurts. " * 6
+    answers = {records[0].question: loop, records[2].question: loop}
+
+    def scripted(model: Any, tokenizer: Any, questions: list[str], recipe: Any) -> list[str]:
+        return [answers.get(q, "A short answer that never repeats itself.") for q in questions]
+
+    monkeypatch.setattr(preference, "_generate", scripted)
+    overrides = [*FAST, "train.max_steps=1", "train.method=dpo", "train.preference_data=self"]
+    recipe = recipe_from_dict(
+        {"model": {"name": str(tiny_model_dir)}},
+        [*overrides, "train.self_pairs_min_repetition=0.3"],
+    )
+    run = tmp_path / "run"
+    train(recipe, run, prepared_dir=prepared)
+    card = json.loads((run / "data_card.json").read_text())["preference"]
+    assert card["pairs"] == 2 and card["rejected_repeats_less"] == 2
+
+    answers.clear()
+    with pytest.raises(TrainingError, match="self_pairs_min_repetition"):
+        train(recipe, tmp_path / "run2", prepared_dir=prepared)
 
 
 def test_preference_file_without_rejected_is_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -276,6 +276,13 @@ class TrainConfig(_Section):
         None,
         description="dpo/orpo: a run directory whose LoRA adapter to continue from (SFT then DPO).",
     )
+    self_pairs_min_repetition: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="preference_data=self: keep only pairs whose rejected answer repeats at least "
+        "this share of its word 4-grams (0: keep all), to aim the pairs at the model's loops.",
+    )
 
     @field_validator("preference_data")
     @classmethod

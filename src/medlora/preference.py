@@ -14,6 +14,8 @@ Pairs (`train.preference_data`):
 - `self` (SPIN-style): for the run's QA training records, chosen = the reference answer, rejected =
   the model's own greedy answer before this run, generated in batches and cached in
   RUN_DIR/preference_pairs.jsonl (rows keyed by record and generation settings, reused on rerun).
+  `train.self_pairs_min_repetition` keeps only pairs whose rejected answer loops (its share of
+  repeated word 4-grams), so DPO pushes against the loops rather than the answers' content.
 
 Tested with TRL 1.16.0 (transformers 5.24, peft 0.21, torch 2.13). TRL internals relied on:
 - DPOTrainer given a PeftModel and `ref_model=None` loads no reference model. TRL >= 1.x adds a
@@ -274,10 +276,16 @@ def self_generated_pairs(
                 progress.advance(task, len(indices))
     rows = [cached[key] for key in keys]
     write_jsonl_atomic(path, rows)
+    from medlora.evaluate.quality import repeated_ngram_share
+
+    min_repetition = recipe.train.self_pairs_min_repetition
     pairs, skipped = [], {}
     for row in rows:
         if row["rejected"].strip() == row["chosen"].strip():
             skipped["chosen_equals_rejected"] = skipped.get("chosen_equals_rejected", 0) + 1
+            continue
+        if min_repetition and repeated_ngram_share(row["rejected"]) < min_repetition:
+            skipped["rejected_repeats_less"] = skipped.get("rejected_repeats_less", 0) + 1
             continue
         pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], row["id"]))
     stats = {"generated": len(todo), "reused": len(rows) - len(todo), **skipped}
@@ -536,10 +544,15 @@ def train_preference(
         pairs = file_pairs
         preference.update(skipped=skipped)
     if not pairs:
-        raise TrainingError(
-            "no preference pair to train on (every generated answer equals its reference); use "
-            "a preference file (train.preference_data=jsonl:PATH) instead"
+        floor = recipe.train.self_pairs_min_repetition
+        why = (
+            f"no generated answer repeats >= {floor} of its 4-grams; lower "
+            "train.self_pairs_min_repetition or raise data.max_train_examples"
+            if floor and file_pairs is None
+            else "every generated answer equals its reference; use a preference file "
+            "(train.preference_data=jsonl:PATH) instead"
         )
+        raise TrainingError(f"no preference pair to train on: {why}")
     preference["pairs"] = len(pairs)
     card["preference"] = preference
     card["used"] = {"train": len(pairs), "validation": 0}
