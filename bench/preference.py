@@ -75,7 +75,7 @@ def main() -> None:
     pair_generation = (
         []
         if args.rejected_repetition_penalty is None
-        else [f"generation.repetition_penalty={args.rejected_repetition_penalty}"]
+        else [f"train.self_pairs_repetition_penalty={args.rejected_repetition_penalty}"]
     )
     recipe = load_recipe(
         sft / "recipe.yaml",

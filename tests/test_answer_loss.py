@@ -107,3 +107,41 @@ def test_fused_head_loss_under_bf16_autocast(tiny_model_dir: Path) -> None:
             grad.flatten(), fused_grads[name].flatten(), 0
         )
         assert float(cosine) > 0.99, name
+
+
+# --- unlikelihood -------------------------------------------------------------------------------
+
+
+def test_unlikelihood_penalises_tokens_the_same_answer_already_wrote() -> None:
+    import math
+
+    from medlora.answer_loss import unlikelihood_sum
+
+    # One packed row: answer A at positions 3-5 (tokens 1 2 1), a prompt, answer B at 9-10 (1 3).
+    keep = torch.tensor([3, 4, 5, 9, 10])
+    targets = torch.tensor([[1, 2, 1, 1, 3]])
+    logits = torch.zeros(1, 5, 10, requires_grad=True)  # uniform: every p = 0.1
+    total = unlikelihood_sum(torch.log_softmax(logits, dim=-1), targets, keep)
+    # Candidates: A's 2nd token {1}; A's 3rd token {2} (1 is its own target); B's 1st token none
+    # (A's tokens belong to another answer); B's 2nd token {1}.
+    assert float(total) == pytest.approx(-3 * math.log(0.9), rel=1e-5)
+    total.backward()
+    assert logits.grad is not None
+    grad = logits.grad[0]
+    assert grad[1, 1] > 0 and grad[2, 2] > 0 and grad[4, 1] > 0  # pushed down
+    assert torch.all(grad[0] == 0) and torch.all(grad[3] == 0)  # nothing earlier to repeat
+    # A row position that is not an answer in this row (-100) takes no part.
+    masked = torch.tensor([[1, 2, -100, 1, 3]])
+    assert float(unlikelihood_sum(torch.log_softmax(logits, -1), masked, keep)) == pytest.approx(
+        -2 * math.log(0.9)
+    )
+
+
+def test_unlikelihood_adds_to_the_answer_loss(tiny_model_dir: Path) -> None:
+    model, tokenizer = load_model(str(tiny_model_dir))
+    batch = _packed_batch(tokenizer)
+    plain, count, _ = answer_loss_sum(model, batch, fused=False)
+    tiny, _, _ = answer_loss_sum(model, batch, unlikelihood=1e-9)
+    with_ul, same_count, _ = answer_loss_sum(model, batch, unlikelihood=0.5)
+    assert float(tiny) == pytest.approx(float(plain), rel=1e-5)  # the same cross-entropy
+    assert same_count == count and float(with_ul) > float(plain)

@@ -12,7 +12,7 @@ import pytest
 
 from medlora.cli import BUNDLED_RECIPES
 from medlora.config import load_recipe, recipe_from_dict
-from medlora.data.mix import mix_records, source_group, tag_source_group
+from medlora.data.mix import mix_records, source_group, tag_source_group, training_records
 from medlora.data.prepare import load_splits, prepare_data
 from medlora.data.records import Record
 from medlora.data.sources import load_source
@@ -85,6 +85,31 @@ def test_upsampling_repeats_a_small_source_and_says_so() -> None:
 def test_a_weight_for_a_source_with_no_training_records_is_explained() -> None:
     with pytest.raises(DataError, match="data.weights names 'jsonl:typo.jsonl'.*groups in"):
         mix_records(_records("medquad", 5), {"jsonl:typo.jsonl": 2.0}, 4, seed=0)
+
+
+def test_mix_by_source_gives_each_collection_an_equal_share() -> None:
+    # One recipe entry (medquad) whose collections differ 20 : 2 in size, as GARD/GHR vs CDC.
+    records = _records("big", 200) + _records("small", 20)
+    for record in records:
+        record.meta["source_group"] = "medquad"
+    plain, no_stats = training_records(records, {}, 40, seed=0)
+    assert no_stats is None and Counter(r.source for r in plain)["x/small"] < 10
+
+    mixed, stats = training_records(records, {}, 40, seed=0, by="source")
+    assert Counter(r.source for r in mixed) == {"x/big": 20, "x/small": 20}
+    assert (
+        stats is not None
+        and stats["by"] == "source"
+        and set(stats["groups"])
+        == {
+            "x/big",
+            "x/small",
+        }
+    )
+    weighted, _ = training_records(records, {"x/small": 3.0}, 40, seed=0, by="source")
+    assert Counter(r.source for r in weighted) == {"x/big": 10, "x/small": 30}
+    with pytest.raises(DataError, match="names 'x/smal' .*record sources in the training split"):
+        training_records(records, {"x/smal": 1.0}, 40, seed=0, by="source")
 
 
 def test_source_group_falls_back_for_splits_prepared_before_groups() -> None:
@@ -190,6 +215,14 @@ def test_string_sources_still_load_without_mixing() -> None:
     assert recipe.data.sources == ["medquad"] and recipe.data.weights == {}
     recipe = recipe_from_dict({}, ["data.sources=[jsonl:a.jsonl]"])
     assert recipe.data.sources == ["jsonl:a.jsonl"] and recipe.data.weights == {}
+
+
+def test_mix_by_source_weights_name_collections() -> None:
+    recipe = recipe_from_dict({}, ["data.mix_by=source", "data.weights={medquad/2_GARD_QA: 0.5}"])
+    assert recipe.data.weights == {"medquad/2_GARD_QA": 0.5}
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict({}, ["data.mix_by=collection"])
+    assert "data.mix_by" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_weighted_entries_load_and_round_trip() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from helpers import write_prepared
 
-from medlora.config import recipe_from_dict
+from medlora.config import load_recipe, recipe_from_dict
 from medlora.data.medquad import load_medquad
 from medlora.data.records import Record
 from medlora.errors import ConfigError, DataError, TrainingError
@@ -212,19 +212,32 @@ def test_self_pairs_can_keep_only_looping_answers(
     loop = "see your doctor if it hurts. " * 6
     answers = {records[0].question: loop, records[2].question: loop}
 
+    penalties: list[float] = []
+
     def scripted(model: Any, tokenizer: Any, questions: list[str], recipe: Any) -> list[str]:
+        penalties.append(preference.pair_generation(recipe).repetition_penalty)
         return [answers.get(q, "A short answer that never repeats itself.") for q in questions]
 
     monkeypatch.setattr(preference, "_generate", scripted)
     overrides = [*FAST, "train.max_steps=1", "train.method=dpo", "train.preference_data=self"]
     recipe = recipe_from_dict(
-        {"model": {"name": str(tiny_model_dir)}},
-        [*overrides, "train.self_pairs_min_repetition=0.3"],
+        {"model": {"name": str(tiny_model_dir)}, "generation": {"repetition_penalty": 1.05}},
+        [
+            *overrides,
+            "train.self_pairs_min_repetition=0.3",
+            "train.self_pairs_repetition_penalty=1.0",
+        ],
     )
     run = tmp_path / "run"
     train(recipe, run, prepared_dir=prepared)
     card = json.loads((run / "data_card.json").read_text())["preference"]
     assert card["pairs"] == 2 and card["rejected_repeats_less"] == 2
+    # The rejected answers were made at repetition_penalty 1.0; the run keeps its own 1.05 for
+    # everything it serves and scores.
+    assert penalties == [1.0]
+    saved = load_recipe(run / "recipe.yaml")
+    assert saved.generation.repetition_penalty == 1.05
+    assert saved.train.self_pairs_repetition_penalty == 1.0
 
     answers.clear()
     with pytest.raises(TrainingError, match="self_pairs_min_repetition"):

@@ -73,6 +73,12 @@ class DataConfig(_Section):
         description="Mixing weight per source entry: its share of the training examples "
         "(entries without one weigh 1; empty: no mixing, the split as prepared).",
     )
+    mix_by: Literal["entry", "source"] = Field(
+        "entry",
+        description="What data.weights name: 'entry' = a recipe source entry (medquad); "
+        "'source' = a record's own source (medquad/2_GARD_QA), every one weighing 1 unless "
+        "weighted, so each MedQuAD collection gets an equal share of the training examples.",
+    )
     map: dict[str, str] = Field(
         default_factory=dict,
         description="Column mapping for tabular sources, e.g. {question: Q, answer: A}.",
@@ -167,6 +173,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _weights_name_sources(self) -> DataConfig:
+        if self.mix_by == "source":  # record sources (medquad/2_GARD_QA): checked at mixing
+            return self
         for spec in self.weights:
             if spec not in self.sources:
                 raise ValueError(
@@ -216,6 +224,14 @@ class TrainConfig(_Section):
         description="NEFTune: uniform noise of scale alpha/sqrt(L*d) on the input embeddings while "
         "training (transformers' neftune_noise_alpha; 5 is the paper's usual value; null: off). "
         "With packing, L is the packed row's length.",
+    )
+    unlikelihood_alpha: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Token-level unlikelihood weight (Welleck et al. 2020): also lower the "
+        "probability of tokens the answer already wrote, against greedy loops; 0: off. "
+        "Materializes the answer tokens' logits (no fused head).",
     )
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"] = Field(
         "adamw_torch", description="Optimizer (transformers name)."
@@ -282,6 +298,14 @@ class TrainConfig(_Section):
         le=1,
         description="preference_data=self: keep only pairs whose rejected answer repeats at least "
         "this share of its word 4-grams (0: keep all), to aim the pairs at the model's loops.",
+    )
+    self_pairs_repetition_penalty: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="preference_data=self: repetition_penalty for generating the rejected answers "
+        "only (1.0 exposes the loops); null: generation.repetition_penalty. The run keeps its "
+        "generation: settings for everything else.",
     )
 
     @field_validator("preference_data")

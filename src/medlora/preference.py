@@ -196,6 +196,15 @@ class _InputsOnModelDevice:
         return getattr(self.model, name)
 
 
+def pair_generation(recipe: Recipe) -> Any:
+    """The generation settings of the rejected answers: the recipe's, with
+    train.self_pairs_repetition_penalty in place of its repetition_penalty when set."""
+    penalty = recipe.train.self_pairs_repetition_penalty
+    if penalty is None:
+        return recipe.generation
+    return recipe.generation.model_copy(update={"repetition_penalty": penalty})
+
+
 def _generate(model: Any, tokenizer: Any, questions: list[str], recipe: Recipe) -> list[str]:
     """Greedy answers: the one call into medlora.evaluate.generate (its signature may change)."""
     from medlora.evaluate.generate import generate_answers
@@ -205,7 +214,7 @@ def _generate(model: Any, tokenizer: Any, questions: list[str], recipe: Recipe) 
         tokenizer,
         questions,
         recipe.data.system_prompt,
-        recipe.generation,
+        pair_generation(recipe),
         batch_size=recipe.eval.batch_size,
     )
 
@@ -217,7 +226,7 @@ def _pair_key(recipe: Recipe, record: Record) -> str:
         recipe.model.revision,
         recipe.train.init_adapter,
         recipe.data.system_prompt,
-        recipe.generation.model_dump(),
+        pair_generation(recipe).model_dump(),
         record.id,
         record.question,
         record.answer,
@@ -523,14 +532,11 @@ def train_preference(
         splits, card = sft.load_or_prepare_splits(
             recipe, run_dir / "data", tokenizer, Path(prepared_dir) if prepared_dir else None
         )
-        if d.weights:
-            from medlora.data.mix import mix_records
+        from medlora.data.mix import training_records
 
-            records, _ = mix_records(splits["train"], d.weights, d.max_train_examples, d.seed)
-        else:
-            from medlora.data.sample import sample_records
-
-            records = sample_records(splits["train"], d.max_train_examples, d.seed)
+        records, _ = training_records(
+            splits["train"], d.weights, d.max_train_examples, d.seed, d.mix_by
+        )
         from accelerate import PartialState
 
         state = PartialState()

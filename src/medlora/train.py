@@ -18,7 +18,7 @@ from typing import Any
 from medlora.answer_loss import answer_loss_sum
 from medlora.config import Recipe
 from medlora.data.format import IGNORE_INDEX, Example, format_records, pad_batch, token_counter
-from medlora.data.mix import mix_records, source_group, used_by_group
+from medlora.data.mix import source_group, training_records, used_by_group
 from medlora.data.pack import collate_packed, pack_rows
 from medlora.data.prepare import load_splits, prepare_data
 from medlora.data.records import Record
@@ -87,6 +87,7 @@ def _trainer_class() -> Any:
 
         token_counter: TokenCounter
         stop_on_nan: bool = True
+        unlikelihood: float = 0.0
         shuffle: bool = True
         val_examples: list[Example] = []
         val_groups: list[str] = []  # the recipe source each validation example came from
@@ -100,7 +101,9 @@ def _trainer_class() -> Any:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            loss_sum, count, outputs = answer_loss_sum(model, inputs)
+            loss_sum, count, outputs = answer_loss_sum(
+                model, inputs, unlikelihood=self.unlikelihood if model.training else 0.0
+            )
             if num_items_in_batch is not None:
                 # Token-weighted over the whole optimizer step (all micro-batches, all processes),
                 # so packing, padding and accumulation never change the objective.
@@ -542,19 +545,11 @@ def train(
     splits, card = load_or_prepare_splits(
         recipe, run_dir / "data", tokenizer, Path(prepared_dir) if prepared_dir else None
     )
-    mix_stats = None
-    if recipe.data.weights:  # mixing: each source group gets its weight's share of examples
-        train_records, mix_stats = mix_records(
-            splits["train"], recipe.data.weights, recipe.data.max_train_examples, recipe.data.seed
-        )
-    else:
-        train_records = sample_records(
-            splits["train"], recipe.data.max_train_examples, recipe.data.seed
-        )
-    val_records = sample_records(
-        splits["validation"], recipe.data.max_val_examples, recipe.data.seed
-    )
     d = recipe.data
+    train_records, mix_stats = training_records(
+        splits["train"], d.weights, d.max_train_examples, d.seed, d.mix_by
+    )
+    val_records = sample_records(splits["validation"], d.max_val_examples, d.seed)
     train_examples, train_stats = format_records(
         tokenizer, train_records, d.system_prompt, d.max_seq_len, d.truncation
     )
@@ -602,6 +597,7 @@ def train(
     trainer_ref["trainer"] = trainer
     trainer.token_counter = counter
     trainer.stop_on_nan = t.stop_on_nan
+    trainer.unlikelihood = t.unlikelihood_alpha
     trainer.shuffle = t.shuffle
     trainer.val_examples = val_examples
     group_of = {record.id: source_group(record) for record in val_records}

@@ -3,17 +3,22 @@
 A *source group* is the recipe's source entry as written (`medquad`, `pubmedqa`,
 `jsonl:mine.jsonl`), stored in `Record.meta["source_group"]` by `prepare_data`, so weights,
 data-card counts and (later) per-source validation loss all use the same name.
+
+`data.mix_by: source` mixes by the record's own source instead (a MedQuAD collection such as
+`medquad/2_GARD_QA`): with no weights every collection gets an equal share, so two large
+templated collections no longer make up most of a small training sample.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 from medlora.data.format import Example
 from medlora.data.records import Record
+from medlora.data.sample import sample_records
 from medlora.errors import DataError
 
 GROUP_KEY = "source_group"
@@ -36,6 +41,16 @@ def tag_source_group(records: Iterable[Record], group: str) -> None:
     """Record in each record's meta which source entry it came from (in place)."""
     for record in records:
         record.meta[GROUP_KEY] = group
+
+
+MixBy = Literal["entry", "source"]
+
+
+def mix_key(by: MixBy) -> Callable[[Record], str]:
+    """The name a record is mixed under: its recipe entry, or its own source (collection)."""
+    if by == "source":
+        return lambda record: record.source
+    return source_group
 
 
 def group_counts(records: Iterable[Record]) -> dict[str, int]:
@@ -68,24 +83,28 @@ def mix_records(
     weights: Mapping[str, float],
     total: int | None,
     seed: int,
+    by: MixBy = "entry",
 ) -> tuple[list[Record], dict[str, Any]]:
     """Draw `total` training records so each source group gets its weight's share of them.
 
+    `by` names the groups: recipe entries (`medquad`) or record sources (`medquad/2_GARD_QA`).
     `weights` maps source groups to weights > 0; a group present in `records` but not in
     `weights` weighs 1. `total` None means as many as there are records. A group whose share
     exceeds its size is repeated (upsampled) and the stats say so. The result is shuffled with
     `seed` (a group-by-group order would train on one source after the other).
     """
     weights = {group.strip(): weight for group, weight in weights.items()}  # as prepare names them
+    key = mix_key(by)
     by_group: dict[str, list[Record]] = {}
     for record in records:
-        by_group.setdefault(source_group(record), []).append(record)
+        by_group.setdefault(key(record), []).append(record)
     missing = [group for group in weights if group not in by_group]
     if missing:
         present = ", ".join(by_group) or "none"
+        what = "record sources" if by == "source" else "source groups"
         raise DataError(
             f"data.weights names '{missing[0]}' but no training record came from it "
-            f"(source groups in the training split: {present}); weight the sources the "
+            f"({what} in the training split: {present}); weight the sources the "
             "splits were prepared from, or prepare them again"
         )
     effective = {group: float(weights.get(group, 1.0)) for group in by_group}
@@ -108,12 +127,30 @@ def mix_records(
         }
     random.Random(seed).shuffle(mixed)
     stats = {
+        "by": by,
         "seed": seed,
         "total": total,
         "upsampled": [group for group, g in groups.items() if g["upsampled"]],
         "groups": groups,
     }
     return mixed, stats
+
+
+def training_records(
+    records: Sequence[Record],
+    weights: Mapping[str, float],
+    total: int | None,
+    seed: int,
+    by: MixBy = "entry",
+) -> tuple[list[Record], dict[str, Any] | None]:
+    """The records a run trains on, and the mixing stats (None when nothing was mixed).
+
+    Mixing happens when weights are given or `by` is "source" (equal shares per source);
+    otherwise a seeded sample of at most `total` records in split order.
+    """
+    if weights or by == "source":
+        return mix_records(records, weights, total, seed, by)
+    return sample_records(records, total, seed), None
 
 
 def used_by_group(
@@ -129,12 +166,11 @@ def used_by_group(
     Returns {"per_group": {group: {examples, tokens, token_share, …, mixing stats}}, "mix": …,
     "validation_per_group": {group: records}} (validation is never reweighted).
     """
+    key = mix_key((mix or {}).get("by", "entry"))
     groups: dict[str, dict[str, Any]] = {}
     position = 0
     for record in records:
-        group = groups.setdefault(
-            source_group(record), {"examples": 0, "tokens": 0, "answer_tokens": 0}
-        )
+        group = groups.setdefault(key(record), {"examples": 0, "tokens": 0, "answer_tokens": 0})
         if position < len(examples) and examples[position].record_id == record.id:
             example = examples[position]
             group["examples"] += 1
@@ -151,6 +187,7 @@ def used_by_group(
     summary = None
     if mix is not None:
         summary = {
+            "by": mix.get("by", "entry"),
             "weights": {name: g["weight"] for name, g in mixed.items()},
             "seed": mix["seed"],
             "total": mix["total"],
@@ -159,5 +196,5 @@ def used_by_group(
     return {
         "per_group": groups,
         "mix": summary,
-        "validation_per_group": group_counts(validation),
+        "validation_per_group": dict(Counter(key(r) for r in validation)),
     }
