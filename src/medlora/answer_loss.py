@@ -93,8 +93,8 @@ def unlikelihood_sum(log_probs: Any, targets: Any, keep: Any) -> Any:
     the probability of copying what the answer already said, the source of greedy loops.
     `log_probs` [rows, kept, vocab] (log-softmax of the logits), `targets` [rows, kept] (-100
     off-answer), `keep` the kept positions: a gap between kept positions (a prompt) starts another
-    answer of a packed row. Needs the whole log-softmax, so the head is not fused: measured on the
-    CPU demo, a training step takes ~1.35x as long.
+    answer of a packed row. Needs the whole log-softmax, so the head is not fused: on the CPU demo
+    a training step takes ~1.15x as long (docs/benchmarks.md, sweep-train.unlikelihood_alpha).
     """
     import torch
 
