@@ -53,9 +53,11 @@ def mix_key(by: MixBy) -> Callable[[Record], str]:
     return source_group
 
 
-def group_counts(records: Iterable[Record]) -> dict[str, int]:
-    """Records per source group, in first-seen order."""
-    return dict(Counter(source_group(r) for r in records))
+def group_counts(
+    records: Iterable[Record], key: Callable[[Record], str] = source_group
+) -> dict[str, int]:
+    """Records per source group (or per `key`), in first-seen order."""
+    return dict(Counter(key(r) for r in records))
 
 
 def _quotas(weights: Mapping[str, float], total: int) -> dict[str, int]:
@@ -196,5 +198,5 @@ def used_by_group(
     return {
         "per_group": groups,
         "mix": summary,
-        "validation_per_group": dict(Counter(key(r) for r in validation)),
+        "validation_per_group": group_counts(validation, key),
     }
