@@ -63,7 +63,12 @@ def _recipe_path() -> Path:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:  # medlora's probes (tokens_per_batch: auto) reset the high-water mark; this keeps it whole
+        from medlora.memory import peak_rss_bytes
+
+        return peak_rss_bytes() / 2**20
+    except ImportError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- run 1: the peer, written the way the model card's author writes it --------------------------
@@ -281,6 +286,10 @@ def _child(args: argparse.Namespace) -> None:
     elif args.child == "medlora-same":
         # One packed row of ~1024 tokens ≈ the peer's 4 examples per optimizer step.
         engine = [*SAME_AS_PEER, "train.packing=true", "train.tokens_per_batch=1024"]
+        if args.at_peer_memory:
+            # The budget is the peak the peer just reached (the run before this one, same pair).
+            peer_peak = json.loads((out / "peer.json").read_text())["peak_rss_mb"]
+            engine += ["train.tokens_per_batch=auto", f"train.max_memory_gb={peer_peak / 1024:.3f}"]
         engine.append("train.grad_accum=1")
         steps = max(1, args.peer_eval_every)
         result = run_medlora(data, out, "medlora-same", _medlora_overrides(steps, engine))
@@ -297,6 +306,12 @@ def main() -> None:
     parser.add_argument("--peer-eval-every", type=int, default=6)
     parser.add_argument("--pairs", type=int, default=1, help="peer/medlora-same repeats")
     parser.add_argument("--child", choices=["peer", "medlora-same", "medlora-recipe"])
+    parser.add_argument(
+        "--at-peer-memory",
+        action="store_true",
+        help="medlora-same gets the peer's peak RSS as train.max_memory_gb (tokens_per_batch: "
+        "auto); writes the section peer-at-peer-memory",
+    )
     args = parser.parse_args()
     if args.child:
         _child(args)
@@ -323,6 +338,7 @@ def main() -> None:
                 str(out),
                 "--peer-eval-every",
                 str(args.peer_eval_every),
+                *(["--at-peer-memory"] if args.at_peer_memory else []),
             ],
             env=env,
             check=True,
@@ -348,10 +364,11 @@ def write_doc(
     # Frozen base: forward 2N + input-gradient backward 2N FLOPs per token (no weight gradients).
     n_params = 134.5e6
     lines = [
-        "## Training engine: the model card's recipe by hand vs medlora (CPU)",
+        "## Training engine: the model card's recipe by hand vs medlora (CPU)"
+        + (", medlora at the peer's memory" if args.at_peer_memory else ""),
         "",
         f"Command: `python bench/peer_recipe.py --train {args.train} --val {args.val} "
-        f"--pairs {args.pairs}` "
+        f"--pairs {args.pairs}{' --at-peer-memory' if args.at_peer_memory else ''}` "
         f"({os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
         f"{THREADS} threads per run, runs one after another in separate processes).",
         f"Data: {args.train} training / {args.val} validation examples of MedQuAD "
@@ -365,7 +382,13 @@ def write_doc(
     ]
     setups = {
         "peer": "Trainer + peft, r=4 q/v, batch 1 × 4, lr 2e-5, DataCollatorForSeq2Seq",
-        "medlora-same": "medlora train(), same LoRA/lr; packed 1024 tokens, per-example "
+        "medlora-same": "medlora train(), same LoRA/lr; "
+        + (
+            "packed rows of `tokens_per_batch: auto` under `max_memory_gb` = the peer's peak RSS"
+            if args.at_peer_memory
+            else "packed 1024 tokens"
+        )
+        + ", per-example "
         "attention (equal lengths batched), 15-bit dropout mask, frozen-weight RMSNorm, fused "
         "answer-only head and loss",
         "medlora-recipe": "medlora train(), bundled `smollm2-135m-cpu` recipe, packed",
@@ -407,7 +430,7 @@ def write_doc(
     ]
     body = "\n".join(lines) + "\n"
     print(body)
-    update_section("peer", body)
+    update_section("peer-at-peer-memory" if args.at_peer_memory else "peer", body)
 
 
 if __name__ == "__main__":

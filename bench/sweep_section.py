@@ -1,7 +1,9 @@
 """Copy a finished `medlora sweep` (its sweep.md tables and the command that made it) into
 docs/benchmarks.md, under the section `sweep-<axis>`.
 
-    python bench/sweep_section.py runs/sweep-lr [--note "what was chosen and why"]
+    python bench/sweep_section.py runs/sweep-lr [--note "what was chosen and why"] [--section NAME]
+
+`--section` names the section when a second sweep over the same key must not replace the first.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("sweep_dir")
     parser.add_argument("--note", default="")
+    parser.add_argument("--section", default="", help="section name (default: sweep-<axis>)")
     args = parser.parse_args()
     out = Path(args.sweep_dir)
     summary = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
@@ -36,7 +39,9 @@ def main() -> None:
         .strip()
         .replace("## Sources never trained on", "Sources never trained on:")
     )
-    section = f"""## Sweep over `{summary["axis"]}`
+    fixed = summary.get("fixed_overrides") or []
+    with_fixed = f" with `{'`, `'.join(fixed)}`" if args.section and fixed else ""
+    section = f"""## Sweep over `{summary["axis"]}`{with_fixed}
 
 Command: `{summary.get("command") or "medlora sweep …"}` ({os.cpu_count()} CPU cores,
 {platform.machine()}, alone on the machine).
@@ -44,7 +49,7 @@ Command: `{summary.get("command") or "medlora sweep …"}` ({os.cpu_count()} CPU
 {body}
 {(chr(10) + args.note + chr(10)) if args.note else ""}"""
     print(section)
-    update_section(f"sweep-{summary['axis']}", section)
+    update_section(args.section or f"sweep-{summary['axis']}", section)
 
 
 if __name__ == "__main__":

@@ -181,3 +181,34 @@ def test_preview_shows_raw_and_cleaned_answers(data_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "question_echo" in result.output and "hpo_table" in result.output
     assert "raw" in result.output and "(dropped)" in result.output
+
+
+def test_drop_repetitive_keeps_loop_free_answers_and_none_keeps_all() -> None:
+    from medlora.data.hygiene import drop_repetitive
+
+    plain = rec("What is asthma?", "Asthma is a disease of the airways that makes breathing hard.")
+    looped = rec(
+        "What are the treatments for X?",
+        "There are different types of treatment for patients with X. Different types of "
+        "treatment are available for patients with X. There are different types of treatment.",
+    )
+    kept, dropped = drop_repetitive([plain, looped], 0.1)
+    assert kept == [plain] and dropped == 1
+    assert drop_repetitive([plain, looped], None) == ([plain, looped], 0)
+
+
+def test_drop_repetitive_on_real_medquad_hits_cancergov_summaries(data_dir: Path) -> None:
+    """CancerGov's PDQ summaries restate each heading in the next sentence; GARD's prose does not."""
+    from medlora.data.clean import clean_records
+    from medlora.data.hygiene import drop_repetitive
+    from medlora.data.sources import load_source
+
+    def share_dropped(collection: str) -> float:
+        path = data_dir / "medquad" / collection
+        records = apply_hygiene(clean_records(load_source(f"medquad:{path}")[0])[0])[0]
+        kept, dropped = drop_repetitive(records, 0.05)
+        assert len(kept) + dropped == len(records)
+        return dropped / len(records)
+
+    assert share_dropped("1_CancerGov_QA") > 0.3
+    assert share_dropped("2_GARD_QA") < 0.05

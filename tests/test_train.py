@@ -160,3 +160,22 @@ def test_neftune_noise_reaches_training_and_leaves_no_hook(
         first_losses.append(next(row["loss"] for row in rows if "loss" in row))
         assert not model.get_input_embeddings()._forward_hooks  # inference is noise-free
     assert first_losses[0] != pytest.approx(first_losses[1], rel=1e-4)
+
+
+def test_repetitive_training_answers_are_left_out_and_counted(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    import dataclasses
+
+    records = tiny_records(2)
+    looped = "Take the drug with food. Take the drug with food. Take the drug with food."
+    train_split = [dataclasses.replace(r, answer=looped) for r in records[:3]] + records[3:]
+    prepared = write_prepared(tmp_path / "prepared", train_split, records[:1], records[:1])
+    recipe = recipe_from_dict(
+        {"model": {"name": str(tiny_model_dir)}},
+        [*FAST, "train.epochs=1", "data.max_answer_repetition=0.1"],
+    )
+    train(recipe, tmp_path / "out", prepared_dir=prepared)
+    card = json.loads((tmp_path / "out" / "data_card.json").read_text())
+    assert card["used"]["repetitive_dropped"] == 3
+    assert card["used"]["train"] == len(train_split) - 3

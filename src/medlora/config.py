@@ -121,6 +121,13 @@ class DataConfig(_Section):
         description="Answer-hygiene rules (medlora.data.hygiene) for every source; null: all rules "
         "on MedQuAD, none elsewhere; []: none.",
     )
+    max_answer_repetition: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Train only on answers whose share of repeated word 4-grams is at most this "
+        "(the repetition metric); null: all. Evaluation keeps every reference.",
+    )
     truncation: Literal["sentence", "token"] = Field(
         "sentence",
         description="An answer longer than max_seq_len: 'sentence' keeps whole sentences and the "
@@ -251,8 +258,17 @@ class TrainConfig(_Section):
         description="Pack several examples into one row per micro-batch (no padding; attention and "
         "positions restart per example); batch_size is then replaced by tokens_per_batch.",
     )
-    tokens_per_batch: int = Field(
-        2048, ge=16, description="Token budget of one packed micro-batch (with packing: true)."
+    max_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Peak memory the run may use (GiB): process RSS on CPU, allocated memory on "
+        "CUDA. With tokens_per_batch: auto the packed row length is measured to fit it.",
+    )
+    tokens_per_batch: Annotated[int, Field(ge=16)] | Literal["auto"] = Field(
+        2048,
+        description="Token budget of one packed micro-batch (with packing: true); auto: the "
+        "longest row that fits max_memory_gb, measured before the first step.",
     )
     group_by_length: bool = Field(
         False, description="Without packing: batch examples of similar length (less padding)."
@@ -320,6 +336,20 @@ class TrainConfig(_Section):
                 "(e.g. jsonl:data/pairs.jsonl), or self"
             )
         return value.strip()
+
+    @model_validator(mode="after")
+    def _auto_rows_need_a_budget(self) -> TrainConfig:
+        if self.tokens_per_batch == "auto" and (self.max_memory_gb is None or not self.packing):
+            raise ValueError(
+                "train.tokens_per_batch=auto: needs train.max_memory_gb (the budget the row must "
+                "fit) and train.packing=true; set both, or give a number of tokens"
+            )
+        if self.tokens_per_batch == "auto" and self.method != "sft":
+            raise ValueError(
+                f"train.tokens_per_batch=auto: measured for train.method=sft only, not "
+                f"{self.method}; give a number of tokens"
+            )
+        return self
 
     @model_validator(mode="after")
     def _preference_needs_data(self) -> TrainConfig:

@@ -132,21 +132,25 @@ def run_demo(recipe: Recipe, run_dir: str | Path, log: Any = print) -> dict[str,
             "the demo scores sources the run never trained on: set eval.unseen_sources, e.g. "
             "--set 'eval.unseen_sources=[medquad:9_CDC_QA]' (and exclude them in data.exclude)"
         )
-    log(f"[1/4] fine-tuning {recipe.model.name} into {run_dir}")
+
+    def stage(text: str) -> None:
+        log(f"{text} ({time.perf_counter() - started:.0f} s in)")
+
+    stage(f"[1/4] fine-tuning {recipe.model.name} into {run_dir}")
     trained = train(recipe, run_dir)
 
     model, tokenizer = load_with_adapter(recipe.model.name, run_dir, recipe.model.dtype)
     splits, card = load_or_prepare_splits(recipe, run_dir / "data", tokenizer, run_dir / "data")
     unseen, specs = unseen_records(recipe)
-    log("[2/4] answer loss on the held-out test split, base and fine-tuned")
+    stage("[2/4] answer loss on the held-out test split, base and fine-tuned")
     test = sample_records(splits["test"], recipe.eval.max_examples, recipe.data.seed)
     test_scores = loss_base_vs_tuned(model, tokenizer, test, recipe)
-    log(f"[3/4] {len(unseen)} unseen-source questions: answer loss, then each model's answers")
+    stage(f"[3/4] {len(unseen)} unseen-source questions: answer loss, then each model's answers")
     unseen_scores = score_unseen(
         model, tokenizer, unseen, specs, recipe, run_dir / "predictions_unseen.jsonl"
     )
 
-    log("[4/4] writing summary.md")
+    stage("[4/4] writing summary.md")
     rows = list(read_jsonl(unseen_scores["quality"]["predictions"]))[: recipe.eval.num_answers]
     answers = [
         {

@@ -532,11 +532,11 @@ def train_preference(
         splits, card = sft.load_or_prepare_splits(
             recipe, run_dir / "data", tokenizer, Path(prepared_dir) if prepared_dir else None
         )
+        from medlora.data.hygiene import drop_repetitive
         from medlora.data.mix import training_records
 
-        records, _ = training_records(
-            splits["train"], d.weights, d.max_train_examples, d.seed, d.mix_by
-        )
+        pool, _ = drop_repetitive(splits["train"], d.max_answer_repetition)
+        records, _ = training_records(pool, d.weights, d.max_train_examples, d.seed, d.mix_by)
         from accelerate import PartialState
 
         state = PartialState()

@@ -18,6 +18,7 @@ from typing import Any
 from medlora.answer_loss import answer_loss_sum
 from medlora.config import Recipe
 from medlora.data.format import IGNORE_INDEX, Example, format_records, pad_batch, token_counter
+from medlora.data.hygiene import drop_repetitive
 from medlora.data.mix import source_group, training_records, used_by_group
 from medlora.data.pack import collate_packed, pack_rows
 from medlora.data.prepare import load_splits, prepare_data
@@ -25,6 +26,14 @@ from medlora.data.records import Record
 from medlora.data.sample import sample_records
 from medlora.errors import TrainingError
 from medlora.io import append_jsonl, move_files_atomic, write_json_atomic, write_text_atomic
+from medlora.memory import (
+    PeakSampler,
+    RowChoice,
+    choose_row_tokens,
+    current_rss_bytes,
+    peak_rss_bytes,
+    release_free_memory,
+)
 from medlora.models import load_recipe_model
 from medlora.packed_attention import use_packed_attention
 from medlora.report.charts import plot_training_charts
@@ -45,15 +54,13 @@ class TokenCounter:
 
 
 def peak_memory() -> dict[str, float]:
-    """Peak memory so far: GPU allocations when on CUDA, else the process's peak resident set."""
-    import resource
-
+    """Peak memory so far: GPU allocations when on CUDA, else the process's peak resident set
+    (across the high-water-mark resets of `tokens_per_batch: auto`'s probes)."""
     import torch
 
     if torch.cuda.is_available():
         return {"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
-    # ru_maxrss is in KiB on Linux.
-    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {"peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
 
 
 class TokenAndClockLogs:
@@ -293,6 +300,8 @@ class TrainResult:
     train_seconds: float = 0.0
     peak_rss_mb: float | None = None
     peak_gpu_memory_mb: float | None = None
+    # tokens_per_batch: auto — what was measured and chosen (medlora.memory.RowChoice)
+    row_choice: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -513,6 +522,59 @@ def _build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) ->
     return model, tokenizer
 
 
+def fit_rows_to_budget(model: Any, examples: list[Example], recipe: Recipe) -> RowChoice:
+    """`tokens_per_batch: auto`: probe forward + backward on the run's own packed rows and keep the
+    longest row that fits `train.max_memory_gb` (medlora.memory). RNG state is restored, so the
+    probe does not change the run."""
+    import torch
+
+    t, d = recipe.train, recipe.data
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    model.train()
+    rng = torch.get_rng_state()
+
+    def probe(tokens: int) -> int:
+        rows = pack_rows(examples, tokens, t.seed)
+        fullest = max(rows, key=lambda row: sum(len(p["input_ids"]) for p in row["parts"]))
+        batch = {k: v.to(device) for k, v in collate_packed([fullest]).items()}
+        autocast = torch.autocast(
+            device, dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16,
+            enabled=t.precision != "fp32",
+        )  # fmt: skip
+        with PeakSampler(device) as peak:
+            with autocast:
+                loss, count, _ = answer_loss_sum(model, batch, unlikelihood=t.unlikelihood_alpha)
+            (loss / max(count, 1)).backward()
+        model.zero_grad(set_to_none=True)
+        return peak.peak
+
+    def checkpoint_activations() -> None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    try:
+
+        def floor() -> int:
+            if device == "cuda":
+                return int(torch.cuda.memory_allocated())
+            release_free_memory()
+            return current_rss_bytes()
+
+        choice = choose_row_tokens(
+            probe, float(t.max_memory_gb or 0), d.max_seq_len, floor=floor,
+            enable_checkpointing=checkpoint_activations,
+        )  # fmt: skip
+    except ValueError as err:
+        raise TrainingError(
+            f"train.max_memory_gb={t.max_memory_gb}: {err}; raise the budget or lower "
+            "data.max_seq_len"
+        ) from None
+    finally:
+        torch.set_rng_state(rng)
+    return choice
+
+
 def train(
     recipe: Recipe,
     run_dir: str | Path,
@@ -546,8 +608,9 @@ def train(
         recipe, run_dir / "data", tokenizer, Path(prepared_dir) if prepared_dir else None
     )
     d = recipe.data
+    train_pool, repetitive = drop_repetitive(splits["train"], d.max_answer_repetition)
     train_records, mix_stats = training_records(
-        splits["train"], d.weights, d.max_train_examples, d.seed, d.mix_by
+        train_pool, d.weights, d.max_train_examples, d.seed, d.mix_by
     )
     val_records = sample_records(splits["validation"], d.max_val_examples, d.seed)
     train_examples, train_stats = format_records(
@@ -561,14 +624,26 @@ def train(
             f"data.max_seq_len={d.max_seq_len}); raise data.max_seq_len or shorten the prompts"
         )
     t = recipe.train
+    row_choice = None
+    if t.tokens_per_batch == "auto":
+        row_choice = fit_rows_to_budget(model, train_examples, recipe)
+        print(
+            f"tokens_per_batch auto: {row_choice.tokens_per_batch} tokens per row "
+            f"(predicted peak {row_choice.predicted_peak_gb:.2f} of {t.max_memory_gb} GB"
+            f"{', activation checkpointing on' if row_choice.gradient_checkpointing else ''})",
+            flush=True,
+        )
+    tokens_per_batch = row_choice.tokens_per_batch if row_choice else t.tokens_per_batch
     train_rows = (
-        pack_rows(train_examples, max(t.tokens_per_batch, d.max_seq_len), t.seed)
+        pack_rows(train_examples, max(int(tokens_per_batch), d.max_seq_len), t.seed)
         if t.packing
         else _as_rows(train_examples)
     )
     card["format"] = {"train": train_stats.to_dict(), "validation": val_stats.to_dict()}
     card["used"] = {"train": len(train_examples), "validation": len(val_examples)}
     card["used"].update(used_by_group(train_records, train_examples, mix_stats, val_records))
+    if d.max_answer_repetition is not None:
+        card["used"]["repetitive_dropped"] = repetitive
     if t.packing:
         card["used"]["packed_rows"] = len(train_rows)
     write_json_atomic(run_dir / "data_card.json", card)
@@ -604,6 +679,10 @@ def train(
     trainer.val_groups = [group_of[example.record_id] for example in val_examples]
     trainer.pad_token_id = tokenizer.pad_token_id
     trainer.eval_batch_size = recipe.eval.batch_size
+    if t.max_memory_gb is not None and t.packing:
+        # Validation batches hold at most a training row's tokens (forward only: less memory).
+        rows_per_batch = max(1, int(tokens_per_batch) // d.max_seq_len)
+        trainer.eval_batch_size = min(recipe.eval.batch_size, rows_per_batch)
     if recipe.eval.during_training_every or recipe.eval.best_metric:
         from medlora.evaluate.callback import attach_quality_callback
 
@@ -638,6 +717,7 @@ def train(
         return _result(trainer, run_dir, train_examples, val_examples, output, eval_loss, runtime)
     plot_training_charts(metrics_path, run_dir / "charts")
     result = _result(trainer, run_dir, train_examples, val_examples, output, eval_loss, runtime)
+    result.row_choice = row_choice.to_dict() if row_choice else None
     write_json_atomic(run_dir / "train_summary.json", result.to_dict())
     return result
 

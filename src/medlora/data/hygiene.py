@@ -20,6 +20,11 @@ assistant to learn, each found by reading the collections and counted in `data_c
 
 Every rule is a plain function; `apply_hygiene` runs the chosen ones in the order above and counts,
 per rule, how many answers it changed and how many it dropped.
+
+One more filter judges training *targets* only, so it is not a rule here: `drop_repetitive`
+(`data.max_answer_repetition`) keeps answers whose own share of repeated word 4-grams would teach
+loops (CancerGov's summaries restate each heading in the next sentence) out of the training sample,
+while evaluation keeps every reference (a repetitive reference is still a right answer).
 """
 
 from __future__ import annotations
@@ -43,6 +48,27 @@ _OPENING_QUESTION = re.compile(r"^\s*([^.!?\n]{3,300}\?)\s*")
 
 def _words(text: str) -> list[str]:
     return _WORD.findall(text.casefold())
+
+
+def repeated_ngram_share(text: str, n: int = 4) -> float:
+    """Share of the word n-grams that repeat an earlier n-gram of the same text (0 when short).
+
+    The `repetition` metric of `medlora eval`, and the test of `drop_repetitive`.
+    """
+    words = _words(text)
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def drop_repetitive(records: Sequence[Record], max_share: float | None) -> tuple[list[Record], int]:
+    """The records whose answer repeats at most `max_share` of its word 4-grams, and how many
+    were dropped (None keeps all). Applied to the training split only, before sampling."""
+    if max_share is None:
+        return list(records), 0
+    kept = [r for r in records if repeated_ngram_share(r.answer) <= max_share]
+    return kept, len(records) - len(kept)
 
 
 ECHO_SHARE = 0.75

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from medlora.config import GenerationConfig
-from medlora.data.hygiene import restates_question
+from medlora.data.hygiene import repeated_ngram_share, restates_question
 from medlora.data.records import Record
 from medlora.errors import ConfigError, ModelError
 from medlora.io import write_jsonl_atomic
@@ -40,7 +40,6 @@ SCORE_KEYS = {
     "echo": "echo",
 }
 LOWER_IS_BETTER = frozenset({"repetition", "echo"})
-_WORDS = re.compile(r"[\w']+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -73,15 +72,6 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
-
-
-def repeated_ngram_share(text: str, n: int = 4) -> float:
-    """Share of the word n-grams that repeat an earlier n-gram of the same text (0 when short)."""
-    words = _WORDS.findall(text.casefold())
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
 
 
 def echoes_question(answer: str, question: str) -> float:
