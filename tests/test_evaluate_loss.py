@@ -34,6 +34,21 @@ def test_score_matches_transformers_label_loss(tiny_model_dir: Path) -> None:
     assert len(scores["per_example_loss"]) == len(examples)
 
 
+def test_chunked_head_gives_the_same_losses(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answer logits go through the head a few positions at a time (bounded memory), same numbers."""
+    from medlora.evaluate import loss as loss_module
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    examples, _ = format_records(tokenizer, tiny_records(2), "Be brief.", 512)
+    whole = score_examples(model, examples, tokenizer.pad_token_id, batch_size=5)
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3 * model.config.vocab_size)  # 3 rows
+    chunked = score_examples(model, examples, tokenizer.pad_token_id, batch_size=5)
+    assert chunked["per_example_loss"] == pytest.approx(whole["per_example_loss"], rel=1e-6)
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
 def test_eval_with_compare_base_reports_both(tmp_path: Path, tiny_model_dir: Path) -> None:
     from medlora.config import recipe_from_dict
     from medlora.train import train
