@@ -63,22 +63,26 @@ def build_tiny_tokenizer() -> object:
     return fast
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0) -> object:
-    """A random Llama of ~200k parameters: real architecture, milliseconds per step."""
+def build_tiny_llama(vocab_size: int, seed: int = 0, **sizes: int) -> object:
+    """A random Llama of ~200k parameters: real architecture, milliseconds per step. `sizes`
+    override its config (e.g. a wide `intermediate_size` where activations must dominate)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.2,  # large enough embeddings that a LoRA can make confident logits
+        **{
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": True,
+            "initializer_range": 0.2,  # large enough embeddings that a LoRA can be confident
+            **sizes,
+        }
     )
     return LlamaForCausalLM(config)
 

@@ -61,22 +61,14 @@ def test_auto_rows_need_a_budget_and_packing() -> None:
 
 def _wide_model(folder: Path, tokenizer: object) -> Path:
     """A tiny Llama with a wide MLP: activations, not weights, dominate a long row's memory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import build_tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),  # type: ignore[arg-type]
-        hidden_size=128,
-        intermediate_size=4096,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = build_tiny_llama(
+        len(tokenizer),  # type: ignore[arg-type]
+        hidden_size=128, intermediate_size=4096, num_hidden_layers=4, max_position_embeddings=1024,
+    )  # fmt: skip
+    model.config.pad_token_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
+    model.save_pretrained(folder)  # type: ignore[attr-defined]
     tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
     return folder
 
