@@ -553,14 +553,13 @@ def fit_rows_to_budget(model: Any, examples: list[Example], recipe: Recipe) -> R
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
 
+    def floor() -> int:  # memory in use between passes
+        if device == "cuda":
+            return int(torch.cuda.memory_allocated())
+        release_free_memory()
+        return current_rss_bytes()
+
     try:
-
-        def floor() -> int:
-            if device == "cuda":
-                return int(torch.cuda.memory_allocated())
-            release_free_memory()
-            return current_rss_bytes()
-
         choice = choose_row_tokens(
             probe, float(t.max_memory_gb or 0), d.max_seq_len, floor=floor,
             enable_checkpointing=checkpoint_activations,
