@@ -46,7 +46,7 @@ PEER_ACCUMULATION = 4
 
 def _medlora_model() -> tuple[Any, Any]:
     from medlora.config import load_recipe
-    from medlora.train import _build_model
+    from medlora.train.loop import _build_model
 
     overrides = [*SAME_AS_PEER, "train.packing=true", f"train.tokens_per_batch={ROW_TOKENS}"]
     return _build_model(load_recipe(_recipe_path(), overrides), None)
@@ -80,8 +80,8 @@ def _step(model: Any, optimizer: Any) -> None:
 def main() -> None:
     import torch
 
-    from medlora.answer_loss import answer_loss_sum
     from medlora.data.pack import collate_packed, pack_rows
+    from medlora.train.kernels.answer_head import answer_loss_sum
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/bench-peer")

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import update_section  # noqa: E402
 from _shared import QUESTIONS, SPEC, default_run  # noqa: E402
 
-from medlora.serve.fast import default_threads  # noqa: E402
+from medlora.machine import default_threads  # noqa: E402
 
 CASE = (
     "I am 58 years old. For the past three months I have felt more thirsty than usual, I get up "

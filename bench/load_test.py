@@ -182,7 +182,8 @@ def bench_engine(run: Path, engine: str, args: argparse.Namespace) -> dict[str, 
 
 
 def main() -> None:
-    from medlora.serve.fast import default_threads, llama_cpp_available
+    from medlora.machine import default_threads
+    from medlora.serve.fast import llama_cpp_available
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, default=None)

@@ -64,7 +64,7 @@ def _recipe_path() -> Path:
 
 def _peak_rss_mb() -> float:
     try:  # medlora's probes (tokens_per_batch: auto) reset the high-water mark; this keeps it whole
-        from medlora.memory import peak_rss_bytes
+        from medlora.train.memory import peak_rss_bytes
 
         return peak_rss_bytes() / 2**20
     except ImportError:

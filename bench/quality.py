@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import update_section  # noqa: E402
 
 from medlora.demo import metric_table  # noqa: E402
+from medlora.evaluate.bench import run_bench  # noqa: E402
 from medlora.evaluate.heldout import run_recipe  # noqa: E402
-from medlora.evaluate.multiple_choice import run_bench  # noqa: E402
 from medlora.evaluate.quality import evaluate_answers  # noqa: E402
 from medlora.evaluate.unseen import loss_base_vs_tuned, unseen_records  # noqa: E402
 from medlora.io import write_json_atomic  # noqa: E402

@@ -11,10 +11,10 @@ import torch
 from helpers import tiny_records
 
 from medlora import answer_loss
-from medlora.answer_loss import answer_loss_sum, output_head
 from medlora.data.format import format_records
 from medlora.data.pack import collate_packed, pack_rows
 from medlora.models import load_model
+from medlora.train.kernels.answer_head import answer_loss_sum, output_head
 
 
 def _packed_batch(tokenizer: Any) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def test_fused_head_loss_under_bf16_autocast(tiny_model_dir: Path) -> None:
 def test_unlikelihood_penalises_tokens_the_same_answer_already_wrote() -> None:
     import math
 
-    from medlora.answer_loss import unlikelihood_sum
+    from medlora.train.kernels.answer_head import unlikelihood_sum
 
     # One packed row: answer A at positions 3-5 (tokens 1 2 1), a prompt, answer B at 9-10 (1 3).
     keep = torch.tensor([3, 4, 5, 9, 10])

@@ -13,16 +13,15 @@ from typer.testing import CliRunner
 
 from medlora.cli import app
 from medlora.errors import DataError
-from medlora.evaluate.multiple_choice import (
+from medlora.evaluate.benchmarks import (
     MCItem,
-    harness_task,
     load_benchmark,
     load_medmcqa,
     load_medqa,
     load_mmlu,
     load_pubmedqa,
-    score_items,
 )
+from medlora.evaluate.harness import harness_task, score_items
 from medlora.models import load_model
 
 
@@ -185,7 +184,7 @@ def test_wrong_data_kind_and_missing_file_are_clear(tmp_path: Path) -> None:
 def test_k_shot_prompts_hold_dev_exemplars_with_answers(
     tiny: tuple[Any, Any], data_dir: Path
 ) -> None:
-    from medlora.evaluate.multiple_choice import task_units
+    from medlora.evaluate.harness import task_units
 
     model, tokenizer = tiny
     bench = load_benchmark("mmlu_medical", f"mmlu:{data_dir / 'mmlu_medical'}")
@@ -286,7 +285,7 @@ def test_chat_option_wraps_prompts_in_the_chat_template(tiny: tuple[Any, Any]) -
 
 
 def test_data_for_no_selected_task_is_refused(tiny: tuple[Any, Any], tmp_path: Path) -> None:
-    from medlora.evaluate.multiple_choice import run_benchmarks
+    from medlora.evaluate.bench import run_benchmarks
 
     model, tokenizer = tiny
     with pytest.raises(DataError, match="is for no task in --tasks pubmedqa"):
@@ -298,7 +297,7 @@ def test_smollm2_pubmedqa_scores_equal_hand_computed_ones(
     monkeypatch: pytest.MonkeyPatch, smollm2_cache: Path, data_dir: Path
 ) -> None:
     """The same check as above with a real tokenizer (BPE merges across the prompt/answer seam)."""
-    from medlora.evaluate.multiple_choice import task_units
+    from medlora.evaluate.harness import task_units
 
     monkeypatch.setenv("MEDLORA_CACHE", str(smollm2_cache))
     model, tokenizer = load_model("smollm2-135m-instruct")
@@ -311,7 +310,7 @@ def test_smollm2_pubmedqa_scores_equal_hand_computed_ones(
 
 
 def test_mmlu_continuation_scores_the_option_text(tiny: tuple[Any, Any], data_dir: Path) -> None:
-    from medlora.evaluate.multiple_choice import task_units
+    from medlora.evaluate.harness import task_units
 
     model, tokenizer = tiny
     bench = load_benchmark("mmlu_medical_continuation", f"mmlu:{data_dir / 'mmlu_medical'}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medlora.config import recipe_from_dict
-from medlora.lora_dropout import FastDropout, use_fast_lora_dropout
+from medlora.train.kernels.lora_dropout import FastDropout, use_fast_lora_dropout
 
 
 def test_drops_at_the_requested_rate_and_keeps_the_expectation() -> None:
@@ -55,7 +55,7 @@ def test_training_on_cpu_uses_it_in_every_lora_layer(tiny_model_dir: Path) -> No
     from peft import LoraConfig, get_peft_model
 
     from medlora.models import load_model
-    from medlora.train import _build_model
+    from medlora.train.loop import _build_model
 
     model, _ = load_model(str(tiny_model_dir))
     peft_model = get_peft_model(

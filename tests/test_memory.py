@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from medlora.config import recipe_from_dict
-from medlora.memory import GIB, HEADROOM, PeakSampler, choose_row_tokens, longest_fitting_row
+from medlora.train.memory import GIB, HEADROOM, PeakSampler, choose_row_tokens, longest_fitting_row
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"

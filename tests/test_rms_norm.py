@@ -10,7 +10,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from medlora.config import recipe_from_dict
-from medlora.rms_norm import use_fast_rms_norm
+from medlora.train.kernels.rms_norm import use_fast_rms_norm
 
 
 def _norm_pair(hidden: int = 48) -> tuple[LlamaRMSNorm, LlamaRMSNorm]:
@@ -43,7 +43,7 @@ def test_output_and_input_gradient_equal_the_stock_norm() -> None:
     # Second-order check of the closed form: finite differences in double precision.
     x64 = torch.randn(1, 3, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(6, dtype=torch.float64) + 0.5
-    from medlora.rms_norm import FrozenRMSNorm
+    from medlora.train.kernels.rms_norm import FrozenRMSNorm
 
     assert torch.autograd.gradcheck(lambda t: FrozenRMSNorm.apply(t, weight, 1e-5), (x64,))
 
@@ -64,7 +64,7 @@ def test_trainable_weight_bfloat16_and_no_grad_take_the_stock_path() -> None:
 
 
 def test_cpu_training_model_uses_it_in_every_norm(tiny_model_dir: Path) -> None:
-    from medlora.train import _build_model
+    from medlora.train.loop import _build_model
 
     recipe = recipe_from_dict({"model": {"name": str(tiny_model_dir)}, "lora": {"r": 2}})
     built, _ = _build_model(recipe, None)

@@ -134,7 +134,7 @@ def test_vllm_command_serves_the_run_as_a_lora_module(
 
 
 def test_threads_default_to_physical_cores_capped_by_omp(monkeypatch: pytest.MonkeyPatch) -> None:
-    from medlora.serve.fast import default_threads, physical_cores
+    from medlora.machine import default_threads, physical_cores
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert 1 <= default_threads() == physical_cores() <= (os.cpu_count() or 1)

@@ -18,14 +18,14 @@ from helpers import tiny_records, write_prepared
 from safetensors.torch import load_file
 
 from medlora import packed_attention
-from medlora.answer_loss import answer_loss_sum
 from medlora.config import recipe_from_dict
 from medlora.data.format import format_records, pad_batch
 from medlora.data.pack import collate_packed, pack_lengths, pack_rows
 from medlora.errors import TrainingError
 from medlora.models import load_model
-from medlora.packed_attention import use_packed_attention
 from medlora.train import train
+from medlora.train.kernels.answer_head import answer_loss_sum
+from medlora.train.kernels.packed_attention import use_packed_attention
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"

@@ -384,7 +384,7 @@ class EvalConfig(_Section):
     num_answers: int = Field(
         3, ge=0, description="Base-vs-tuned answers shown in the demo summary."
     )
-    # Quality during training (medlora.evaluate.callback); off unless during_training_every > 0.
+    # Quality during training (medlora.train.callbacks); off unless during_training_every > 0.
     during_training_every: int = Field(
         0,
         ge=0,

@@ -2,7 +2,7 @@
 
 The file is PubMedQA's JSON, `{pmid: {QUESTION, CONTEXTS, LONG_ANSWER, final_decision, …}}` (or a
 list of such objects, each with a `pubid`). The multiple-choice benchmark reads the same file as
-yes/no/maybe items (`medlora.evaluate.multiple_choice`); this loader is for training on answers.
+yes/no/maybe items (`medlora.evaluate.benchmarks`); this loader is for training on answers.
 """
 
 from __future__ import annotations

@@ -12,44 +12,16 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medlora.machine import default_threads
 from medlora.serve.engine import Job, RowTracker, stop_token_ids
 
 
 def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
-
-
-def physical_cores() -> int:
-    """CPU cores this process may run on, counting SMT siblings once: llama.cpp's matmuls gain
-    nothing from a second hyper-thread on the same core, and its threads spin at every barrier,
-    so a thread without a core of its own slows every other one down."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count() or 1
-    try:
-        import psutil  # installed with accelerate
-
-        physical = psutil.cpu_count(logical=False) or usable
-    except ImportError:
-        physical = usable
-    return max(1, min(usable, physical))
-
-
-def default_threads() -> int:
-    """`OMP_NUM_THREADS` when set (the usual cap on a shared machine, which torch obeys too), else
-    the physical cores (2 on the 2-core reference machine). Do not give llama.cpp more threads than
-    free cores: one spinning thread too many is many times slower (≈1-4 tok/s against ≈40 with
-    1 thread, measured on 2 cores with one of them busy)."""
-    capped = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if capped.isdigit() and int(capped) > 0:
-        return int(capped)
-    return physical_cores()
 
 
 # Prompt tokens per llama_decode call: any prompt up to 512 tokens (the 200-token benchmark question

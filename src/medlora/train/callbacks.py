@@ -93,7 +93,7 @@ class QualityCallback(_trainer_callback_base()):  # type: ignore[misc]
                 for name, values in scores.items():
                     logs[f"quality_{name}"] = sum(values) / len(values)
             if self.benchmark is not None:
-                from medlora.evaluate.multiple_choice import score_items
+                from medlora.evaluate.harness import score_items
 
                 task, units = self.benchmark
                 rows = score_items(model, self.tokenizer, units)
@@ -188,7 +188,8 @@ def attach_quality_callback(
     e = recipe.eval
     benchmark = None
     if e.during_training_every and e.during_training_benchmark:
-        from medlora.evaluate.multiple_choice import load_benchmark, task_units
+        from medlora.evaluate.benchmarks import load_benchmark
+        from medlora.evaluate.harness import task_units
 
         bench = load_benchmark(e.during_training_benchmark, e.during_training_benchmark_data)
         items = sample_records(bench.items, e.during_training_benchmark_limit, recipe.data.seed)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medlora.answer_loss import answer_loss_sum
 from medlora.config import Recipe
 from medlora.data.format import IGNORE_INDEX, Example, format_records, pad_batch, token_counter
 from medlora.data.hygiene import drop_repetitive
@@ -26,7 +25,11 @@ from medlora.data.records import Record
 from medlora.data.sample import sample_records
 from medlora.errors import TrainingError
 from medlora.io import append_jsonl, move_files_atomic, write_json_atomic, write_text_atomic
-from medlora.memory import (
+from medlora.models import load_recipe_model
+from medlora.train.charts import plot_training_charts
+from medlora.train.kernels.answer_head import answer_loss_sum
+from medlora.train.kernels.packed_attention import use_packed_attention
+from medlora.train.memory import (
     PeakSampler,
     RowChoice,
     choose_row_tokens,
@@ -34,9 +37,6 @@ from medlora.memory import (
     peak_rss_bytes,
     release_free_memory,
 )
-from medlora.models import load_recipe_model
-from medlora.packed_attention import use_packed_attention
-from medlora.report.charts import plot_training_charts
 
 
 class TokenCounter:
@@ -300,7 +300,7 @@ class TrainResult:
     train_seconds: float = 0.0
     peak_rss_mb: float | None = None
     peak_gpu_memory_mb: float | None = None
-    # tokens_per_batch: auto — what was measured and chosen (medlora.memory.RowChoice)
+    # tokens_per_batch: auto — what was measured and chosen (medlora.train.memory.RowChoice)
     row_choice: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -512,8 +512,8 @@ def _build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) ->
     )
     model = get_peft_model(model, peft_config)
     if not torch.cuda.is_available():
-        from medlora.lora_dropout import use_fast_lora_dropout
-        from medlora.rms_norm import use_fast_rms_norm
+        from medlora.train.kernels.lora_dropout import use_fast_lora_dropout
+        from medlora.train.kernels.rms_norm import use_fast_rms_norm
 
         use_fast_lora_dropout(model)  # CPU: torch's per-element Bernoulli draws are the slow part
         use_fast_rms_norm(model)  # CPU: a frozen-weight norm in 3 + 4 passes instead of ~18
@@ -524,7 +524,7 @@ def _build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) ->
 
 def fit_rows_to_budget(model: Any, examples: list[Example], recipe: Recipe) -> RowChoice:
     """`tokens_per_batch: auto`: probe forward + backward on the run's own packed rows and keep the
-    longest row that fits `train.max_memory_gb` (medlora.memory). RNG state is restored, so the
+    longest row that fits `train.max_memory_gb` (medlora.train.memory). RNG state is restored, so the
     probe does not change the run."""
     import torch
 
@@ -587,8 +587,8 @@ def train(
     from transformers import set_seed
 
     run_dir = Path(run_dir)
-    if recipe.train.method != "sft":  # DPO / ORPO on the same LoRA adapter (medlora.preference)
-        from medlora.preference import train_preference
+    if recipe.train.method != "sft":  # DPO / ORPO on the same LoRA adapter (medlora.train.preference)
+        from medlora.train.preference import train_preference
 
         return train_preference(
             recipe,
@@ -683,7 +683,7 @@ def train(
         rows_per_batch = max(1, int(tokens_per_batch) // d.max_seq_len)
         trainer.eval_batch_size = min(recipe.eval.batch_size, rows_per_batch)
     if recipe.eval.during_training_every or recipe.eval.best_metric:
-        from medlora.evaluate.callback import attach_quality_callback
+        from medlora.train.callbacks import attach_quality_callback
 
         attach_quality_callback(trainer, recipe, run_dir, tokenizer, val_records)
     previous_seconds = 0.0

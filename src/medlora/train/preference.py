@@ -351,7 +351,7 @@ def _build_model(
             ),
         )
     if not torch.cuda.is_available():
-        from medlora.rms_norm import use_fast_rms_norm
+        from medlora.train.kernels.rms_norm import use_fast_rms_norm
 
         use_fast_rms_norm(model)  # CPU: a frozen-weight norm in 3 + 4 passes instead of ~18
     if recipe.train.gradient_checkpointing:
@@ -637,7 +637,7 @@ def train_preference(
     )
     if not trainer.is_world_process_zero():
         return result
-    from medlora.report.charts import plot_training_charts
+    from medlora.train.charts import plot_training_charts
 
     plot_training_charts(metrics_path, run_dir / "charts")
     write_json_atomic(run_dir / "train_summary.json", result.to_dict())

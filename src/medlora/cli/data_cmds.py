@@ -1,0 +1,146 @@
+"""`medlora data prepare` and `medlora data preview`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from medlora.cli.app import (
+    SetOption,
+    _load,
+    _quiet_libraries,
+    console,
+    data_app,
+    parse_map,
+    user_errors,
+)
+
+
+@data_app.command("prepare")
+@user_errors
+def data_prepare(
+    recipe: Annotated[str | None, typer.Argument(help="Recipe YAML or bundled name.")] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", "-s", help="KIND:PATH (repeatable); replaces data.sources."),
+    ] = None,
+    column_map: Annotated[str | None, typer.Option("--map", help="question=COL,answer=COL")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the splits and data card.")
+    ] = Path("data/prepared"),
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Fail on malformed source files.")
+    ] = False,
+    set_: SetOption = None,
+) -> None:
+    """Read sources, clean, de-duplicate and split by topic; write JSONL splits + data_card.json."""
+    _quiet_libraries()
+    from medlora.data.format import token_counter
+    from medlora.data.prepare import prepare_data
+    from medlora.models import load_tokenizer
+
+    config = _load(recipe, set_)
+    sources = source or config.data.sources
+    tokenizer = load_tokenizer(config.model.name, config.model.revision)
+    with console.status("reading and splitting sources…"):
+        card = prepare_data(
+            sources,
+            out,
+            column_map=parse_map(column_map) or config.data.map or None,
+            exclude=config.data.exclude,
+            strict=strict or config.data.strict,
+            val_fraction=config.data.val_fraction,
+            test_fraction=config.data.test_fraction,
+            count_tokens=token_counter(tokenizer, config.data.system_prompt),
+            hygiene=config.data.clean,
+        )
+    console.print(f"wrote {out}/{{train,validation,test}}.jsonl and data_card.json")
+    console.print_json(
+        json.dumps({k: card.get(k) for k in ("splits", "skipped", "hygiene", "token_lengths")})
+    )
+
+
+def _preview_hygiene(config: Any, data: str | None, n: int) -> None:
+    """Raw vs cleaned answers: the first `n` records each hygiene rule changed or dropped."""
+    from medlora.data.clean import clean_records
+    from medlora.data.hygiene import RECORD_RULES, apply_hygiene
+    from medlora.data.sources import load_source
+
+    records: list[Any] = []
+    for spec in [data] if data else config.data.sources:
+        records += load_source(spec, column_map=config.data.map or None)[0]
+    records, _ = clean_records(records)
+    kept, counts = apply_hygiene(records, config.data.clean)
+    cleaned = {r.id: r.answer for r in kept}
+    for name, rule in RECORD_RULES.items():
+        shown = 0
+        for record in records:
+            if shown == n:
+                break
+            if record.answer == cleaned.get(record.id) or rule(record) == record.answer:
+                continue
+            shown += 1
+            console.rule(f"{name}: {record.id}  {record.question}")
+            console.print(f"[red]raw[/]      {record.answer[:400]}", highlight=False)
+            after = cleaned.get(record.id)
+            console.print(
+                f"[green]cleaned[/]  {after[:400] if after is not None else '(dropped)'}",
+                highlight=False,
+            )
+    console.print_json(json.dumps(counts))
+
+
+@data_app.command("preview")
+@user_errors
+def data_preview(
+    recipe: Annotated[str | None, typer.Argument(help="Recipe YAML or bundled name.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Prepared folder or KIND:PATH (default: recipe sources)."),
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="How many examples to show.")] = 3,
+    split: Annotated[str, typer.Option("--split")] = "train",
+    hygiene: Annotated[
+        bool,
+        typer.Option("--hygiene", help="Show raw vs cleaned answers the hygiene rules changed."),
+    ] = False,
+    set_: SetOption = None,
+) -> None:
+    """Show formatted examples with the trained (answer) tokens highlighted."""
+    _quiet_libraries()
+    if hygiene:
+        _preview_hygiene(_load(recipe, set_), data, n)
+        return
+    from medlora.data.format import format_records
+    from medlora.evaluate.heldout import load_eval_records
+    from medlora.models import load_tokenizer
+
+    config = _load(recipe, set_)
+    tokenizer = load_tokenizer(config.model.name, config.model.revision)
+    records = load_eval_records(
+        data or config.data.sources[0], split, config, config.data.map or None
+    )
+    examples, stats = format_records(
+        tokenizer,
+        records[: max(n * 4, n)],
+        config.data.system_prompt,
+        config.data.max_seq_len,
+        config.data.truncation,
+    )
+    for example in examples[:n]:
+        console.rule(
+            f"{example.record_id}  ({example.answer_tokens} trained / {len(example.input_ids)} tokens)"
+        )
+        from medlora.data.format import preview
+
+        console.print(preview(tokenizer, example))
+    console.print(
+        "[dim]dim = prompt (label -100, not trained)[/]   [bold black on green]green = trained answer tokens[/]"
+    )
+    if stats.dropped_no_answer_tokens:
+        console.print(
+            f"{stats.dropped_no_answer_tokens} examples would be dropped: no answer token fits"
+        )

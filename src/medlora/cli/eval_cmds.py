@@ -1,0 +1,257 @@
+"""`medlora eval`, `bench`, `compare` and `report`: base vs tuned, and the pages that show it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from medlora.cli.app import (
+    _quiet_libraries,
+    app,
+    console,
+    parse_map,
+    user_errors,
+)
+from medlora.errors import ConfigError
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model spec (Hub id, folder, .gguf, alias).")
+    ],
+    data: Annotated[str, typer.Option("--data", "-d", help="KIND:PATH or a prepared folder.")],
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", "-a", help="Run directory with the adapter.")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="test | validation | train | all")] = "test",
+    limit: Annotated[int | None, typer.Option("--limit", help="Score at most N examples.")] = None,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Also score the base model in the same run.")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write results JSON here.")
+    ] = None,
+    column_map: Annotated[str | None, typer.Option("--map", help="question=COL,answer=COL")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    metrics: Annotated[
+        str, typer.Option("--metrics", help="Comma-separated: loss, rouge, f1, similarity.")
+    ] = "loss",
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Longest generated answer.")
+    ] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option("--predictions", help="Per-example answers (default: beside --out)."),
+    ] = None,
+) -> None:
+    """Held-out scores: answer-only loss and perplexity; with --metrics also generated-answer
+    quality (ROUGE-L, token F1, MiniLM similarity) with 95% bootstrap confidence intervals."""
+    _quiet_libraries()
+    from medlora.evaluate.quality import evaluate_run, parse_metrics
+
+    if compare_base and adapter is None:
+        raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
+    wanted = parse_metrics(metrics)
+    with console.status("scoring…"):
+        result = evaluate_run(
+            model,
+            data,
+            adapter,
+            split,
+            limit,
+            compare_base,
+            out,
+            batch_size,
+            parse_map(column_map) or None,
+            wanted,
+            max_new_tokens,
+            predictions,
+        )
+    if "loss" in result:
+        line = f"{result['examples']} examples, {result['answer_tokens']} answer tokens: "
+        line += f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}"
+        if "base_loss" in result:
+            line += f"   base loss {result['base_loss']:.4f}  base perplexity {result['base_perplexity']:.2f}"
+            line += f"   change {result['loss_change']:+.4f}"
+        console.print(line)
+        if "example_loss_change" in result:
+            from medlora.report.html import fmt_ci
+
+            change = fmt_ci(result["example_loss_change"], 4, signed=True)
+            console.print(f"mean per-example loss change, tuned − base [95% CI]: {change}")
+    if "quality" in result:
+        _print_quality(result["quality"])
+    if out:
+        console.print(f"wrote {out}")
+
+
+def _print_quality(quality: dict[str, Any]) -> None:
+    from medlora.evaluate.quality import LOWER_IS_BETTER
+    from medlora.report.html import fmt_ci, verdict
+
+    console.print(
+        f"{quality['examples']} answers ({quality['decoding']}, ≤{quality['max_new_tokens']} new "
+        f"tokens, {quality['empty_predictions']} empty); mean [95% CI]:"
+    )
+    for name, entry in quality["metrics"].items():
+        line = f"  {name:<11} {fmt_ci(entry['model'])}"
+        if "base" in entry:
+            line += (
+                f"   base {fmt_ci(entry['base'])}   difference {fmt_ci(entry['diff'], signed=True)}"
+            )
+            line += f" ({verdict(entry['diff'], name not in LOWER_IS_BETTER)})"
+        console.print(line)
+    if quality.get("predictions"):
+        console.print(f"answers: {quality['predictions']}")
+
+
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model spec.")],
+    tasks: Annotated[
+        str,
+        typer.Option(
+            "--tasks",
+            help="pubmedqa, mmlu_medical, mmlu_medical_continuation, mmlu, medmcqa, medqa",
+        ),
+    ] = "pubmedqa,mmlu_medical",
+    adapter: Annotated[Path | None, typer.Option("--adapter", "-a", help="Run directory.")] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            help="KIND:PATH (repeatable): pubmedqa:FILE, mmlu:DIR, medmcqa:FILE, medqa:FILE "
+            "(default: under $MEDLORA_DATA_DIR).",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="At most N questions per task.")
+    ] = None,
+    shots: Annotated[int, typer.Option("--shots", help="Few-shot exemplars (0: zero-shot).")] = 0,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Also score the base model in the same run.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Results JSON.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Wrap prompts in the chat template (default: raw).")
+    ] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on a bad row.")] = False,
+) -> None:
+    """Multiple-choice medical benchmarks scored by option log-likelihood (lm-evaluation-harness)."""
+    _quiet_libraries()
+    from medlora.evaluate.bench import run_bench
+    from medlora.report.html import fmt, fmt_ci
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    result = run_bench(
+        model,
+        adapter,
+        names,
+        data or [],
+        limit,
+        shots,
+        compare_base,
+        out,
+        batch_size,
+        chat,
+        strict,
+        progress=console.print,
+    )
+    for task, r in result["tasks"].items():
+        line = f"{task}: n={r['n']}  acc {fmt_ci(r['acc_ci'])}  acc_norm {fmt(r['acc_norm'])}"
+        line += f"  chance {fmt(r['chance'])}"
+        if "base_acc" in r:
+            line += f"  | base acc {fmt(r['base_acc'])}  acc_norm {fmt(r['base_acc_norm'])}"
+            line += f"  | difference {fmt_ci(r['diff_acc'], signed=True)}"
+        console.print(line)
+        if len(r["subjects"]) > 1:
+            for subject, s in r["subjects"].items():
+                base = f"  base {fmt(s['base_acc'])}" if "base_acc" in s else ""
+                console.print(
+                    f"  {subject:<22} n={s['n']:<4} acc {fmt(s['acc'])}{base}  "
+                    f"chance {fmt(s['chance'])}"
+                )
+            console.print(
+                f"  {'macro average':<22} acc {fmt(r['macro_acc'])}  chance {fmt(r['chance'])}"
+            )
+        if r["skipped"]:
+            console.print(f"  skipped rows: {r['skipped']}")
+    if out:
+        console.print(f"wrote {out}")
+
+
+@app.command("compare")
+@user_errors
+def compare_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Base model spec.")],
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Run directory.")],
+    questions: Annotated[
+        Path | None, typer.Option("--questions", help=".txt/.jsonl/.json/.csv of questions.")
+    ] = None,
+    from_split: Annotated[
+        str | None, typer.Option("--from-split", help="Take questions from the run's split.")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="How many questions.")] = 20,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder for compare.* (default: the run).")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
+) -> None:
+    """Base vs fine-tuned answers side by side: compare.html, compare.md, compare.json."""
+    _quiet_libraries()
+    from medlora.report.compare import run_compare
+    from medlora.report.html import fmt_ci
+
+    with console.status("answering with both models…"):
+        result = run_compare(
+            model, adapter, questions, from_split, n, out, max_new_tokens, batch_size
+        )
+    for name, m in result["metrics"].items():
+        console.print(
+            f"{name}: base {fmt_ci(m['base'])}  fine-tuned {fmt_ci(m['model'])}  "
+            f"difference {fmt_ci(m['diff'], signed=True)}"
+        )
+    console.print("wrote " + ", ".join(result["files"].values()))
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.")],
+    eval_file: Annotated[
+        Path | None, typer.Option("--eval", help="Eval JSON (default RUN/eval.json).")
+    ] = None,
+    bench_file: Annotated[
+        Path | None, typer.Option("--bench", help="Bench JSON (default RUN/bench.json).")
+    ] = None,
+    compare_file: Annotated[
+        Path | None, typer.Option("--compare", help="compare.json (default RUN/compare.json).")
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="Hub id of the base for the card.")
+    ] = None,
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="Hub repo the adapter will live in.")
+    ] = None,
+    license_: Annotated[str | None, typer.Option("--license", help="Card licence id.")] = None,
+) -> None:
+    """report.html (self-contained) and a Hub-ready README.md model card, from the run's files."""
+    from medlora.report.card import write_report
+
+    paths = write_report(
+        run_dir,
+        eval_path=eval_file,
+        bench_path=bench_file,
+        compare_path=compare_file,
+        base_model=base_model,
+        repo_id=repo_id,
+        license=license_,
+    )
+    console.print(f"wrote {paths['card']} and {paths['html']}")

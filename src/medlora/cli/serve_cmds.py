@@ -1,0 +1,186 @@
+"""`medlora chat`, `generate` and `serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medlora.cli.app import (
+    _quiet_libraries,
+    app,
+    console,
+    user_errors,
+)
+
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        "--engine", help="auto (llama.cpp when installed) | transformers | llama.cpp | vllm."
+    ),
+]
+AdapterOption = Annotated[
+    Path | None, typer.Option("--adapter", "-a", help="Run directory with the adapter.")
+]
+
+
+@app.command("chat")
+@user_errors
+def chat_cmd(
+    spec: Annotated[str, typer.Argument(help="Base model spec (alias, folder, .gguf, Hub id).")],
+    adapter: AdapterOption = None,
+    engine: EngineOption = "auto",
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", min=1, help="Default: the run's generation settings."),
+    ] = None,
+) -> None:
+    """Talk to the model in the terminal: streaming, multi-turn, /reset for a new conversation."""
+    _quiet_libraries()
+    from medlora.chat import Chat, chat_loop
+    from medlora.serve.loader import build_engine
+
+    with console.status("loading…"):
+        served = build_engine(spec, adapter, engine=engine, with_base=False)
+    chat_loop(Chat(served, max_new_tokens), console, read=console.input)
+
+
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    spec: Annotated[str, typer.Argument(help="Base model spec (alias, folder, .gguf, Hub id).")],
+    in_path: Annotated[
+        Path, typer.Option("--in", help='JSONL with one {"question": ...} per line.')
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="JSONL to write, one answer per question.")
+    ],
+    adapter: AdapterOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", min=1, help="Default: the run's generation settings."),
+    ] = None,
+) -> None:
+    """Answer a file of questions in batches (greedy, merged weights, the run's chat template)."""
+    _quiet_libraries()
+    from medlora.chat import generate_file
+
+    with console.status("answering…") as status:
+        rows = generate_file(
+            spec,
+            adapter,
+            in_path,
+            out,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            log=lambda line: status.update(f"answering… {line}"),
+        )
+    console.print(f"wrote {len(rows)} answers to {out}")
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    spec: Annotated[str, typer.Argument(help="Base model spec (alias, folder, .gguf, Hub id).")],
+    adapter: AdapterOption = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    engine: EngineOption = "auto",
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="MEDLORA_API_KEY", help="Require Bearer KEY on /v1."),
+    ] = None,
+    base: Annotated[
+        bool, typer.Option("--base/--no-base", help="Also serve the base model (side by side).")
+    ] = True,
+    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", min=1)] = 1024,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Most a request may ask.")
+    ] = 512,
+    max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1)] = 256,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", min=1, help="Waiting requests before 429.")
+    ] = 64,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests per batch.")] = 8,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds before a request gets 504.")
+    ] = 120.0,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads", help="CPU threads (default: OMP_NUM_THREADS, else physical cores)."
+        ),
+    ] = None,
+    gguf_type: Annotated[
+        str,
+        typer.Option(
+            "--gguf-type",
+            help="llama.cpp weights: q8_0 | q4_0 (faster, answers differ more) | f16 | bf16 | f32.",
+        ),
+    ] = "q8_0",
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Log prompts and answers.")
+    ] = False,
+    disclaimer: Annotated[
+        str | None, typer.Option("--disclaimer", help="Text added to every answer.")
+    ] = None,
+    no_disclaimer: Annotated[bool, typer.Option("--no-disclaimer")] = False,
+    no_emergency_notice: Annotated[bool, typer.Option("--no-emergency-notice")] = False,
+) -> None:
+    """OpenAI-compatible API (/v1/chat/completions, /v1/models), /health and a chat page at /."""
+    _quiet_libraries()
+    import logging
+
+    from medlora.serve.safety import DEFAULT_DISCLAIMER, Safety
+
+    if engine == "vllm":
+        import subprocess
+
+        from medlora.serve.loader import vllm_command
+
+        command = vllm_command(
+            spec, adapter, host, port, api_key, max_new_tokens, max_prompt_tokens
+        )
+        console.print(
+            "starting: " + " ".join(c if c != api_key else "***" for c in command), highlight=False
+        )
+        raise typer.Exit(subprocess.call(command))
+    import uvicorn
+
+    from medlora.serve.app import Limits, create_app
+    from medlora.serve.loader import build_engine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with console.status("loading…"):
+        served = build_engine(
+            spec,
+            adapter,
+            engine=engine,
+            with_base=base,
+            max_batch=max_batch,
+            threads=threads,
+            n_ctx=max_prompt_tokens + max_new_tokens,
+            gguf_type=gguf_type,
+        )
+    safety = Safety(
+        disclaimer=None if no_disclaimer else (disclaimer or DEFAULT_DISCLAIMER),
+        emergency_notices=not no_emergency_notice,
+    )
+    limits = Limits(
+        api_key=api_key,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        default_max_tokens=min(served.generation.max_new_tokens, max_new_tokens),
+        max_body_bytes=max_body_kb * 1024,
+        max_queue=max_queue,
+        request_timeout_s=timeout,
+        log_prompts=log_prompts,
+        safety=safety,
+    )
+    console.print(
+        f"serving {', '.join(served.engine.models)} with {served.engine.name} on http://{host}:{port} "
+        f"(chat page at /, API at /v1{', key required' if api_key else ''})"
+    )
+    uvicorn.run(create_app(served, limits), host=host, port=port, log_level="warning")

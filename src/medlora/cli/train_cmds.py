@@ -1,0 +1,113 @@
+"""`medlora train`, `medlora sweep` and `medlora demo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medlora.cli.app import (
+    SetOption,
+    _load,
+    _quiet_libraries,
+    app,
+    console,
+    resolve_recipe_path,
+    user_errors,
+)
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML or bundled name (smollm2-135m-cpu).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory (default: output.dir).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Folder written by `medlora data prepare`.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint.")
+    ] = False,
+    set_: SetOption = None,
+) -> None:
+    """Fine-tune with LoRA; writes the adapter, metrics.jsonl and charts into the run directory."""
+    _quiet_libraries()
+    from medlora.models import check_quantization
+    from medlora.train import train
+
+    config = _load(recipe, set_)
+    check_quantization(config.model.quantization)  # no GPU/bitsandbytes: one line, nothing loaded
+    run_dir = out or Path(config.output.dir)
+    result = train(config, run_dir, prepared_dir=data, resume=resume)
+    console.print_json(json.dumps(result.to_dict()))
+
+
+@app.command("sweep")
+@user_errors
+def sweep_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML or bundled name (smollm2-135m-cpu).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: one run per value.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="section.key=value; exactly one with a comma list (lora.r=4,8,16,32) is the "
+            "sweep axis, the others are fixed overrides.",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Folder written by `medlora data prepare`.")
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Retrain runs that a previous sweep finished.")
+    ] = False,
+    unseen: Annotated[
+        bool,
+        typer.Option(
+            "--unseen",
+            help="Also score every run on eval.unseen_sources (sources never trained on): answer "
+            "loss and generated answers vs the base, with paired 95% CIs.",
+        ),
+    ] = False,
+) -> None:
+    """One LoRA run per value of one recipe key; sweep.md/json (validation loss, trainable
+    parameters, train time, tokens/s, and with --unseen the held-out-source scores) and sweep.png."""
+    _quiet_libraries()
+    from medlora.sweep import run_sweep, summary_table
+
+    path = resolve_recipe_path(recipe)
+    result = run_sweep(
+        path, set_ or [], out, prepared_dir=data, fresh=fresh, unseen=unseen, console=console
+    )
+    console.print(summary_table(result))
+    console.print(f"wrote {out}/sweep.md, {out}/sweep.json, {out}/sweep.png")
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(
+    recipe: Annotated[
+        str, typer.Option("--recipe", help="Recipe YAML or bundled name.")
+    ] = "smollm2-135m-cpu",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/demo"),
+    set_: SetOption = None,
+) -> None:
+    """The whole pipeline on a CPU: MedQuAD, SmolLM2, LoRA, base vs tuned; writes summary.md."""
+    _quiet_libraries()
+    from medlora.demo import run_demo
+
+    config = _load(recipe, set_)
+    from medlora.demo import metric_table
+
+    summary = run_demo(config, out, log=console.print)
+    unseen = summary["unseen"]
+    console.print(
+        f"unseen sources ({unseen['examples']} questions): answer loss base "
+        f"{unseen['base_loss']:.4f} → tuned {unseen['loss']:.4f} ({unseen['loss_change_pct']:+.1f} %)"
+    )
+    console.print("\n".join(metric_table(unseen["quality"])), highlight=False)
+    console.print(f"see {out}/summary.md")

@@ -1,0 +1,334 @@
+"""Medical multiple-choice sets (PubMedQA, MMLU medical, MedMCQA, MedQA) read from local files.
+
+Bad rows are counted and skipped (or refused with `strict`); nothing is downloaded. Scoring lives in
+`evaluate/harness.py` (lm-evaluation-harness) and the run + summary in `evaluate/bench.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medlora.data.records import SourceReport
+from medlora.errors import ConfigError, DataError
+
+LETTERS = "ABCDEFGHIJ"
+PUBMEDQA_CHOICES = ["yes", "no", "maybe"]
+MMLU_MEDICAL = (
+    "anatomy",
+    "clinical_knowledge",
+    "college_biology",
+    "college_medicine",
+    "medical_genetics",
+    "professional_medicine",
+)
+KINDS = ("pubmedqa", "mmlu", "medmcqa", "medqa")
+# task name -> (data kind, default path under MEDLORA_DATA_DIR or None)
+TASKS: dict[str, tuple[str, str | None]] = {
+    "pubmedqa": ("pubmedqa", "pubmedqa/pqal_dev.json"),
+    "mmlu_medical": ("mmlu", "mmlu_medical"),
+    # The harness's cloze form of MMLU: the option text is scored, not its letter. Models too small
+    # to follow the A-D format (SmolLM2-135M answers "A" every time) still show what they know here.
+    "mmlu_medical_continuation": ("mmlu", "mmlu_medical"),
+    "mmlu": ("mmlu", None),
+    "medmcqa": ("medmcqa", None),
+    "medqa": ("medqa", None),
+}
+
+
+@dataclass
+class MCItem:
+    """One multiple-choice question; `context` is PubMedQA's abstract."""
+
+    id: str
+    question: str
+    options: list[str]
+    answer_index: int
+    subject: str = ""
+    context: str = ""
+
+
+@dataclass
+class Benchmark:
+    """The items of one task, its few-shot pool and what the loader skipped."""
+
+    task: str
+    kind: str
+    items: list[MCItem]
+    shots_pool: list[MCItem] = field(default_factory=list)
+    report: SourceReport = field(default_factory=lambda: SourceReport(source=""))
+
+
+# ---------------------------------------------------------------- loaders (one per file shape)
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; check the path")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 ({err.reason}); re-save it as UTF-8") from err
+
+
+def _skip(report: SourceReport, strict: bool, where: str, reason: str) -> None:
+    """Count a bad row, or refuse the file when strict; the first few are named in warnings."""
+    if strict:
+        raise DataError(f"{where}: {reason}; fix the row or drop --strict to skip bad rows")
+    report.skip(reason.split(" (")[0])
+    if len(report.warnings) < 5:
+        report.warnings.append(f"{where}: {reason}")
+
+
+def load_pubmedqa(path: Path, strict: bool = False) -> tuple[list[MCItem], SourceReport]:
+    """PubMedQA PQA-L JSON: {pubid: {QUESTION, CONTEXTS[], final_decision ∈ yes/no/maybe}}."""
+    report = SourceReport(source=f"pubmedqa:{path}")
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: line {err.lineno} is not valid JSON ({err.msg})") from err
+    if isinstance(data, list):  # the same objects as a list, each with its own pubid
+        data = {
+            str(row.get("pubid", i)) if isinstance(row, dict) else str(i): row
+            for i, row in enumerate(data)
+        }
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{path}: expected PubMedQA's {{pubid: {{QUESTION, CONTEXTS, final_decision}}}}"
+        )
+    items = []
+    for pubid, row in data.items():
+        where = f"{path}: item {pubid}"
+        if not isinstance(row, dict):
+            _skip(report, strict, where, "not a JSON object")
+            continue
+        question, decision = row.get("QUESTION"), str(row.get("final_decision", "")).lower()
+        contexts = row.get("CONTEXTS")
+        if not isinstance(question, str) or not question.strip():
+            _skip(report, strict, where, "no QUESTION")
+        elif decision not in PUBMEDQA_CHOICES:
+            _skip(report, strict, where, f"final_decision is not yes/no/maybe ({decision!r})")
+        elif not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
+            _skip(report, strict, where, "CONTEXTS is not a list of strings")
+        else:
+            items.append(
+                MCItem(
+                    str(pubid),
+                    question.strip(),
+                    list(PUBMEDQA_CHOICES),
+                    PUBMEDQA_CHOICES.index(decision),
+                    "pubmedqa",
+                    "\n".join(contexts),
+                )
+            )
+    report.records = len(items)
+    return items, report
+
+
+def _mmlu_rows(path: Path, subject: str, report: SourceReport, strict: bool) -> list[MCItem]:
+    """Headerless MMLU CSV rows: question,A,B,C,D,answer."""
+    items = []
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as err:
+        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({err})") from err
+    for number, row in enumerate(rows, start=1):
+        where = f"{path}: row {number}"
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != 6:
+            _skip(
+                report, strict, where, f"has {len(row)} columns (expected question,A,B,C,D,answer)"
+            )
+        elif row[5].strip().upper() not in LETTERS[:4]:
+            _skip(report, strict, where, f"answer {row[5]!r} is not one of A, B, C, D")
+        elif not row[0].strip():
+            _skip(report, strict, where, "empty question")
+        else:
+            items.append(
+                MCItem(
+                    f"{subject}-{number}",
+                    row[0],
+                    [c.strip() for c in row[1:5]],
+                    LETTERS.index(row[5].strip().upper()),
+                    subject,
+                )
+            )
+    return items
+
+
+def _mmlu_files(folder: Path, split: str) -> dict[str, Path]:
+    """{subject: file} for `<subject>_<split>.csv` in `folder` or in `folder/<split>/`."""
+    for where in (folder / split, folder):
+        files = {
+            p.name.removesuffix(f"_{split}.csv"): p for p in sorted(where.glob(f"*_{split}.csv"))
+        }
+        if files:
+            return files
+    return {}
+
+
+def load_mmlu(
+    path: Path, strict: bool = False, subjects: Sequence[str] | None = None
+) -> tuple[list[MCItem], list[MCItem], SourceReport]:
+    """MMLU's CSV layout: evaluate `test/` when present, else `val/`; few-shot exemplars from `dev/`."""
+    report = SourceReport(source=f"mmlu:{path}")
+    if not path.is_dir():
+        raise DataError(
+            f"mmlu:{path}: folder not found; give the folder that holds dev/ and val/ or test/"
+        )
+    split = next((s for s in ("test", "val") if _mmlu_files(path, s)), None)
+    if split is None:
+        raise DataError(f"mmlu:{path}: no <subject>_test.csv or <subject>_val.csv files found")
+    files = _mmlu_files(path, split)
+    wanted = set(subjects) if subjects is not None else set(files)
+    if subjects is not None and not wanted & set(files):
+        raise DataError(
+            f"mmlu:{path}: none of the subjects {', '.join(sorted(wanted))} has a {split} file"
+        )
+    items: list[MCItem] = []
+    shots: list[MCItem] = []
+    dev_files = _mmlu_files(path.parent if path.name == split else path, "dev")
+    for subject in sorted(wanted & set(files)):
+        items += _mmlu_rows(files[subject], subject, report, strict)
+        if subject in dev_files:
+            shots += _mmlu_rows(dev_files[subject], subject, report, strict)
+    report.records = len(items)
+    report.warnings.insert(0, f"evaluated split: {split}")
+    return items, shots, report
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError:
+                yield number, None
+
+
+def _cop_offset(path: Path, rows: list[tuple[int, Any]]) -> int:
+    """MedMCQA's `cop` is 1-4 in the authors' release and 0-3 in the Hub copy: tell from the file."""
+    values = {
+        r.get("cop") for _, r in rows if isinstance(r, dict) and isinstance(r.get("cop"), int)
+    }
+    if 0 in values and 4 in values:
+        raise DataError(
+            f"{path}: 'cop' holds both 0 and 4; use 1-4 (authors' files) or 0-3 throughout"
+        )
+    if 0 in values:
+        return 0
+    if 4 in values or not values:
+        return 1
+    raise DataError(
+        f"{path}: cannot tell whether 'cop' counts from 0 or 1 (only 1-3 seen); add rows"
+    )
+
+
+def load_medmcqa(path: Path, strict: bool = False) -> tuple[list[MCItem], SourceReport]:
+    """MedMCQA JSONL: question, opa, opb, opc, opd, cop (correct option), subject_name."""
+    report = SourceReport(source=f"medmcqa:{path}")
+    rows = list(_jsonl_rows(path))
+    offset = _cop_offset(path, rows)
+    items = []
+    for number, row in rows:
+        where = f"{path}: line {number}"
+        if not isinstance(row, dict):
+            _skip(report, strict, where, "not a JSON object")
+            continue
+        options = [row.get(k) for k in ("opa", "opb", "opc", "opd")]
+        cop = row.get("cop")
+        if not isinstance(row.get("question"), str) or not all(isinstance(o, str) for o in options):
+            _skip(report, strict, where, "missing question or one of opa/opb/opc/opd")
+        elif not isinstance(cop, int) or not 0 <= cop - offset < 4:
+            _skip(report, strict, where, f"cop {cop!r} is not a valid option number")
+        else:
+            items.append(
+                MCItem(
+                    str(row.get("id", number)),
+                    row["question"],
+                    options,
+                    cop - offset,
+                    str(row.get("subject_name") or "medmcqa"),
+                )
+            )
+    report.records = len(items)
+    return items, report
+
+
+def _medqa_item(row: dict[str, Any], number: int) -> MCItem | str:
+    """Either MedQA shape, or the reason the row is unusable."""
+    if "sent1" in row:  # the Hub's 4-option copy: sent1, ending0..3, label
+        options = [row.get(f"ending{i}") for i in range(4)]
+        question, answer = row.get("sent1"), row.get("label")
+        if not isinstance(answer, int) or not 0 <= answer < 4:
+            return f"label {answer!r} is not 0-3"
+    else:  # the authors' JSONL: question, options {A: …}, answer_idx
+        raw = row.get("options")
+        if not isinstance(raw, dict) or not raw:
+            return "no options object"
+        keys = sorted(raw)
+        options, question = [raw[k] for k in keys], row.get("question")
+        if row.get("answer_idx") not in keys:
+            return f"answer_idx {row.get('answer_idx')!r} is not one of {', '.join(keys)}"
+        answer = keys.index(row["answer_idx"])
+    if not isinstance(question, str) or not all(isinstance(o, str) for o in options):
+        return "missing question or option text"
+    return MCItem(str(row.get("id", number)), question, options, answer, "medqa")
+
+
+def load_medqa(path: Path, strict: bool = False) -> tuple[list[MCItem], SourceReport]:
+    """MedQA JSONL, authors' shape (question, options, answer_idx) or the Hub's (sent1, ending0-3, label)."""
+    report = SourceReport(source=f"medqa:{path}")
+    items = []
+    for number, row in _jsonl_rows(path):
+        item = _medqa_item(row, number) if isinstance(row, dict) else "not a JSON object"
+        if isinstance(item, str):
+            _skip(report, strict, f"{path}: line {number}", item)
+        else:
+            items.append(item)
+    report.records = len(items)
+    return items, report
+
+
+def default_data(task: str) -> str | None:
+    """`KIND:PATH` of the task's file in $MEDLORA_DATA_DIR, when that is set and holds it."""
+    kind, relative = TASKS[task]
+    root = os.environ.get("MEDLORA_DATA_DIR")
+    if relative and root and (Path(root) / relative).exists():
+        return f"{kind}:{Path(root) / relative}"
+    return None
+
+
+def load_benchmark(task: str, data: str | None, strict: bool = False) -> Benchmark:
+    """Items of `task` from `data` (KIND:PATH); `mmlu_medical` keeps the six medical subjects."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}': choose from {', '.join(TASKS)}")
+    kind = TASKS[task][0]
+    data = data or default_data(task)
+    if data is None:
+        raise DataError(f"task {task} needs its file: add --data {kind}:PATH")
+    given, _, raw = data.partition(":")
+    if given != kind or not raw:
+        raise DataError(f"--data {data!r} does not fit task {task}: write {kind}:PATH")
+    path = Path(os.path.expanduser(os.path.expandvars(raw)))
+    if kind == "mmlu":
+        subjects = MMLU_MEDICAL if task.startswith("mmlu_medical") else None
+        items, shots, report = load_mmlu(path, strict, subjects)
+    else:
+        loader = {"pubmedqa": load_pubmedqa, "medmcqa": load_medmcqa, "medqa": load_medqa}[kind]
+        items, report = loader(path, strict)
+        shots = items  # no dev file: `task_units` takes the exemplars from this file itself
+    if not items:
+        raise DataError(f"{data}: no usable question ({report.skipped or 'file is empty'})")
+    return Benchmark(task, kind, items, shots, report)
+
+
+# ---------------------------------------------------------------- prompts (the harness's templates)

@@ -1,0 +1,150 @@
+"""GGUF for llama.cpp: the converter and quantizer extracted from the llama-cpp-python sdist
+(`make fast`), a base model's GGUF, and a cache key for an adapter's export."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from medlora.errors import ModelError
+from medlora.export.common import CONVERTER_TYPES, GGUF_TYPES, ExportError
+from medlora.models import cache_dir
+
+
+def llama_cpp_tools_dir() -> Path:
+    """Where llama.cpp's converter scripts are (`MEDLORA_LLAMA_CPP_DIR`, else the medlora cache)."""
+    env = os.environ.get("MEDLORA_LLAMA_CPP_DIR")
+    return Path(env).expanduser() if env else cache_dir() / "llama.cpp"
+
+
+def install_llama_cpp_tools(sdist: str | os.PathLike[str], dest: Path | None = None) -> Path:
+    """Extract convert_hf_to_gguf.py and what it imports from a llama-cpp-python sdist (`make fast`)."""
+    dest = dest or llama_cpp_tools_dir()
+    scratch = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    wanted = (
+        "convert_hf_to_gguf.py",
+        "convert_lora_to_gguf.py",
+        "conversion/",
+        "gguf-py/",
+        "LICENSE",
+    )
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            _, _, inner = member.name.partition("/vendor/llama.cpp/")
+            if inner and (inner in wanted or inner.startswith(wanted)) and member.isfile():
+                member.name = inner
+                tar.extract(member, scratch, filter="data")
+    if not (scratch / "convert_hf_to_gguf.py").is_file():
+        raise ExportError(
+            f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py: give a llama-cpp-python sdist"
+        )
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(scratch, dest)
+    return dest
+
+
+def convert_to_gguf(hf_folder: Path, outfile: Path, outtype: str = "q8_0") -> Path:
+    """Run llama.cpp's converter on a `save_pretrained` folder (subprocess: it is a script), then
+    its quantizer for the types the converter does not write."""
+    script = llama_cpp_tools_dir() / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise ExportError(
+            f"GGUF export needs llama.cpp's converter ({script} is missing): run `make fast`, "
+            "or set MEDLORA_LLAMA_CPP_DIR to a llama.cpp checkout"
+        )
+    if outtype not in GGUF_TYPES:
+        raise ExportError(f"--gguf-type {outtype} is not one of {', '.join(GGUF_TYPES)}")
+    direct = outtype in CONVERTER_TYPES
+    if not direct:
+        _llama_cpp_for(outtype)  # fail before minutes of conversion
+    tmp = outfile.with_name(outfile.name + (".tmp" if direct else ".f16.tmp"))
+    command = [
+        sys.executable,
+        str(script),
+        str(hf_folder),
+        "--outfile",
+        str(tmp),
+        "--outtype",
+        outtype if direct else "f16",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not tmp.is_file():
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ExportError(f"convert_hf_to_gguf.py failed on {hf_folder}: {last[0]}")
+    if not direct:
+        try:
+            tmp = quantize_gguf(tmp, outfile.with_name(outfile.name + ".tmp"), outtype)
+        finally:
+            outfile.with_name(outfile.name + ".f16.tmp").unlink(missing_ok=True)
+    os.replace(tmp, outfile)
+    return outfile
+
+
+def _llama_cpp_for(gguf_type: str) -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ExportError(
+            f"--gguf-type {gguf_type} needs llama.cpp's quantizer: install llama-cpp-python "
+            "(make fast), or use --gguf-type q8_0"
+        ) from None
+    return llama_cpp
+
+
+def quantize_gguf(source: Path, target: Path, gguf_type: str) -> Path:
+    """llama.cpp's quantizer (through llama-cpp-python) from an f16/f32 GGUF to `gguf_type`."""
+    import ctypes
+
+    from medlora.machine import default_threads
+
+    llama_cpp = _llama_cpp_for(gguf_type)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[gguf_type]
+    params.nthread = default_threads()
+    # llama.cpp logs every tensor it quantizes; keep its errors only.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    status = llama_cpp.llama_model_quantize(
+        str(source).encode(), str(target).encode(), ctypes.byref(params)
+    )
+    if status != 0 or not target.is_file():
+        raise ExportError(f"llama.cpp could not quantize {source} to {gguf_type} (status {status})")
+    return target
+
+
+def adapter_fingerprint(run_dir: Path, base: str) -> str:
+    """Identifies an adapter's weights + base, to cache its GGUF export."""
+    digest = hashlib.sha256(base.encode())
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        path = run_dir / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def base_gguf(spec: str, gguf_type: str = "q8_0") -> Path:
+    """A GGUF for a base model spec: the file itself for .gguf specs and the alias, else converted."""
+    from medlora.models import local_folder, resolve
+
+    source = resolve(spec)
+    if source.kind in ("alias", "gguf"):
+        return Path(source.location) / str(source.gguf_file)
+    found = sorted(Path(source.location).glob("*.gguf")) if source.kind == "dir" else []
+    if found:
+        return found[0]
+    folder = Path(local_folder(spec))
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+    target = cache_dir() / "exports" / f"base-{folder.name}-{gguf_type}-{key}.gguf"
+    if not target.is_file():
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"cannot convert '{spec}' to GGUF: {folder} has no config.json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        convert_to_gguf(folder, target, gguf_type)
+    return target
