@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+# Like `make`: the datasets beside the repository unless MEDLORA_DATA_DIR names others. Every bench
+# script imports this module first, so `python bench/X.py` works without setting anything.
+os.environ.setdefault("MEDLORA_DATA_DIR", str(REPO.parent / "shared" / "datasets"))
+
 SPEC = "smollm2-135m-instruct"
 
 # Short consumer-health questions: inference.py compares greedy answers on the first eight,
@@ -41,8 +46,6 @@ def default_run() -> Path:
         from medlora.train import train
 
         print("no runs/demo: training a 10-step run into runs/bench-inference", flush=True)
-        root = Path(__file__).resolve().parents[1]
-        os.environ.setdefault("MEDLORA_DATA_DIR", str(root.parent / "shared" / "datasets"))
         overrides = ["train.max_steps=10", "data.max_train_examples=80", "train.eval_steps=0"]
         train(load_recipe(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml", overrides), run)
     return run

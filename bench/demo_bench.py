@@ -12,12 +12,13 @@ on the same held-out examples in the same run; the baseline for speed is the sam
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -26,6 +27,7 @@ from _markdown import update_section  # noqa: E402
 from medlora.cli import BUNDLED_RECIPES  # noqa: E402
 from medlora.config import load_recipe  # noqa: E402
 from medlora.demo import metric_table, run_demo  # noqa: E402
+from medlora.results import DemoSummary, read_result  # noqa: E402
 
 
 def _overrides(run: Path) -> list[str]:
@@ -52,8 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_run:
         run = Path(args.from_run)
-        summary = json.loads((run / "demo.json").read_text(encoding="utf-8"))
-        wall = summary["elapsed_s"]
+        summary = read_result(run / "demo.json", DemoSummary)
+        wall = summary.elapsed_s
         sets = "".join(f" --set {item}" for item in _overrides(run))
         command = f"medlora demo{sets} --out {run}` then `python {' '.join(sys.argv)}"
     else:
@@ -63,8 +65,7 @@ def main() -> None:
         summary = run_demo(recipe, args.out)
         wall = time.perf_counter() - started
         command = f"python {' '.join(sys.argv)}"
-    train = summary["train"]
-    unseen, test = summary["unseen"], summary["test"]
+    train, unseen, test = summary.train, summary.unseen, summary.test
     title = f"Demo with `{sets.strip()}`" if sets else "Demo"
     body = f"""## {title}: SmolLM2-135M-Instruct + LoRA on MedQuAD (CPU)
 
@@ -73,16 +74,16 @@ Command: `{command}` (recipe `smollm2-135m-cpu`, {os.cpu_count()} CPU cores,
 
 | what | value |
 |---|---:|
-| training examples / optimizer steps | {train["train_examples"]} / {train["steps"]} |
-| training throughput (prompt + answer tokens/s) | {train["tokens_per_s"]:.0f} |
-| unseen-source questions (answer tokens) | {unseen["examples"]} ({unseen["answer_tokens"]}) |
-| unseen sources: base → tuned answer loss | {unseen["base_loss"]:.4f} → {unseen["loss"]:.4f} ({unseen["loss_change_pct"]:+.1f} %) |
-| test split: base → tuned answer loss | {test["base_loss"]:.4f} → {test["loss"]:.4f} ({test["loss_change_pct"]:+.1f} %) |
+| training examples / optimizer steps | {train.train_examples} / {train.steps} |
+| training throughput (prompt + answer tokens/s) | {train.tokens_per_s:.0f} |
+| unseen-source questions (answer tokens) | {unseen.examples} ({unseen.answer_tokens}) |
+| unseen sources: base → tuned answer loss | {unseen.base_loss:.4f} → {unseen.loss:.4f} ({unseen.loss_change_pct:+.1f} %) |
+| test split: base → tuned answer loss | {test.base_loss:.4f} → {test.loss:.4f} ({test.loss_change_pct:+.1f} %) |
 | demo wall time (s) | {wall:.0f} |
 
 Answer metrics on the unseen sources (paired 95% bootstrap intervals):
 
-{chr(10).join(metric_table(unseen["quality"]))}
+{chr(10).join(metric_table(unseen.quality))}
 """
     print(body)
     update_section(args.section, body)

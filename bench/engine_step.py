@@ -6,7 +6,7 @@
 by 10-25% between runs, which is the size of the effect being measured. Here both engines live in
 one process and take turns on the same tokens, so drift hits both alike:
 
-- medlora: one packed row (≤1024 tokens) through `train._build_model`'s model (the recipe's
+- medlora: one packed row (≤1024 tokens) through `train.loop.build_model`'s model (the recipe's
   attention, dropout and fused answer loss), answer-only loss, backward, clip, AdamW step;
 - peer: the examples of that same row one at a time, the way `Trainer` + `DataCollatorForSeq2Seq`
   feeds them at batch 1 (the model's own loss over full logits, stock PEFT LoRA), backward, with
@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
@@ -46,10 +48,10 @@ PEER_ACCUMULATION = 4
 
 def _medlora_model() -> tuple[Any, Any]:
     from medlora.config import load_recipe
-    from medlora.train.loop import _build_model
+    from medlora.train.loop import build_model
 
     overrides = [*SAME_AS_PEER, "train.packing=true", f"train.tokens_per_batch={ROW_TOKENS}"]
-    return _build_model(load_recipe(_recipe_path(), overrides), None)
+    return build_model(load_recipe(_recipe_path(), overrides), None)
 
 
 def _peer_model() -> tuple[Any, Any]:

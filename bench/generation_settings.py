@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import update_section  # noqa: E402
@@ -39,7 +41,7 @@ from medlora.evaluate.quality import (  # noqa: E402
     score_answers,
 )
 from medlora.models import load_with_adapter  # noqa: E402
-from medlora.report.html import fmt_ci  # noqa: E402
+from medlora.report.format import fmt_ci  # noqa: E402
 
 CANDIDATES = {
     "greedy": {},

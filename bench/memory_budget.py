@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
@@ -45,7 +47,6 @@ def main() -> None:
     parser.add_argument("--data", default="runs/demo/data", help="prepared splits")
     parser.add_argument("--out", default="runs/bench-memory")
     args = parser.parse_args()
-    os.environ.setdefault("MEDLORA_DATA_DIR", str(BENCH.parent.parent / "shared" / "datasets"))
     rows = [("fixed 1,024-token rows (the recipe)", run("fixed", [], args))]
     for budget in args.budgets.split(","):
         summary = run(

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 SPEC = "smollm2-135m-instruct"

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import update_section  # noqa: E402
@@ -32,7 +34,7 @@ from medlora.evaluate.quality import LOWER_IS_BETTER, paired_bootstrap_ci  # noq
 from medlora.evaluate.unseen import score_run_unseen  # noqa: E402
 from medlora.io import read_jsonl, write_json_atomic  # noqa: E402
 from medlora.models import load_recipe_model  # noqa: E402
-from medlora.report.html import fmt_ci, verdict  # noqa: E402
+from medlora.report.format import fmt_ci, verdict  # noqa: E402
 from medlora.train import train  # noqa: E402
 
 SHOWN = {

@@ -28,25 +28,34 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import update_section  # noqa: E402
 
 from medlora.demo import metric_table  # noqa: E402
-from medlora.evaluate.bench import run_bench  # noqa: E402
+from medlora.evaluate.bench import BenchOptions, run_bench  # noqa: E402
 from medlora.evaluate.heldout import run_recipe  # noqa: E402
 from medlora.evaluate.quality import evaluate_answers  # noqa: E402
 from medlora.evaluate.unseen import loss_base_vs_tuned, unseen_records  # noqa: E402
-from medlora.io import write_json_atomic  # noqa: E402
 from medlora.models import load_with_adapter  # noqa: E402
 from medlora.report.card import write_report  # noqa: E402
 from medlora.report.compare import run_compare  # noqa: E402
-from medlora.report.html import fmt, fmt_ci  # noqa: E402
+from medlora.report.facts import ReportOptions  # noqa: E402
+from medlora.report.format import fmt, fmt_ci  # noqa: E402
+from medlora.results import (  # noqa: E402
+    BenchItem,
+    BenchResult,
+    EvalResult,
+    QualityResult,
+    TaskScores,
+    write_result,
+)
 
 
-def bench_table(tasks: dict[str, Any]) -> str:
+def bench_table(tasks: dict[str, TaskScores]) -> str:
     lines = [
         "| task | n | chance | base acc (95% CI) | tuned acc (95% CI) | difference (paired) "
         "| base acc_norm | tuned acc_norm |",
@@ -54,12 +63,12 @@ def bench_table(tasks: dict[str, Any]) -> str:
     ]
     for name, t in tasks.items():
         lines.append(
-            f"| {name} | {t['n']} | {fmt(t['chance'])} | {fmt_ci(t['base_acc_ci'])} | "
-            f"{fmt_ci(t['acc_ci'])} | {fmt_ci(t['diff_acc'], signed=True)} | "
-            f"{fmt(t['base_acc_norm'])} | {fmt(t['acc_norm'])} |"
+            f"| {name} | {t.n} | {fmt(t.chance)} | {fmt_ci(t.base_acc_ci)} | "
+            f"{fmt_ci(t.acc_ci)} | {fmt_ci(t.diff_acc, signed=True)} | "
+            f"{fmt(t.base_acc_norm)} | {fmt(t.acc_norm)} |"
         )
     for name, t in tasks.items():
-        if len(t["subjects"]) > 1:
+        if len(t.subjects) > 1:
             lines += [
                 "",
                 f"{name} per subject:",
@@ -67,29 +76,31 @@ def bench_table(tasks: dict[str, Any]) -> str:
                 "| subject | n | chance | base acc | tuned acc |",
                 "|---|---:|---:|---:|---:|",
             ]
-            for subject, s in t["subjects"].items():
+            for subject, s in t.subjects.items():
                 lines.append(
-                    f"| {subject} | {s['n']} | {fmt(s['chance'])} | "
-                    f"{fmt(s['base_acc'])} | {fmt(s['acc'])} |"
+                    f"| {subject} | {s.n} | {fmt(s.chance)} | {fmt(s.base_acc)} | {fmt(s.acc)} |"
                 )
             lines.append(
-                f"| macro average | {t['n']} | {fmt(t['chance'])} | "
-                f"{fmt(t['base_macro_acc'])} | {fmt(t['macro_acc'])} |"
+                f"| macro average | {t.n} | {fmt(t.chance)} | "
+                f"{fmt(t.base_macro_acc)} | {fmt(t.macro_acc)} |"
             )
     return "\n".join(lines)
 
 
-def prediction_spread(items: dict[str, list[dict[str, Any]]]) -> str:
+def prediction_spread(items: dict[str, list[BenchItem]]) -> str:
     """How often each model picks its most frequent option: a model that always answers "A" scores
     the share of A answers, whatever it knows."""
     lines = []
     for task, rows in items.items():
         parts = []
-        for label, key in (("base", "base_loglikelihoods"), ("tuned", "loglikelihoods")):
-            picks = [max(range(len(r[key])), key=lambda i, r=r: r[key][i]) for r in rows]
+        for label, scores in (
+            ("base", [r.base_loglikelihoods or [] for r in rows]),
+            ("tuned", [r.loglikelihoods for r in rows]),
+        ):
+            picks = [max(range(len(ll)), key=ll.__getitem__) for ll in scores]
             top = max(set(picks), key=picks.count)
             parts.append(f"{label} picks option {top + 1} in {picks.count(top)} of {len(picks)}")
-        gold = [r["answer"] for r in rows]
+        gold = [r.answer for r in rows]
         share = max(gold.count(i) for i in set(gold))
         lines.append(
             f"- {task}: {'; '.join(parts)} (most common correct option: {share} of {len(gold)})"
@@ -114,7 +125,7 @@ def main() -> None:
     run = Path(args.run)
     recipe = run_recipe(run)
     spec = recipe.model.name
-    data_dir = Path(os.environ.get("MEDLORA_DATA_DIR", "../shared/datasets")).resolve()
+    data_dir = Path(os.environ["MEDLORA_DATA_DIR"]).resolve()
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -124,14 +135,8 @@ def main() -> None:
     if not recipe.eval.unseen_sources:
         recipe.eval.unseen_sources = ["medquad:7_SeniorHealth_QA", "medquad:9_CDC_QA"]
     records, specs = unseen_records(recipe)
-    result = {
-        "model": spec,
-        "adapter": str(run),
-        "data": specs,
-        "split": "all",
-        **loss_base_vs_tuned(*loaded, records, recipe),
-    }
-    result["quality"] = evaluate_answers(
+    losses = loss_base_vs_tuned(*loaded, records, recipe)
+    quality = evaluate_answers(
         *loaded,
         records,
         recipe.data.system_prompt,
@@ -142,35 +147,44 @@ def main() -> None:
         predictions_path=run / "predictions.jsonl",
         seed=recipe.data.seed,
     )
-    write_json_atomic(quality_out, result)
+    result = EvalResult.model_validate(
+        {"model": spec, "adapter": str(run), "data": specs, "split": "all", **losses}
+        | {"quality": quality}
+    )
+    write_result(quality_out, result)
     timings["unseen-source loss + answers (base and tuned)"] = time.perf_counter() - started
 
     started = time.perf_counter()
     pubmedqa = run_bench(
-        spec,
-        run,
-        ["pubmedqa"],
-        [f"pubmedqa:{data_dir / 'pubmedqa' / 'pqal_dev.json'}"],
-        limit=args.pubmedqa_limit,
-        compare_base=True,
+        BenchOptions(
+            model=spec,
+            adapter=run,
+            tasks=["pubmedqa"],
+            data=[f"pubmedqa:{data_dir / 'pubmedqa' / 'pqal_dev.json'}"],
+            limit=args.pubmedqa_limit,
+            compare_base=True,
+        ),
         model_and_tokenizer=loaded,
     )
     mmlu = run_bench(
-        spec,
-        run,
-        ["mmlu_medical", "mmlu_medical_continuation"],
-        [f"mmlu:{data_dir / 'mmlu_medical'}"],
-        limit=args.mmlu_limit,
-        compare_base=True,
+        BenchOptions(
+            model=spec,
+            adapter=run,
+            tasks=["mmlu_medical", "mmlu_medical_continuation"],
+            data=[f"mmlu:{data_dir / 'mmlu_medical'}"],
+            limit=args.mmlu_limit,
+            compare_base=True,
+        ),
         model_and_tokenizer=loaded,
     )
-    bench = {
-        **pubmedqa,
-        "tasks": {**pubmedqa["tasks"], **mmlu["tasks"]},
-        "items": {**pubmedqa["items"], **mmlu["items"]},
-        "limit": {"pubmedqa": args.pubmedqa_limit, "mmlu": args.mmlu_limit},
-    }
-    write_json_atomic(run / "bench.json", bench)
+    bench: BenchResult = pubmedqa.model_copy(
+        update={
+            "tasks": pubmedqa.tasks | mmlu.tasks,
+            "items": pubmedqa.items | mmlu.items,
+            "limit": {"pubmedqa": args.pubmedqa_limit, "mmlu": args.mmlu_limit},
+        }
+    )
+    write_result(run / "bench.json", bench)
     timings["benchmarks (base and tuned)"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -182,9 +196,10 @@ def main() -> None:
         model_and_tokenizer=loaded,
     )
     timings["side-by-side answers"] = time.perf_counter() - started
-    write_report(run, eval_path=quality_out)
+    write_report(run, ReportOptions(eval_path=quality_out))
 
-    q = result["quality"]
+    q: QualityResult = result.quality
+    assert q is not None
     command = " ".join(["python", "bench/quality.py", *sys.argv[1:]])
     body = f"""## Quality: is the demo adapter a better medical model than its base?
 
@@ -195,17 +210,17 @@ questions (2,000 resamples), and differences are paired (same questions, resampl
 Files: `{run}/eval_quality.json`, `{run}/predictions.jsonl`, `{run}/bench.json`,
 `{run}/compare.md`, model card `{run}/README.md`, `{run}/report.html`.
 
-### Answers on sources never trained on ({q["examples"]} questions of {", ".join(Path(s).name for s in specs)})
+### Answers on sources never trained on ({q.examples} questions of {", ".join(Path(s).name for s in specs)})
 
-{q["decoding"].capitalize()} decoding with the training chat template and the run's `generation:`
-settings ({", ".join(f"{k}={v}" for k, v in q["generation"].items())}); empty answers: base
-{q["base_empty_predictions"]}, tuned {q["empty_predictions"]}. Answer-token loss on the same
-questions: base {fmt(result["base_loss"], 4)} → tuned {fmt(result["loss"], 4)}
-({result["loss_change_pct"]:+.1f} %).
+{q.decoding.capitalize()} decoding with the training chat template and the run's `generation:`
+settings ({", ".join(f"{k}={v}" for k, v in q.generation.items())}); empty answers: base
+{q.base_empty_predictions}, tuned {q.empty_predictions}. Answer-token loss on the same
+questions: base {fmt(result.base_loss, 4)} → tuned {fmt(result.loss, 4)}
+({result.loss_change_pct:+.1f} %).
 
 {chr(10).join(metric_table(q))}
 
-### Medical multiple choice ({bench["engine"]})
+### Medical multiple choice ({bench.engine})
 
 Zero-shot, raw harness prompts (no chat template). PubMedQA: a seeded sample of {args.pubmedqa_limit}
 of the 500 PQA-L dev items; MMLU: the medical subjects' `val` files
@@ -213,11 +228,11 @@ of the 500 PQA-L dev items; MMLU: the medical subjects' `val` files
 (`mmlu_medical`) and in its cloze format, which scores each option's text
 (`mmlu_medical_continuation`).
 
-{bench_table(bench["tasks"])}
+{bench_table(bench.tasks)}
 
 Most frequent prediction per task (a constant answer scores the share of that option):
 
-{prediction_spread(bench["items"])}
+{prediction_spread(bench.items)}
 
 Wall time on this machine: {"; ".join(f"{k} {v:.0f} s" for k, v in timings.items())}.
 """

@@ -14,6 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 

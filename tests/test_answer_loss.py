@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import tiny_records
 
-from medlora import answer_loss
 from medlora.data.format import format_records
 from medlora.data.pack import collate_packed, pack_rows
 from medlora.models import load_model
+from medlora.train.kernels import answer_head as answer_loss
 from medlora.train.kernels.answer_head import answer_loss_sum, output_head
 
 
@@ -145,3 +145,22 @@ def test_unlikelihood_adds_to_the_answer_loss(tiny_model_dir: Path) -> None:
     with_ul, same_count, _ = answer_loss_sum(model, batch, unlikelihood=0.5)
     assert float(tiny) == pytest.approx(float(plain), rel=1e-5)  # the same cross-entropy
     assert same_count == count and float(with_ul) > float(plain)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere"])
+def test_training_loss_keeps_the_models_logit_softcapping_and_scaling(kind: str) -> None:
+    """The training objective (fused head or not) is the model's own label loss for models whose
+    forward soft-caps or scales the logits: such heads are never fused."""
+    from test_evaluate_loss import _tiny_transformed_head_model
+
+    model = _tiny_transformed_head_model(kind)
+    ids = torch.randint(1, 64, (1, 14), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert output_head(model) is None
+    with torch.no_grad():
+        expected = float(model(input_ids=ids, labels=labels).loss)
+        for fused in (None, True, False):
+            loss_sum, count, _ = answer_loss_sum(model, batch, fused=fused)
+            assert float(loss_sum) / count == pytest.approx(expected, rel=1e-5)

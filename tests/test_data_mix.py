@@ -187,7 +187,8 @@ def test_trained_card_reports_the_mix_and_token_shares(mixed_run: dict[str, Any]
 
 
 def test_model_card_shows_what_each_source_contributed(mixed_run: dict[str, Any]) -> None:
-    from medlora.report.card import collect, data_rows
+    from medlora.report.context import data_rows
+    from medlora.report.facts import collect
 
     rows = dict(data_rows(collect(mixed_run["run"])))
     small = rows[f"trained on ({mixed_run['small']})"]

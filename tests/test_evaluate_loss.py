@@ -81,3 +81,64 @@ def test_eval_with_compare_base_reports_both(tmp_path: Path, tiny_model_dir: Pat
     # The test questions repeat the training ones here, so the adapter must have learnt them.
     assert result["loss"] < result["base_loss"]
     assert out.is_file()
+
+
+def _tiny_transformed_head_model(kind: str) -> Any:
+    """A random tiny model whose forward changes the logits after the head (nothing downloaded)."""
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
+
+    sizes = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    torch.manual_seed(0)
+    if kind == "gemma2":  # tanh soft-capping: logits = cap * tanh(logits / cap)
+        config: Any = Gemma2Config(**sizes, head_dim=16, final_logit_softcapping=2.0)
+        config._attn_implementation = "eager"
+        model: Any = Gemma2ForCausalLM(config)
+    elif kind == "granite":  # logits / logits_scaling
+        model = GraniteForCausalLM(GraniteConfig(**sizes, logits_scaling=4.0))
+    else:  # cohere: logits * logit_scale
+        model = CohereForCausalLM(CohereConfig(**sizes, logit_scale=0.25))
+    for param in model.parameters():  # large weights, so the head's transform matters
+        param.data.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere"])
+def test_score_keeps_the_models_logit_softcapping_and_scaling(kind: str) -> None:
+    """Gemma 2 soft-caps its logits, Granite and Cohere scale them: the answer loss must be the
+    model's own (its label loss), not cross-entropy of the bare head's output."""
+    from medlora.data.format import Example
+
+    model = _tiny_transformed_head_model(kind)
+    generator = torch.Generator().manual_seed(1)
+    examples = []
+    for n, prompt in ((12, 5), (9, 3), (15, 8)):
+        ids = torch.randint(1, 64, (n,), generator=generator).tolist()
+        labels = [-100] * prompt + ids[prompt:]
+        examples.append(Example(ids, labels, f"r{n}", "test"))
+    scores = score_examples(model, examples, pad_token_id=0, batch_size=2)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=ids, labels=labels).loss) * n
+            count += n
+    assert scores["answer_tokens"] == count
+    assert scores["loss"] == pytest.approx(total / count, rel=1e-5)

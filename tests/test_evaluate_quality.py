@@ -229,7 +229,7 @@ def test_quality_is_logged_during_training_and_picks_the_best_adapter(
 
 
 def test_best_metric_mode_follows_the_metric_name() -> None:
-    from medlora.train.callbacks import metric_mode
+    from medlora.train.quality_callback import metric_mode
 
     assert metric_mode("eval_loss") == "min" and metric_mode("quality_rougeL") == "max"
     assert metric_mode("bench_pubmedqa_acc") == "max" and metric_mode("loss", "max") == "max"

@@ -84,7 +84,7 @@ def test_compare_uses_the_runs_settings(
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "What causes anemia?", "answer": "Low iron."}))
     result = run_compare(str(tiny_model_dir), run, questions=questions, n=2, out_dir=tmp_path)
-    assert result["generation"]["repetition_penalty"] == 1.3
+    assert result.generation["repetition_penalty"] == 1.3
     assert_all_used(used)
 
 

@@ -55,7 +55,7 @@ def test_training_on_cpu_uses_it_in_every_lora_layer(tiny_model_dir: Path) -> No
     from peft import LoraConfig, get_peft_model
 
     from medlora.models import load_model
-    from medlora.train.loop import _build_model
+    from medlora.train.loop import build_model
 
     model, _ = load_model(str(tiny_model_dir))
     peft_model = get_peft_model(
@@ -65,7 +65,7 @@ def test_training_on_cpu_uses_it_in_every_lora_layer(tiny_model_dir: Path) -> No
     recipe = recipe_from_dict(
         {"model": {"name": str(tiny_model_dir)}, "lora": {"r": 2, "dropout": 0.1}}
     )
-    built, _ = _build_model(recipe, None)
+    built, _ = build_model(recipe, None)
     dropouts = [m for m in built.modules() if isinstance(m, (FastDropout, torch.nn.Dropout))]
     assert dropouts and all(isinstance(m, FastDropout) for m in dropouts)
 

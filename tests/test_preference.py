@@ -16,7 +16,7 @@ from medlora.errors import ConfigError, DataError, TrainingError
 from medlora.io import read_jsonl, write_jsonl_atomic
 from medlora.models import load_model, load_with_adapter
 from medlora.train import train
-from medlora.train.preference import PAIRS_FILE, PreferencePair, preference_margins
+from medlora.train.preference_pairs import PAIRS_FILE, PreferencePair, preference_margins
 
 MAX_LEN = 96
 FAST = [
@@ -158,7 +158,7 @@ def test_dpo_continues_from_an_sft_adapter(
 def test_self_generated_pairs_are_cached_and_reused(
     tmp_path: Path, tiny_model_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import medlora.train.preference as preference
+    import medlora.train.preference_pairs as preference
 
     records = _medquad_records(data_dir, 4)
     prepared = write_prepared(tmp_path / "prepared", records, records[:1], records[:1])
@@ -205,7 +205,7 @@ def test_self_pairs_can_keep_only_looping_answers(
     tmp_path: Path, tiny_model_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """train.self_pairs_min_repetition: DPO sees only the answers that loop; none left is one line."""
-    import medlora.train.preference as preference
+    import medlora.train.preference_pairs as preference
 
     records = _medquad_records(data_dir, 4)
     prepared = write_prepared(tmp_path / "prepared", records, records[:1], records[:1])
@@ -277,7 +277,7 @@ def test_missing_preference_file_and_recipe_errors_are_one_line(
 
 
 def test_chat_style_rows_are_read(tmp_path: Path) -> None:
-    from medlora.train.preference import load_preference_pairs
+    from medlora.train.preference_pairs import load_preference_pairs
 
     rows = [
         {

@@ -163,3 +163,33 @@ def test_bad_repo_id_and_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(PushError, match="no model"):
         plan_push(tmp_path, "alice/x")
+
+
+def test_dry_run_lists_exactly_what_upload_folder_sends(hub: str, export_dir: Path) -> None:
+    """Nested folders included: a run's checkpoints/ and caches at any depth, hidden files, and
+    whatever huggingface_hub itself leaves out (.git, .cache/huggingface) never go up, and the
+    dry run says so file for file."""
+    nested = {
+        "checkpoints/checkpoint-2/adapter_model.safetensors": "top-level checkpoint",
+        "runs/a/checkpoints/checkpoint-4/adapter_model.safetensors": "nested checkpoint",
+        "runs/a/adapter_config.json": "{}",
+        "runs/a/__pycache__/notes.txt": "cache",
+        "runs/a/.hidden/file.txt": "hidden folder",
+        "runs/a/.env": "hidden file",
+        "pkg/__pycache__/mod.cpython-311.pyc": "bytecode",
+        ".git/config": "git",
+        "sub/.git/HEAD": "nested git",
+        "sub/.cache/huggingface/download/x": "hub cache",
+        "sub/deeper/weights.bin": "kept",
+        "sub/half.bin.tmp": "half-written",
+    }
+    for name, text in nested.items():
+        (export_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (export_dir / name).write_text(text)
+    plan, _ = push_folder(export_dir, "alice/med-model", dry_run=True)
+    assert FakeHub.seen == []
+    push_folder(export_dir, "alice/med-model")
+    uploaded = sorted(FakeHub.repos["alice/med-model"])
+    assert [name for name, _ in plan.files] == uploaded
+    assert "sub/deeper/weights.bin" in uploaded and "runs/a/adapter_config.json" in uploaded
+    assert not [name for name in uploaded if "checkpoints" in name or "__pycache__" in name]

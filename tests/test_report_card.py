@@ -23,8 +23,8 @@ from medlora.cli import app
 def build_reported_run(root: Path, model_dir: Path, data_dir: Path) -> dict[str, Any]:
     """Train a tiny adapter, then eval (loss + quality), bench, compare and report it."""
     from medlora.config import recipe_from_dict
-    from medlora.evaluate.bench import run_bench
-    from medlora.evaluate.quality import evaluate_run
+    from medlora.evaluate.bench import BenchOptions, run_bench
+    from medlora.evaluate.quality import EvalOptions, evaluate_run
     from medlora.models import load_with_adapter
     from medlora.report.card import write_report
     from medlora.report.compare import run_compare
@@ -49,27 +49,30 @@ def build_reported_run(root: Path, model_dir: Path, data_dir: Path) -> dict[str,
     shutil.copytree(prepared, run / "data")  # as `train` leaves it when it prepares the data itself
     loaded = load_with_adapter(str(model_dir), run)
     evaluate_run(
-        str(model_dir),
-        str(run / "data"),
-        run,
-        "test",
-        None,
-        True,
-        run / "eval.json",
-        metrics=["loss", "rouge", "f1", "similarity"],
+        EvalOptions(
+            model=str(model_dir),
+            data=str(run / "data"),
+            adapter=run,
+            split="test",
+            compare_base=True,
+            out=run / "eval.json",
+            metrics=["loss", "rouge", "f1", "similarity"],
+        ),
         model_and_tokenizer=loaded,
     )
     run_bench(
-        str(model_dir),
-        run,
-        ["pubmedqa", "mmlu_medical"],
-        [
-            f"pubmedqa:{data_dir / 'pubmedqa' / 'pqal_dev.json'}",
-            f"mmlu:{data_dir / 'mmlu_medical'}",
-        ],
-        limit=8,
-        compare_base=True,
-        out=run / "bench.json",
+        BenchOptions(
+            model=str(model_dir),
+            adapter=run,
+            tasks=["pubmedqa", "mmlu_medical"],
+            data=[
+                f"pubmedqa:{data_dir / 'pubmedqa' / 'pqal_dev.json'}",
+                f"mmlu:{data_dir / 'mmlu_medical'}",
+            ],
+            limit=8,
+            compare_base=True,
+            out=run / "bench.json",
+        ),
         model_and_tokenizer=loaded,
     )
     run_compare(str(model_dir), run, from_split="test", n=3, model_and_tokenizer=loaded)

@@ -64,10 +64,10 @@ def test_trainable_weight_bfloat16_and_no_grad_take_the_stock_path() -> None:
 
 
 def test_cpu_training_model_uses_it_in_every_norm(tiny_model_dir: Path) -> None:
-    from medlora.train.loop import _build_model
+    from medlora.train.loop import build_model
 
     recipe = recipe_from_dict({"model": {"name": str(tiny_model_dir)}, "lora": {"r": 2}})
-    built, _ = _build_model(recipe, None)
+    built, _ = build_model(recipe, None)
     norms = [m for m in built.modules() if isinstance(m, LlamaRMSNorm)]
     assert len(norms) == 2 * 2 + 1  # 2 layers x (input, post-attention) + the final norm
     assert all(type(m).__name__ == "FastLlamaRMSNorm" for m in norms)

@@ -109,7 +109,7 @@ def test_vllm_command_serves_the_run_as_a_lora_module(
 
     import torch
 
-    from medlora.serve.loader import vllm_command
+    from medlora.serve.server import ServeOptions, vllm_command
 
     run = train_tiny_run(tmp_path, tiny_model_dir)
     real_find_spec = importlib.util.find_spec
@@ -120,7 +120,8 @@ def test_vllm_command_serves_the_run_as_a_lora_module(
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
-    command = vllm_command(str(tiny_model_dir), run, "127.0.0.1", 8000, None, 256, 1024)
+    options = ServeOptions(str(tiny_model_dir), run, max_new_tokens=256, max_prompt_tokens=1024)
+    command = vllm_command(options)
 
     def value(flag: str) -> str:
         return command[command.index(flag) + 1]
@@ -140,3 +141,33 @@ def test_threads_default_to_physical_cores_capped_by_omp(monkeypatch: pytest.Mon
     assert 1 <= default_threads() == physical_cores() <= (os.cpu_count() or 1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a shared machine's cap wins
     assert default_threads() == 1
+
+
+def test_serve_command_hands_one_options_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`medlora serve` flags → one `ServeOptions`; its limits and safety are what the app enforces."""
+    from medlora.config import GenerationConfig
+    from medlora.serve import server
+    from medlora.serve.loader import Served
+
+    seen: list[server.ServeOptions] = []
+    monkeypatch.setattr(server, "serve", lambda options, console=None: seen.append(options) or 0)
+    args = ["serve", "base-model", "--no-base", "--api-key", "k", "--max-new-tokens", "64"]
+    args += ["--max-prompt-tokens", "100", "--max-body-kb", "2", "--timeout", "5"]
+    args += ["--no-disclaimer", "--no-emergency-notice", "--engine", "transformers"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (options,) = seen
+    assert (options.spec, options.adapter, options.with_base, options.engine) == (
+        "base-model",
+        None,
+        False,
+        "transformers",
+    )
+    assert options.n_ctx == 164
+    served = Served(None, None, "base-model", None, GenerationConfig(max_new_tokens=300))  # type: ignore[arg-type]
+    limits = options.limits(served)
+    assert (limits.api_key, limits.max_new_tokens, limits.default_max_tokens) == ("k", 64, 64)
+    assert (limits.max_body_bytes, limits.request_timeout_s) == (2048, 5.0)
+    assert limits.safety.disclaimer is None and not limits.safety.emergency_notices
+    default = server.ServeOptions("base-model").safety()
+    assert default.disclaimer and default.emergency_notices

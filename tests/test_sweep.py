@@ -167,3 +167,33 @@ def test_unseen_needs_unseen_sources(tmp_path: Path, tiny_model_dir: Path) -> No
     assert result.exit_code != 0
     assert "--unseen scores eval.unseen_sources" in result.output
     assert "Traceback" not in result.output
+
+
+def test_each_run_of_a_sweep_tracks_into_its_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B and MLflow go to the run's folder: the second run of a sweep (same process) must not
+    write into the first one's; a WANDB_DIR / MLFLOW_TRACKING_URI the user set still wins."""
+    import os
+    import sys
+    import types
+
+    from medlora.config import recipe_from_dict
+    from medlora.train.callbacks import tracking_callbacks
+
+    for module in ("wandb", "mlflow"):  # the sinks' packages need not be installed here
+        monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
+    for name in ("WANDB_DIR", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, "")  # recorded, so the test leaves the environment as it was
+        monkeypatch.delenv(name)
+    recipe = recipe_from_dict(
+        {"model": {"name": "tiny"}}, ["output.report_to=[jsonl,wandb,mlflow]"]
+    )
+    for run in ("lora.r=2", "lora.r=8"):
+        tracking_callbacks(recipe, tmp_path / run)
+        assert os.environ["WANDB_DIR"] == str(tmp_path / run)
+        assert os.environ["MLFLOW_TRACKING_URI"] == (tmp_path / run / "mlruns").resolve().as_uri()
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
+    tracking_callbacks(recipe, tmp_path / "lora.r=16")
+    assert os.environ["WANDB_DIR"] == str(tmp_path / "mine")
+    assert os.environ["MLFLOW_TRACKING_URI"].endswith("lora.r%3D16/mlruns")

@@ -17,13 +17,13 @@ import torch
 from helpers import tiny_records, write_prepared
 from safetensors.torch import load_file
 
-from medlora import packed_attention
 from medlora.config import recipe_from_dict
 from medlora.data.format import format_records, pad_batch
 from medlora.data.pack import collate_packed, pack_lengths, pack_rows
 from medlora.errors import TrainingError
 from medlora.models import load_model
 from medlora.train import train
+from medlora.train.kernels import packed_attention
 from medlora.train.kernels.answer_head import answer_loss_sum
 from medlora.train.kernels.packed_attention import use_packed_attention
 
@@ -333,7 +333,9 @@ def test_tensorboard_and_wandb_offline_receive_the_metrics(
 def test_two_process_ddp_gives_the_same_loss_curve_as_one_process(
     tmp_path: Path, tiny_model_dir: Path, prepared: Path
 ) -> None:
+    # eval.best_metric: each process tracks the best adapter, only rank 0 writes best/.
     fixed = [*BASE, "train.shuffle=false", "lora.dropout=0.0", "train.epochs=1"]
+    fixed += ["eval.best_metric=eval_loss", "train.eval_steps=2"]
     common = {"model": str(tiny_model_dir), "prepared": str(prepared)}
     one = _driver(
         tmp_path,
@@ -343,7 +345,12 @@ def test_two_process_ddp_gives_the_same_loss_curve_as_one_process(
     two = _driver(
         tmp_path,
         "two",
-        {**common, "run_dir": str(tmp_path / "two"), "overrides": [*fixed, "train.batch_size=2"]},
+        {
+            **common,
+            "run_dir": str(tmp_path / "two"),
+            "overrides": [*fixed, "train.batch_size=2"],
+            "trace_writes": str(tmp_path),
+        },
     )
     subprocess.run([sys.executable, TESTS / "train_driver.py", one], env=_child_env(), check=True)
     subprocess.run(
@@ -363,6 +370,12 @@ def test_two_process_ddp_gives_the_same_loss_curve_as_one_process(
     assert len(single) == 4 and single.keys() == double.keys()
     assert list(double.values()) == pytest.approx(list(single.values()), rel=1e-4)
     assert (tmp_path / "two/adapter_model.safetensors").exists()
+    # Only rank 0 writes the run's files; rank 1 trains and writes nothing in the run directory.
+    rank0 = (tmp_path / "writes-rank0.txt").read_text()
+    for written in ("recipe.yaml", "data_card.json", "best.json", "train_summary.json"):
+        assert written in rank0
+    rank1 = tmp_path / "writes-rank1.txt"
+    assert not rank1.exists(), rank1.read_text()
 
 
 def test_validation_loss_is_logged_per_data_source(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from medlora.data.tabular import jsonl_lines
 from medlora.errors import DataError
 from medlora.io import write_jsonl_atomic
-from medlora.serve.engine import Event, Job, Sampling
+from medlora.serve.engine import Event, Job
 from medlora.serve.loader import Served
 from medlora.serve.prompt import conversation_ids
 from medlora.serve.safety import Safety
@@ -48,11 +49,7 @@ class Chat:
         job = Job(
             self.model,
             self.prompt_ids(question),
-            Sampling(
-                self.max_new_tokens,
-                repetition_penalty=self.served.generation.repetition_penalty,
-                no_repeat_ngram_size=self.served.generation.no_repeat_ngram_size,
-            ),
+            self.served.sampling(self.max_new_tokens),
             sink=events.put,
         )
         worker = threading.Thread(target=self.served.engine.run_batch, args=([job],), daemon=True)
@@ -116,25 +113,22 @@ def read_questions(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"questions file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}:{number} is not JSON ({error.msg}); write one object per line"
-                ) from None
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("question"), str)
-                or not row["question"].strip()
-            ):
-                raise DataError(
-                    f'{path}:{number} has no "question" text; each line needs {{"question": "..."}}'
-                )
-            rows.append(row)
+    for number, line in jsonl_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}:{number} is not JSON ({error.msg}); write one object per line"
+            ) from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("question"), str)
+            or not row["question"].strip()
+        ):
+            raise DataError(
+                f'{path}:{number} has no "question" text; each line needs {{"question": "..."}}'
+            )
+        rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no questions")
     return rows
@@ -168,13 +162,18 @@ def generate_file(
         else system_prompt
     )
     settings = run_generation_settings(adapter)
-    if max_new_tokens is not None:
-        settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})
     answers: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = [row["question"] for row in rows[start : start + batch_size]]
         answers += generate_answers(
-            model, tokenizer, chunk, prompt, settings, batch_size, show_progress=False
+            model,
+            tokenizer,
+            chunk,
+            prompt,
+            settings,
+            batch_size,
+            show_progress=False,
+            max_new_tokens=max_new_tokens,
         )
         log(f"{len(answers)}/{len(rows)} answered")
     out = [

@@ -1,7 +1,9 @@
 """`medlora push`: upload an export (or run) folder to a Hugging Face Hub model repo.
 
 `huggingface_hub.upload_folder` does the work; the token comes from `HF_TOKEN` or the cached
-`hf auth login`. `dry_run` only lists what would go up. Offline, it fails in one line within seconds.
+`hf auth login`. `dry_run` only lists what would go up: the plan filters the folder with
+huggingface_hub's own `filter_repo_objects`, the same patterns `upload_folder` gets plus its default
+ignores, so the list is exactly what an upload sends. Offline, it fails in one line within seconds.
 """
 
 from __future__ import annotations
@@ -15,8 +17,19 @@ from typing import Any
 from medlora.errors import MedloraError
 from medlora.models import hub_endpoint, hub_offline, hub_reachable
 
-# Left behind by interrupted writes or training; never worth uploading.
-SKIP = ("*.tmp", ".*", "**/.*", "checkpoints/**", "__pycache__/**", "*.pyc")
+# Left behind by interrupted writes or training; never worth uploading. huggingface_hub matches
+# these with fnmatch on the path from the folder (`*` crosses `/`): `X/**` is a top-level folder,
+# `**/X/**` the same folder at any depth.
+SKIP = (
+    "*.tmp",
+    ".*",
+    "**/.*",
+    "checkpoints/**",
+    "**/checkpoints/**",
+    "__pycache__/**",
+    "**/__pycache__/**",
+    "*.pyc",
+)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
@@ -36,10 +49,13 @@ class PushPlan:
         return sum(size for _, size in self.files)
 
 
-def _skipped(relative: Path) -> bool:
-    return any(relative.match(pattern) for pattern in SKIP) or any(
-        part.startswith(".") or part == "checkpoints" for part in relative.parts[:-1]
-    )
+def uploaded_files(root: Path) -> list[str]:
+    """The paths under `root` that `upload_folder(ignore_patterns=SKIP)` uploads, sorted."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    names = sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
+    ignored = [*SKIP, *DEFAULT_IGNORE_PATTERNS]  # upload_folder adds the defaults itself
+    return list(filter_repo_objects(names, ignore_patterns=ignored))
 
 
 def plan_push(folder: str | os.PathLike[str], repo_id: str, private: bool = False) -> PushPlan:
@@ -48,11 +64,7 @@ def plan_push(folder: str | os.PathLike[str], repo_id: str, private: bool = Fals
         raise PushError(f"--repo {repo_id} is not USER/NAME (letters, digits, '-', '_', '.')")
     if not root.is_dir():
         raise PushError(f"folder not found: {root} (give a folder written by `medlora export`)")
-    files = [
-        (path.relative_to(root).as_posix(), path.stat().st_size)
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and not _skipped(path.relative_to(root))
-    ]
+    files = [(name, (root / name).stat().st_size) for name in uploaded_files(root)]
     if not files:
         raise PushError(f"{root} holds no files to upload")
     names = {name for name, _ in files}

@@ -59,7 +59,9 @@ def data_prepare(
         )
     console.print(f"wrote {out}/{{train,validation,test}}.jsonl and data_card.json")
     console.print_json(
-        json.dumps({k: card.get(k) for k in ("splits", "skipped", "hygiene", "token_lengths")})
+        json.dumps(
+            {k: card[k] for k in ("splits", "skipped", "hygiene", "token_lengths") if k in card}
+        )
     )
 
 

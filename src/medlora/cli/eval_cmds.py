@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -15,6 +15,7 @@ from medlora.cli.app import (
     user_errors,
 )
 from medlora.errors import ConfigError
+from medlora.results import QualityResult
 
 
 @app.command("eval")
@@ -51,62 +52,61 @@ def eval_cmd(
     """Held-out scores: answer-only loss and perplexity; with --metrics also generated-answer
     quality (ROUGE-L, token F1, MiniLM similarity) with 95% bootstrap confidence intervals."""
     _quiet_libraries()
-    from medlora.evaluate.quality import evaluate_run, parse_metrics
+    from medlora.evaluate.quality import EvalOptions, evaluate_run, parse_metrics
+    from medlora.report.format import fmt_ci
 
     if compare_base and adapter is None:
         raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
-    wanted = parse_metrics(metrics)
+    options = EvalOptions(
+        model=model,
+        data=data,
+        adapter=adapter,
+        split=split,
+        limit=limit,
+        compare_base=compare_base,
+        out=out,
+        batch_size=batch_size,
+        column_map=parse_map(column_map) or None,
+        metrics=parse_metrics(metrics),
+        max_new_tokens=max_new_tokens,
+        predictions=predictions,
+    )
     with console.status("scoring…"):
-        result = evaluate_run(
-            model,
-            data,
-            adapter,
-            split,
-            limit,
-            compare_base,
-            out,
-            batch_size,
-            parse_map(column_map) or None,
-            wanted,
-            max_new_tokens,
-            predictions,
-        )
-    if "loss" in result:
-        line = f"{result['examples']} examples, {result['answer_tokens']} answer tokens: "
-        line += f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}"
-        if "base_loss" in result:
-            line += f"   base loss {result['base_loss']:.4f}  base perplexity {result['base_perplexity']:.2f}"
-            line += f"   change {result['loss_change']:+.4f}"
+        result = evaluate_run(options)
+    if result.loss is not None:
+        line = f"{result.examples} examples, {result.answer_tokens} answer tokens: "
+        line += f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}"
+        if result.base_loss is not None:
+            line += (
+                f"   base loss {result.base_loss:.4f}  base perplexity {result.base_perplexity:.2f}"
+            )
+            line += f"   change {result.loss_change:+.4f}"
         console.print(line)
-        if "example_loss_change" in result:
-            from medlora.report.html import fmt_ci
-
-            change = fmt_ci(result["example_loss_change"], 4, signed=True)
+        if result.example_loss_change is not None:
+            change = fmt_ci(result.example_loss_change, 4, signed=True)
             console.print(f"mean per-example loss change, tuned − base [95% CI]: {change}")
-    if "quality" in result:
-        _print_quality(result["quality"])
+    if result.quality is not None:
+        _print_quality(result.quality)
     if out:
         console.print(f"wrote {out}")
 
 
-def _print_quality(quality: dict[str, Any]) -> None:
+def _print_quality(quality: QualityResult) -> None:
     from medlora.evaluate.quality import LOWER_IS_BETTER
-    from medlora.report.html import fmt_ci, verdict
+    from medlora.report.format import fmt_ci, verdict
 
     console.print(
-        f"{quality['examples']} answers ({quality['decoding']}, ≤{quality['max_new_tokens']} new "
-        f"tokens, {quality['empty_predictions']} empty); mean [95% CI]:"
+        f"{quality.examples} answers ({quality.decoding}, ≤{quality.max_new_tokens} new "
+        f"tokens, {quality.empty_predictions} empty); mean [95% CI]:"
     )
-    for name, entry in quality["metrics"].items():
-        line = f"  {name:<11} {fmt_ci(entry['model'])}"
-        if "base" in entry:
-            line += (
-                f"   base {fmt_ci(entry['base'])}   difference {fmt_ci(entry['diff'], signed=True)}"
-            )
-            line += f" ({verdict(entry['diff'], name not in LOWER_IS_BETTER)})"
+    for name, entry in quality.metrics.items():
+        line = f"  {name:<11} {fmt_ci(entry.model)}"
+        if entry.base is not None:
+            line += f"   base {fmt_ci(entry.base)}   difference {fmt_ci(entry.diff, signed=True)}"
+            line += f" ({verdict(entry.diff, name not in LOWER_IS_BETTER)})"
         console.print(line)
-    if quality.get("predictions"):
-        console.print(f"answers: {quality['predictions']}")
+    if quality.predictions:
+        console.print(f"answers: {quality.predictions}")
 
 
 @app.command("bench")
@@ -145,43 +145,39 @@ def bench_cmd(
 ) -> None:
     """Multiple-choice medical benchmarks scored by option log-likelihood (lm-evaluation-harness)."""
     _quiet_libraries()
-    from medlora.evaluate.bench import run_bench
-    from medlora.report.html import fmt, fmt_ci
+    from medlora.evaluate.bench import BenchOptions, run_bench
+    from medlora.report.format import fmt, fmt_ci
 
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    result = run_bench(
-        model,
-        adapter,
-        names,
-        data or [],
-        limit,
-        shots,
-        compare_base,
-        out,
-        batch_size,
-        chat,
-        strict,
-        progress=console.print,
+    options = BenchOptions(
+        model=model,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        adapter=adapter,
+        data=data or [],
+        limit=limit,
+        shots=shots,
+        compare_base=compare_base,
+        out=out,
+        batch_size=batch_size,
+        chat=chat,
+        strict=strict,
     )
-    for task, r in result["tasks"].items():
-        line = f"{task}: n={r['n']}  acc {fmt_ci(r['acc_ci'])}  acc_norm {fmt(r['acc_norm'])}"
-        line += f"  chance {fmt(r['chance'])}"
-        if "base_acc" in r:
-            line += f"  | base acc {fmt(r['base_acc'])}  acc_norm {fmt(r['base_acc_norm'])}"
-            line += f"  | difference {fmt_ci(r['diff_acc'], signed=True)}"
+    result = run_bench(options, progress=console.print)
+    for task, r in result.tasks.items():
+        line = f"{task}: n={r.n}  acc {fmt_ci(r.acc_ci)}  acc_norm {fmt(r.acc_norm)}"
+        line += f"  chance {fmt(r.chance)}"
+        if r.base_acc is not None:
+            line += f"  | base acc {fmt(r.base_acc)}  acc_norm {fmt(r.base_acc_norm)}"
+            line += f"  | difference {fmt_ci(r.diff_acc, signed=True)}"
         console.print(line)
-        if len(r["subjects"]) > 1:
-            for subject, s in r["subjects"].items():
-                base = f"  base {fmt(s['base_acc'])}" if "base_acc" in s else ""
+        if len(r.subjects) > 1:
+            for subject, s in r.subjects.items():
+                base = f"  base {fmt(s.base_acc)}" if s.base_acc is not None else ""
                 console.print(
-                    f"  {subject:<22} n={s['n']:<4} acc {fmt(s['acc'])}{base}  "
-                    f"chance {fmt(s['chance'])}"
+                    f"  {subject:<22} n={s.n:<4} acc {fmt(s.acc)}{base}  chance {fmt(s.chance)}"
                 )
-            console.print(
-                f"  {'macro average':<22} acc {fmt(r['macro_acc'])}  chance {fmt(r['chance'])}"
-            )
-        if r["skipped"]:
-            console.print(f"  skipped rows: {r['skipped']}")
+            console.print(f"  {'macro average':<22} acc {fmt(r.macro_acc)}  chance {fmt(r.chance)}")
+        if r.skipped:
+            console.print(f"  skipped rows: {r.skipped}")
     if out:
         console.print(f"wrote {out}")
 
@@ -207,18 +203,18 @@ def compare_cmd(
     """Base vs fine-tuned answers side by side: compare.html, compare.md, compare.json."""
     _quiet_libraries()
     from medlora.report.compare import run_compare
-    from medlora.report.html import fmt_ci
+    from medlora.report.format import fmt_ci
 
     with console.status("answering with both models…"):
         result = run_compare(
             model, adapter, questions, from_split, n, out, max_new_tokens, batch_size
         )
-    for name, m in result["metrics"].items():
+    for name, m in result.metrics.items():
         console.print(
-            f"{name}: base {fmt_ci(m['base'])}  fine-tuned {fmt_ci(m['model'])}  "
-            f"difference {fmt_ci(m['diff'], signed=True)}"
+            f"{name}: base {fmt_ci(m.base)}  fine-tuned {fmt_ci(m.model)}  "
+            f"difference {fmt_ci(m.diff, signed=True)}"
         )
-    console.print("wrote " + ", ".join(result["files"].values()))
+    console.print("wrote " + ", ".join(result.files.values()))
 
 
 @app.command("report")
@@ -244,9 +240,9 @@ def report_cmd(
 ) -> None:
     """report.html (self-contained) and a Hub-ready README.md model card, from the run's files."""
     from medlora.report.card import write_report
+    from medlora.report.facts import ReportOptions
 
-    paths = write_report(
-        run_dir,
+    options = ReportOptions(
         eval_path=eval_file,
         bench_path=bench_file,
         compare_path=compare_file,
@@ -254,4 +250,5 @@ def report_cmd(
         repo_id=repo_id,
         license=license_,
     )
+    paths = write_report(run_dir, options)
     console.print(f"wrote {paths['card']} and {paths['html']}")

@@ -131,56 +131,29 @@ def serve_cmd(
 ) -> None:
     """OpenAI-compatible API (/v1/chat/completions, /v1/models), /health and a chat page at /."""
     _quiet_libraries()
-    import logging
+    from medlora.serve.server import ServeOptions, serve
 
-    from medlora.serve.safety import DEFAULT_DISCLAIMER, Safety
-
-    if engine == "vllm":
-        import subprocess
-
-        from medlora.serve.loader import vllm_command
-
-        command = vllm_command(
-            spec, adapter, host, port, api_key, max_new_tokens, max_prompt_tokens
-        )
-        console.print(
-            "starting: " + " ".join(c if c != api_key else "***" for c in command), highlight=False
-        )
-        raise typer.Exit(subprocess.call(command))
-    import uvicorn
-
-    from medlora.serve.app import Limits, create_app
-    from medlora.serve.loader import build_engine
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    with console.status("loading…"):
-        served = build_engine(
-            spec,
-            adapter,
-            engine=engine,
-            with_base=base,
-            max_batch=max_batch,
-            threads=threads,
-            n_ctx=max_prompt_tokens + max_new_tokens,
-            gguf_type=gguf_type,
-        )
-    safety = Safety(
-        disclaimer=None if no_disclaimer else (disclaimer or DEFAULT_DISCLAIMER),
-        emergency_notices=not no_emergency_notice,
-    )
-    limits = Limits(
+    options = ServeOptions(
+        spec=spec,
+        adapter=adapter,
+        engine=engine,
+        with_base=base,
+        host=host,
+        port=port,
         api_key=api_key,
         max_prompt_tokens=max_prompt_tokens,
         max_new_tokens=max_new_tokens,
-        default_max_tokens=min(served.generation.max_new_tokens, max_new_tokens),
-        max_body_bytes=max_body_kb * 1024,
+        max_body_kb=max_body_kb,
         max_queue=max_queue,
-        request_timeout_s=timeout,
+        max_batch=max_batch,
+        timeout_s=timeout,
+        threads=threads,
+        gguf_type=gguf_type,
         log_prompts=log_prompts,
-        safety=safety,
+        disclaimer=disclaimer,
+        no_disclaimer=no_disclaimer,
+        emergency_notices=not no_emergency_notice,
     )
-    console.print(
-        f"serving {', '.join(served.engine.models)} with {served.engine.name} on http://{host}:{port} "
-        f"(chat page at /, API at /v1{', key required' if api_key else ''})"
-    )
-    uvicorn.run(create_app(served, limits), host=host, port=port, log_level="warning")
+    status = serve(options, console)
+    if status:
+        raise typer.Exit(status)

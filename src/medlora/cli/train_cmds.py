@@ -103,11 +103,10 @@ def demo_cmd(
     config = _load(recipe, set_)
     from medlora.demo import metric_table
 
-    summary = run_demo(config, out, log=console.print)
-    unseen = summary["unseen"]
+    unseen = run_demo(config, out, log=console.print).unseen
     console.print(
-        f"unseen sources ({unseen['examples']} questions): answer loss base "
-        f"{unseen['base_loss']:.4f} → tuned {unseen['loss']:.4f} ({unseen['loss_change_pct']:+.1f} %)"
+        f"unseen sources ({unseen.examples} questions): answer loss base "
+        f"{unseen.base_loss:.4f} → tuned {unseen.loss:.4f} ({unseen.loss_change_pct:+.1f} %)"
     )
-    console.print("\n".join(metric_table(unseen["quality"])), highlight=False)
+    console.print("\n".join(metric_table(unseen.quality)), highlight=False)
     console.print(f"see {out}/summary.md")

@@ -5,6 +5,11 @@ transformers then builds a block-diagonal causal mask from the position restarts
 packed-sequence detection, for sdpa and eager attention; flash-attention uses them natively), so
 no token attends across an example boundary. The first label of every example is -100: in an
 unpacked row that position is never a target either, so packed and unpacked losses are equal.
+
+Why not transformers' `DataCollatorWithFlattening`: it builds the same kind of row (position
+restarts, -100 at each boundary) but flattens whatever `batch_size` examples the sampler hands it,
+so rows vary in length with the examples drawn. Here rows are filled to a token budget first, which
+is what `train.tokens_per_batch` (and `auto` under `train.max_memory_gb`) promises to hold.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """PubMedQA as question-answer records: QUESTION → LONG_ANSWER (the abstract's conclusion).
 
 The file is PubMedQA's JSON, `{pmid: {QUESTION, CONTEXTS, LONG_ANSWER, final_decision, …}}` (or a
-list of such objects, each with a `pubid`). The multiple-choice benchmark reads the same file as
-yes/no/maybe items (`medlora.evaluate.benchmarks`); this loader is for training on answers.
+list of such objects, each with a `pubid`). `read_pubmedqa` is the one parser of that file: this
+loader reads it for training on answers, the multiple-choice benchmark
+(`medlora.evaluate.benchmarks.load_pubmedqa`) for yes/no/maybe items.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medlora.data.records import Record, SourceReport
-from medlora.data.tabular import _read_text
+from medlora.data.tabular import read_text
 from medlora.errors import DataError
 
 DEFAULT_FILE = Path("pubmedqa") / "pqal_dev.json"
@@ -32,7 +33,19 @@ def find_pubmedqa_file() -> Path:
     return candidate
 
 
-def _items(data: Any, path: Path) -> dict[str, Any]:
+def read_pubmedqa(path: Path) -> dict[str, Any]:
+    """PubMedQA's JSON as `{pmid: item}`; a list of objects is keyed by each one's `pubid`.
+
+    Items are returned as they are (a non-object item included): each loader checks the fields it
+    needs and counts or refuses the rest.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}: line {err.lineno} is not valid JSON ({err.msg}); is it PubMedQA's JSON file?"
+        ) from err
     if isinstance(data, list):  # the same objects as a list, each with its own pubid
         return {
             str(row.get("pubid", i)) if isinstance(row, dict) else str(i): row
@@ -40,30 +53,31 @@ def _items(data: Any, path: Path) -> dict[str, Any]:
         }
     if not isinstance(data, dict):
         raise DataError(
-            f"{path}: expected PubMedQA's {{pmid: {{QUESTION, LONG_ANSWER, ...}}}}, "
-            f"got a JSON {type(data).__name__}"
+            f"{path}: expected PubMedQA's {{pmid: {{QUESTION, CONTEXTS, LONG_ANSWER, "
+            f"final_decision, ...}}}}, got a JSON {type(data).__name__}"
         )
     return data
+
+
+def has_text(row: dict[str, Any], key: str) -> bool:
+    """Whether the item's `key` (QUESTION, LONG_ANSWER) is non-blank text."""
+    value = row.get(key)
+    return isinstance(value, str) and bool(value.strip())
 
 
 def load_pubmedqa_answers(path: Path, strict: bool = False) -> tuple[list[Record], SourceReport]:
     """One record per item: question = QUESTION, answer = LONG_ANSWER, topic = the PMID."""
     path = Path(path)
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}: line {err.lineno} is not valid JSON ({err.msg}); is it PubMedQA's JSON file?"
-        ) from err
+    items = read_pubmedqa(path)
     report = SourceReport(source=f"pubmedqa:{path}")
     records: list[Record] = []
-    for pmid, row in _items(data, path).items():
+    for pmid, row in items.items():
         problem = None
         if not isinstance(row, dict):
             problem = "not_an_object"
-        elif not isinstance(row.get("QUESTION"), str) or not row["QUESTION"].strip():
+        elif not has_text(row, "QUESTION"):
             problem = "no_question"
-        elif not isinstance(row.get("LONG_ANSWER"), str) or not row["LONG_ANSWER"].strip():
+        elif not has_text(row, "LONG_ANSWER"):
             problem = "no_long_answer"
         if problem:
             if strict:

@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,11 @@ TABLE_KINDS = ("jsonl", "json", "csv", "parquet")
 MAP_HINT = "map yours with --map question=COL,answer=COL"
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """The file as text; a bad byte names its line so the user can find it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; check the path")
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")  # -sig: tolerate the BOM Excel writes
@@ -37,12 +40,18 @@ def _read_text(path: Path) -> str:
         ) from err
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of every non-blank line of a JSONL file."""
     # Split on "\n" only: str.splitlines would also break on U+2028 inside JSON strings.
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if line.strip():
+            yield number, line
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line; a bad line is refused with its number."""
+    rows = []
+    for number, line in jsonl_lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
@@ -56,9 +65,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
+def read_json(path: Path) -> list[dict[str, Any]]:
+    """A JSON list of objects."""
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         hint = "; one object per line? use jsonl:" if err.msg == "Extra data" else ""
         raise DataError(
@@ -74,18 +84,29 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def _parse_csv(path: Path, make_reader: Callable[[io.StringIO], Any]) -> tuple[Any, list[Any]]:
+    """(the reader, its rows): the one place CSV text is parsed, for both row shapes."""
     # Long answers overflow csv's default 128 KiB field limit; raise it (process-wide, harmless).
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    reader = make_reader(io.StringIO(read_text(path), newline=""))
     try:
-        rows = list(reader)
+        return reader, list(reader)
     except csv.Error as err:
         raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({err})") from err
+
+
+def read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows keyed by the header line, and the header's columns."""
+    reader, rows = _parse_csv(path, csv.DictReader)
     return rows, list(reader.fieldnames or [])
 
 
-def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def read_csv_rows(path: Path) -> list[list[str]]:
+    """The rows of a headerless CSV file (MMLU's question,A,B,C,D,answer), as lists of cells."""
+    return _parse_csv(path, csv.reader)[1]
+
+
+def read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -96,8 +117,9 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return table.to_pylist(), list(table.column_names)
 
 
-def _columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}  # ordered union of keys: JSON rows need not all share them
+def columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The ordered union of the rows' keys: JSON rows need not all share them."""
+    seen: dict[str, None] = {}
     for row in rows:
         seen.update(dict.fromkeys(row))
     return list(seen)
@@ -223,15 +245,15 @@ def load_table(
     if not path.is_file():
         raise DataError(f"{kind} file not found: {path}; check the path in {kind}:PATH")
     if kind == "jsonl":
-        rows = _read_jsonl(path)
-        columns = _columns_of(rows)
+        rows = read_jsonl(path)
+        columns = columns_of(rows)
     elif kind == "json":
-        rows = _read_json(path)
-        columns = _columns_of(rows)
+        rows = read_json(path)
+        columns = columns_of(rows)
     elif kind == "csv":
-        rows, columns = _read_csv(path)
+        rows, columns = read_csv(path)
     else:
-        rows, columns = _read_parquet(path)
+        rows, columns = read_parquet(path)
     if not rows:
         raise DataError(f"{path}: no rows found; is it the right file (and the right {kind}:)?")
     records, report = rows_to_records(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from medlora.data.sample import sample_records
 from medlora.errors import ConfigError, DataError
 from medlora.evaluate.benchmarks import KINDS, TASKS, load_benchmark
+from medlora.evaluate.generate import adapter_disabled
 from medlora.evaluate.harness import score_items, task_units
+from medlora.results import BenchResult, TaskScores, write_result
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -19,7 +22,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def summarize(
     rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None = None, seed: int = 0
-) -> dict[str, Any]:
+) -> TaskScores:
     """Accuracy, length-normalised accuracy, chance level, per subject and macro; base and paired CI."""
     from medlora.evaluate.quality import bootstrap_ci, paired_bootstrap_ci
 
@@ -58,7 +61,7 @@ def summarize(
             result[f"diff_{key}"] = paired_bootstrap_ci(
                 [r[key] for r in rows], [r[key] for r in base_rows], seed=seed
             )
-    return result
+    return TaskScores.model_validate(result)
 
 
 def run_benchmarks(
@@ -75,7 +78,7 @@ def run_benchmarks(
     system_prompt: str | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> BenchResult:
     """Score every task (and the base model with the adapter switched off, when asked)."""
     by_kind: dict[str, str] = {}
     for spec in data:
@@ -93,7 +96,7 @@ def run_benchmarks(
         )
     if shots < 0:
         raise ConfigError(f"--shots {shots}: give 0 (zero-shot) or more exemplars")
-    out: dict[str, Any] = {"shots": shots, "limit": limit, "engine": _engine_name(), "tasks": {}}
+    scores: dict[str, TaskScores] = {}
     items_out: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
         bench = load_benchmark(task, by_kind.get(TASKS.get(task, ("",))[0]), strict)
@@ -104,13 +107,13 @@ def run_benchmarks(
         rows = score_items(model, tokenizer, units, batch_size, chat, system_prompt)
         base_rows = None
         if compare_base:
-            with _adapter_off(model):
+            with adapter_disabled(model):
                 base_rows = score_items(model, tokenizer, units, batch_size, chat, system_prompt)
         summary = summarize(rows, base_rows, seed)
-        summary["data"] = bench.report.source
-        summary["skipped"] = bench.report.skipped
-        summary["notes"] = bench.report.warnings
-        out["tasks"][task] = summary
+        summary.data = bench.report.source
+        summary.skipped = bench.report.skipped
+        summary.notes = bench.report.warnings
+        scores[task] = summary
         items_out[task] = [
             r
             | (
@@ -124,15 +127,15 @@ def run_benchmarks(
             )
             for r, b in zip(rows, base_rows or [None] * len(rows), strict=True)
         ]
-    out["items"] = items_out
-    return out
-
-
-@contextmanager
-def _adapter_off(model: Any) -> Iterator[None]:
-    disable = getattr(model, "disable_adapter", None)
-    with disable() if disable is not None else nullcontext():
-        yield
+    return BenchResult.model_validate(
+        {
+            "shots": shots,
+            "limit": limit,
+            "engine": _engine_name(),
+            "tasks": scores,
+            "items": items_out,
+        }
+    )
 
 
 def _engine_name() -> str:
@@ -141,48 +144,55 @@ def _engine_name() -> str:
     return f"lm-evaluation-harness {version('lm_eval')} (log-likelihood of each option)"
 
 
+class BenchOptions(BaseModel):
+    """What `medlora bench` scores and where it writes (the CLI's options, as one object)."""
+
+    model: str  # model spec
+    tasks: list[str]  # names in TASKS
+    adapter: Path | None = None  # run directory with the adapter
+    data: list[str] = []  # KIND:PATH per benchmark (default: under $MEDLORA_DATA_DIR)
+    limit: int | None = None  # at most this many questions per task
+    shots: int = 0
+    compare_base: bool = False  # also score the base model (the adapter switched off)
+    out: Path | None = None  # bench.json
+    batch_size: int = 8
+    chat: bool = False  # wrap prompts in the chat template
+    strict: bool = False  # fail on a bad row
+
+
 def run_bench(
-    model_spec: str,
-    adapter: str | os.PathLike[str] | None,
-    tasks: Sequence[str],
-    data: Sequence[str] = (),
-    limit: int | None = None,
-    shots: int = 0,
-    compare_base: bool = False,
-    out: str | os.PathLike[str] | None = None,
-    batch_size: int = 8,
-    chat: bool = False,
-    strict: bool = False,
+    options: BenchOptions,
     progress: Callable[[str], None] | None = None,
     model_and_tokenizer: tuple[Any, Any] | None = None,
-) -> dict[str, Any]:
+) -> BenchResult:
     """`medlora bench`: load the model (with its adapter) once, score every task, write --out."""
     from medlora.evaluate.heldout import load_eval_model, run_recipe
-    from medlora.io import write_json_atomic
 
-    if compare_base and adapter is None:
+    o = options
+    if o.compare_base and o.adapter is None:
         raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
-    for task in tasks:  # fail on a typo before minutes of model loading
+    for task in o.tasks:  # fail on a typo before minutes of model loading
         if task not in TASKS:
             raise ConfigError(f"unknown task '{task}': choose from {', '.join(TASKS)}")
-    recipe = run_recipe(adapter)
-    model, tokenizer = load_eval_model(model_spec, adapter, recipe, model_and_tokenizer)
+    recipe = run_recipe(o.adapter)
+    model, tokenizer = load_eval_model(o.model, o.adapter, recipe, model_and_tokenizer)
     result = run_benchmarks(
         model,
         tokenizer,
-        tasks,
-        data,
-        limit,
-        shots,
-        compare_base,
-        batch_size,
-        strict,
-        chat,
+        o.tasks,
+        o.data,
+        o.limit,
+        o.shots,
+        o.compare_base,
+        o.batch_size,
+        o.strict,
+        o.chat,
         recipe.data.system_prompt,
         recipe.data.seed,
         progress,
     )
-    result = {"model": model_spec, "adapter": str(adapter) if adapter else None, **result}
-    if out is not None:
-        write_json_atomic(out, result)
+    adapter = str(o.adapter) if o.adapter else None
+    result = result.model_copy(update={"model": o.model, "adapter": adapter})
+    if o.out is not None:
+        write_result(o.out, result)
     return result

@@ -6,8 +6,6 @@ Bad rows are counted and skipped (or refused with `strict`); nothing is download
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -15,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medlora.data.pubmedqa import DEFAULT_FILE as PUBMEDQA_FILE
+from medlora.data.pubmedqa import has_text, read_pubmedqa
 from medlora.data.records import SourceReport
+from medlora.data.tabular import jsonl_lines, read_csv_rows
 from medlora.errors import ConfigError, DataError
 
 LETTERS = "ABCDEFGHIJ"
@@ -31,7 +32,7 @@ MMLU_MEDICAL = (
 KINDS = ("pubmedqa", "mmlu", "medmcqa", "medqa")
 # task name -> (data kind, default path under MEDLORA_DATA_DIR or None)
 TASKS: dict[str, tuple[str, str | None]] = {
-    "pubmedqa": ("pubmedqa", "pubmedqa/pqal_dev.json"),
+    "pubmedqa": ("pubmedqa", PUBMEDQA_FILE.as_posix()),
     "mmlu_medical": ("mmlu", "mmlu_medical"),
     # The harness's cloze form of MMLU: the option text is scored, not its letter. Models too small
     # to follow the A-D format (SmolLM2-135M answers "A" every time) still show what they know here.
@@ -68,15 +69,6 @@ class Benchmark:
 # ---------------------------------------------------------------- loaders (one per file shape)
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; check the path")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 ({err.reason}); re-save it as UTF-8") from err
-
-
 def _skip(report: SourceReport, strict: bool, where: str, reason: str) -> None:
     """Count a bad row, or refuse the file when strict; the first few are named in warnings."""
     if strict:
@@ -88,29 +80,17 @@ def _skip(report: SourceReport, strict: bool, where: str, reason: str) -> None:
 
 def load_pubmedqa(path: Path, strict: bool = False) -> tuple[list[MCItem], SourceReport]:
     """PubMedQA PQA-L JSON: {pubid: {QUESTION, CONTEXTS[], final_decision ∈ yes/no/maybe}}."""
+    data = read_pubmedqa(path)
     report = SourceReport(source=f"pubmedqa:{path}")
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: line {err.lineno} is not valid JSON ({err.msg})") from err
-    if isinstance(data, list):  # the same objects as a list, each with its own pubid
-        data = {
-            str(row.get("pubid", i)) if isinstance(row, dict) else str(i): row
-            for i, row in enumerate(data)
-        }
-    if not isinstance(data, dict):
-        raise DataError(
-            f"{path}: expected PubMedQA's {{pubid: {{QUESTION, CONTEXTS, final_decision}}}}"
-        )
     items = []
     for pubid, row in data.items():
         where = f"{path}: item {pubid}"
         if not isinstance(row, dict):
             _skip(report, strict, where, "not a JSON object")
             continue
-        question, decision = row.get("QUESTION"), str(row.get("final_decision", "")).lower()
+        decision = str(row.get("final_decision", "")).lower()
         contexts = row.get("CONTEXTS")
-        if not isinstance(question, str) or not question.strip():
+        if not has_text(row, "QUESTION"):
             _skip(report, strict, where, "no QUESTION")
         elif decision not in PUBMEDQA_CHOICES:
             _skip(report, strict, where, f"final_decision is not yes/no/maybe ({decision!r})")
@@ -120,7 +100,7 @@ def load_pubmedqa(path: Path, strict: bool = False) -> tuple[list[MCItem], Sourc
             items.append(
                 MCItem(
                     str(pubid),
-                    question.strip(),
+                    row["QUESTION"].strip(),
                     list(PUBMEDQA_CHOICES),
                     PUBMEDQA_CHOICES.index(decision),
                     "pubmedqa",
@@ -134,12 +114,7 @@ def load_pubmedqa(path: Path, strict: bool = False) -> tuple[list[MCItem], Sourc
 def _mmlu_rows(path: Path, subject: str, report: SourceReport, strict: bool) -> list[MCItem]:
     """Headerless MMLU CSV rows: question,A,B,C,D,answer."""
     items = []
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
-    try:
-        rows = list(reader)
-    except csv.Error as err:
-        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({err})") from err
-    for number, row in enumerate(rows, start=1):
+    for number, row in enumerate(read_csv_rows(path), start=1):
         where = f"{path}: row {number}"
         if not row or not any(cell.strip() for cell in row):
             continue
@@ -206,12 +181,12 @@ def load_mmlu(
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        if line.strip():
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError:
-                yield number, None
+    """(line number, value) per line; None for a line that is not JSON (counted as a bad row)."""
+    for number, line in jsonl_lines(path):
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError:
+            yield number, None
 
 
 def _cop_offset(path: Path, rows: list[tuple[int, Any]]) -> int:

@@ -3,12 +3,16 @@
 Every command that generates (demo, eval, compare, chat's `generate`, the during-training check)
 goes through `generate_answers`, so the answers a user reads are made the same way everywhere;
 the server and the exported `generation_config.json` take the same `GenerationConfig`.
+
+The generation helpers live here too, one copy each for every caller (eval, compare, bench, chat,
+serve, export): `stop_token_ids` (end of sequence and end of turn), `left_padded` (prompts aligned
+at the right so generation starts at the same column) and `adapter_disabled` (the base model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +59,23 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def adapter_disabled(model: Any) -> Any:
+def adapter_disabled(model: Any) -> AbstractContextManager[Any]:
     """Context manager: the base model (PEFT adapter switched off); a no-op without an adapter."""
     disable = getattr(model, "disable_adapter", None)
     return disable() if disable is not None else nullcontext()
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) of the prompts left-padded to the longest, as CPU tensors."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention[i, width - len(ids) :] = 1
+    return input_ids, attention
 
 
 def generate_answers(
@@ -91,12 +108,8 @@ def generate_answers(
         for start in range(0, len(questions), batch_size):
             batch = questions[start : start + batch_size]
             prompts = [prompt_ids(tokenizer, q, system_prompt) for q in batch]
-            width = max(len(p) for p in prompts)
-            input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            for i, ids in enumerate(prompts):
-                input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                attention[i, width - len(ids) :] = 1
+            input_ids, attention = left_padded(prompts, pad_id)
+            width = input_ids.shape[1]
             device = next(model.parameters()).device
             with torch.inference_mode():
                 output = model.generate(

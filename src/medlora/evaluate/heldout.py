@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from medlora.data.sample import sample_records
 from medlora.data.sources import load_source
 from medlora.data.split import split_by_topic
 from medlora.errors import DataError
+from medlora.evaluate.generate import adapter_disabled
 from medlora.evaluate.loss import score_examples
 from medlora.io import write_json_atomic
 from medlora.models import load_model, load_with_adapter
@@ -96,8 +96,7 @@ def score_model(
     """Score the model (with its adapter) and, when asked, the same weights with it switched off."""
     result = score_examples(model, examples, tokenizer.pad_token_id, batch_size)
     if compare_base:
-        disable = getattr(model, "disable_adapter", None)
-        with disable() if disable is not None else nullcontext():
+        with adapter_disabled(model):
             base = score_examples(model, examples, tokenizer.pad_token_id, batch_size)
         result["base_loss"] = base["loss"]
         result["base_perplexity"] = base["perplexity"]

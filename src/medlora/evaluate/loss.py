@@ -5,6 +5,10 @@ prompt would cost more memory than the model itself, and they carry no score. Th
 go through it in chunks of at most `CHUNK_ELEMENTS` logits: a batch of 24 demo examples held all
 its answer logits and their log-softmax at once: 2.46 GiB above the model, 0.45 GiB in chunks
 (same losses to the last bit, same time within noise).
+
+That shortcut is only taken where the model's logits are exactly `head(hidden)` (`has_plain_head`):
+Gemma 2 soft-caps them, Cohere and Granite scale them, so those (and any family not checked) go
+through the model's own forward, with `logits_to_keep` holding only the answer positions.
 """
 
 from __future__ import annotations
@@ -16,11 +20,30 @@ from typing import Any
 from medlora.data.format import IGNORE_INDEX, Example, pad_batch
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in float32)
+# Families whose causal-LM forward is `logits = self.lm_head(hidden_states)` with nothing after it
+# (no soft-capping or logit scaling), checked in their transformers modeling files.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"})
+# Config fields with which a forward changes the logits after the head, and their no-op value:
+# Gemma 2/3 `final_logit_softcapping`, Cohere `logit_scale`, Granite `logits_scaling`.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def has_plain_head(config: Any) -> bool:
+    """Whether the model's logits are its output layer's output as is (a checked family, and no
+    soft-capping or scaling set in its config)."""
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return False
+    return all(
+        getattr(config, name, None) in (None, neutral) for name, neutral in LOGIT_TRANSFORMS.items()
+    )
 
 
 def _backbone_and_head(model: Any) -> tuple[Any, Any] | None:
-    """The transformer body and the output layer (LoRA layers stay injected in both)."""
+    """The transformer body and the output layer (LoRA layers stay injected in both), when the
+    logits are the output layer's output as is; else None (the model's forward makes them)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not has_plain_head(getattr(base, "config", None)):
+        return None
     try:
         return base.get_decoder(), base.get_output_embeddings()
     except (AttributeError, NotImplementedError):
@@ -52,8 +75,17 @@ def answer_token_losses(model: Any, batch: dict[str, Any]) -> tuple[float, int, 
             ]
         )
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        token_losses = F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none")
+        # The model's own head (soft-capping, scaling), on the answer positions only.
+        keep = mask.any(dim=0).nonzero().squeeze(-1)
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits
+        token_losses = F.cross_entropy(
+            logits[mask[:, keep]].float(), labels[:, keep][mask[:, keep]], reduction="none"
+        )
     per_row = torch.zeros(labels.shape[0], dtype=token_losses.dtype, device=token_losses.device)
     per_row.index_add_(0, mask.nonzero()[:, 0], token_losses)
     counts = mask.sum(dim=1).clamp(min=1)

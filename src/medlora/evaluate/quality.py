@@ -25,11 +25,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from medlora.config import GenerationConfig
 from medlora.data.hygiene import repeated_ngram_share, restates_question
 from medlora.data.records import Record
 from medlora.errors import ConfigError, ModelError
 from medlora.io import write_jsonl_atomic
+from medlora.results import CI, EvalResult, QualityResult, write_result
 
 METRICS = ("rouge", "f1", "similarity", "repetition", "echo")
 SCORE_KEYS = {
@@ -269,22 +272,30 @@ def evaluate_answers(
     return result
 
 
+class EvalOptions(BaseModel):
+    """What `medlora eval` scores and where it writes (the CLI's options, as one object)."""
+
+    model: str  # model spec: Hub id, folder, .gguf or alias
+    data: str  # KIND:PATH or a prepared folder
+    adapter: Path | None = None  # run directory with the adapter
+    split: str = "test"
+    limit: int | None = None  # score at most this many examples
+    compare_base: bool = False  # also score the base model (the adapter switched off)
+    out: Path | None = None  # eval.json
+    batch_size: int | None = None  # default: the recipe's eval.batch_size
+    column_map: dict[str, str] | None = None
+    metrics: list[str] = ["loss"]  # loss and/or METRICS
+    max_new_tokens: int | None = None  # default: the recipe's generation settings
+    predictions: Path | None = None  # per-example answers (default: beside `out`)
+
+
 def evaluate_run(
-    model_spec: str,
-    data: str,
-    adapter: str | Path | None = None,
-    split: str = "test",
-    limit: int | None = None,
-    compare_base: bool = False,
-    out: str | Path | None = None,
-    batch_size: int | None = None,
-    column_map: dict[str, str] | None = None,
-    metrics: Sequence[str] = ("loss",),
-    max_new_tokens: int | None = None,
-    predictions_path: str | Path | None = None,
-    model_and_tokenizer: tuple[Any, Any] | None = None,
-) -> dict[str, Any]:
-    """`medlora eval`: loss (unchanged) and/or answer quality, one model load, one results file."""
+    options: EvalOptions, model_and_tokenizer: tuple[Any, Any] | None = None
+) -> EvalResult:
+    """`medlora eval`: loss (unchanged) and/or answer quality, one model load, one results file.
+
+    `model_and_tokenizer`: the model already loaded with its adapter (else it is loaded here).
+    """
     from medlora.evaluate.generate import recipe_generation
     from medlora.evaluate.heldout import (
         evaluate_heldout,
@@ -292,60 +303,57 @@ def evaluate_run(
         run_recipe,
         sampled_eval_records,
     )
-    from medlora.io import write_json_atomic
 
-    if compare_base and adapter is None:
+    o = options
+    if o.compare_base and o.adapter is None:
         raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
-    recipe = run_recipe(adapter)
-    model_and_tokenizer = load_eval_model(model_spec, adapter, recipe, model_and_tokenizer)
-    result: dict[str, Any] = {
-        "model": model_spec,
-        "adapter": str(adapter) if adapter else None,
-        "data": data,
-        "split": split,
-    }
-    if "loss" in metrics:
-        result |= evaluate_heldout(
-            model_spec,
-            data,
-            adapter,
-            split,
-            limit,
-            compare_base,
+    recipe = run_recipe(o.adapter)
+    model_and_tokenizer = load_eval_model(o.model, o.adapter, recipe, model_and_tokenizer)
+    adapter = str(o.adapter) if o.adapter else None
+    result = EvalResult(model=o.model, adapter=adapter, data=o.data, split=o.split)
+    if "loss" in o.metrics:
+        scores = evaluate_heldout(
+            o.model,
+            o.data,
+            o.adapter,
+            o.split,
+            o.limit,
+            o.compare_base,
             None,
-            batch_size,
-            column_map,
+            o.batch_size,
+            o.column_map,
             model_and_tokenizer,
         )
-        per_example = result.get("per_example") or []
-        if per_example and "base_loss" in per_example[0]:
+        result = EvalResult.model_validate(result.model_dump(exclude_unset=True) | scores)
+        per_example = result.per_example or []
+        base = [row.base_loss for row in per_example if row.base_loss is not None]
+        if per_example and len(base) == len(per_example):
             # The token-weighted loss has no per-example form; its paired interval is given for
             # the mean of per-example losses instead (same questions, resampled together).
-            result["example_loss_change"] = paired_bootstrap_ci(
-                [row["loss"] for row in per_example],
-                [row["base_loss"] for row in per_example],
-                seed=recipe.data.seed,
-            )
-    wanted = [m for m in metrics if m in METRICS]
+            tuned = [row.loss for row in per_example]
+            change = paired_bootstrap_ci(tuned, base, seed=recipe.data.seed)
+            result.example_loss_change = CI.model_validate(change)
+    wanted = [m for m in o.metrics if m in METRICS]
     if wanted:
-        records = sampled_eval_records(data, split, recipe, column_map, limit)
-        if predictions_path is None:
-            predictions_path = (
-                Path(out).with_name("predictions.jsonl") if out else "predictions.jsonl"
-            )
+        records = sampled_eval_records(o.data, o.split, recipe, o.column_map, o.limit)
+        predictions = o.predictions
+        if predictions is None:
+            beside = o.out.parent if o.out else Path()
+            predictions = beside / "predictions.jsonl"
         model, tokenizer = model_and_tokenizer
-        result["quality"] = evaluate_answers(
+        quality = evaluate_answers(
             model,
             tokenizer,
             records,
             recipe.data.system_prompt,
             wanted,
-            recipe_generation(recipe, max_new_tokens),
-            batch_size or recipe.eval.batch_size,
-            compare_base,
-            predictions_path,
+            recipe_generation(recipe, o.max_new_tokens),
+            o.batch_size or recipe.eval.batch_size,
+            o.compare_base,
+            predictions,
             recipe.data.seed,
         )
-    if out is not None:
-        write_json_atomic(out, result)
+        result.quality = QualityResult.model_validate(quality)
+    if o.out is not None:
+        write_result(o.out, result)
     return result

@@ -18,19 +18,22 @@ from medlora.data.records import Record
 from medlora.data.sample import sample_records
 from medlora.errors import DataError
 from medlora.evaluate.quality import METRICS, aggregate, score_answers
-from medlora.io import write_json_atomic, write_text_atomic
-from medlora.report.html import STYLE, fmt, fmt_ci, render
+from medlora.io import write_text_atomic
+from medlora.report.format import fmt
+from medlora.report.render import render, write_page
+from medlora.results import CompareResult, CompareRow, write_result
 
+QUESTION_KEYS = ("question", "instruction")
 ANSWER_KEYS = ("answer", "reference", "output")
 
 
 def _record(row: dict[str, Any], index: int, where: str) -> Record:
-    question = row.get("question") or row.get("instruction")
+    question = next((row[k] for k in QUESTION_KEYS if k in row and row[k]), None)
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: row {index + 1} has no 'question' text; every row needs one")
-    answer = next((row[k] for k in ANSWER_KEYS if isinstance(row.get(k), str)), "")
+    answer = next((row[k] for k in ANSWER_KEYS if k in row and isinstance(row[k], str)), "")
     return Record(
-        id=str(row.get("id", index)),
+        id=str(row["id"] if "id" in row else index),
         question=question.strip(),
         answer=answer.strip(),
         source=Path(where).name,
@@ -79,7 +82,7 @@ def compare_answers(
     settings: GenerationConfig | None = None,
     batch_size: int = 4,
     metrics: tuple[str, ...] = METRICS,
-) -> dict[str, Any]:
+) -> CompareResult:
     """Tuned and base answers to the same questions, scored where a reference answer exists."""
     from medlora.evaluate.generate import adapter_disabled, generate_answers
 
@@ -98,15 +101,7 @@ def compare_answers(
         for r, b, t in zip(records, base, tuned, strict=True)
     ]
     scored = [i for i, r in enumerate(records) if r.answer]
-    result: dict[str, Any] = {
-        "n": len(rows),
-        "scored": len(scored),
-        "max_new_tokens": max_new_tokens,
-        "decoding": "sampling" if settings.do_sample else "greedy",
-        "generation": settings.model_dump(),
-        "rows": rows,
-        "metrics": {},
-    }
+    summary: dict[str, Any] = {}  # per metric: the base's, the tuned model's, the difference
     if scored:
         refs = [records[i].answer for i in scored]
         asked = [records[i].question for i in scored]
@@ -116,8 +111,18 @@ def compare_answers(
             for j, i in enumerate(scored):
                 rows[i][f"tuned_{name}"] = tuned_scores[name][j]
                 rows[i][f"base_{name}"] = base_scores[name][j]
-        result["metrics"] = aggregate(tuned_scores, base_scores)
-    return result
+        summary = aggregate(tuned_scores, base_scores)
+    return CompareResult.model_validate(
+        {
+            "n": len(rows),
+            "scored": len(scored),
+            "max_new_tokens": max_new_tokens,
+            "decoding": "sampling" if settings.do_sample else "greedy",
+            "generation": settings.model_dump(),
+            "rows": rows,
+            "metrics": summary,
+        }
+    )
 
 
 MD_NAMES = {
@@ -129,86 +134,22 @@ MD_NAMES = {
 }
 
 
-def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
+def _scores(row: CompareRow, side: str) -> str:
+    """`ROUGE-L 0.412, token F1 0.500, …` for the "base" or "tuned" answer."""
+    return ", ".join(f"{MD_NAMES[k]} {fmt(v)}" for k, v in row.scores(side).items())
 
 
-def render_markdown(result: dict[str, Any]) -> str:
-    lines = [
-        "# Base vs fine-tuned answers",
-        "",
-        f"Model `{result.get('model')}`, adapter `{result.get('adapter')}`; {result['n']} questions "
-        f"from {result.get('questions_from')}; {result['decoding']} decoding, at most "
-        f"{result['max_new_tokens']} new tokens.",
-        "",
-    ]
-    if result["metrics"]:
-        lines += [
-            f"Scores against the reference answers ({result['scored']} questions, 95% bootstrap CI):",
-            "",
-            "| metric | base | fine-tuned | difference |",
-            "|---|---|---|---|",
-        ]
-        for name, m in result["metrics"].items():
-            lines.append(
-                f"| {MD_NAMES.get(name, name)} | {fmt_ci(m['base'])} | {fmt_ci(m['model'])} | "
-                f"{fmt_ci(m['diff'], signed=True)} |"
-            )
-        lines.append("")
-    for i, row in enumerate(result["rows"], start=1):
-
-        def scores(prefix: str, row: dict[str, Any] = row) -> str:
-            return ", ".join(
-                f"{MD_NAMES[k]} {fmt(row[prefix + k])}" for k in MD_NAMES if prefix + k in row
-            )
-
-        lines += [f"## {i}. {_cell(row['question'])}", "", "| | answer | scores |", "|---|---|---|"]
-        if row["reference"]:
-            lines.append(f"| reference | {_cell(row['reference'])} | |")
-        lines += [
-            f"| base | {_cell(row['base'])} | {scores('base_')} |",
-            f"| fine-tuned | {_cell(row['tuned'])} | {scores('tuned_')} |",
-            "",
-        ]
-    lines += ["_Research output, not medical advice._", ""]
-    return "\n".join(lines)
+def render_markdown(result: CompareResult) -> str:
+    return render("compare.md.j2", r=result, names=MD_NAMES, scores=_scores)
 
 
-HTML_TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Base vs fine-tuned answers</title>
-<style>{{ style }}</style></head><body>
-<h1>Base vs fine-tuned answers</h1>
-<p>Model <code>{{ r.model }}</code>, adapter <code>{{ r.adapter }}</code>; {{ r.n }} questions from
-{{ r.questions_from }}; {{ r.decoding }} decoding, at most {{ r.max_new_tokens }} new tokens.</p>
-{% if r.metrics %}
-<table id="scores"><tr><th>metric ({{ r.scored }} questions, 95% CI)</th><th>base</th><th>fine-tuned</th>
-<th>difference</th><th></th></tr>
-{% for name, m in r.metrics.items() %}<tr><td>{{ names.get(name, name) }}</td><td class="num">{{ m.base | ci }}</td>
-<td class="num">{{ m.model | ci }}</td><td class="num">{{ m.diff | ci(3, true) }}</td>
-<td>{{ m.diff | verdict }}</td></tr>{% endfor %}
-</table>
-{% endif %}
-<table class="qa" id="answers"><tr><th>#</th><th>question</th><th>reference</th><th>base answer</th>
-<th>fine-tuned answer</th></tr>
-{% for row in r.rows %}<tr><td class="num">{{ loop.index }}</td><td>{{ row.question }}</td>
-<td>{{ row.reference or "—" }}</td>
-<td>{{ row.base or "(empty)" }}{% if row.base_rougeL is defined %}<br><span class="muted">{% for k, label in names.items() %}{% if ("base_" ~ k) in row %}{{ label }} {{ row["base_" ~ k] | fmt }} {% endif %}{% endfor %}</span>{% endif %}</td>
-<td>{{ row.tuned or "(empty)" }}{% if row.tuned_rougeL is defined %}<br><span class="muted">{% for k, label in names.items() %}{% if ("tuned_" ~ k) in row %}{{ label }} {{ row["tuned_" ~ k] | fmt }} {% endif %}{% endfor %}</span>{% endif %}</td></tr>
-{% endfor %}</table>
-<p class="disclaimer">Research output, not medical advice.</p>
-</body></html>
-"""
-
-
-def write_compare(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+def write_compare(result: CompareResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     out = Path(out_dir)
-    paths = {
-        "json": write_json_atomic(out / "compare.json", result),
+    return {
+        "json": write_result(out / "compare.json", result),
         "md": write_text_atomic(out / "compare.md", render_markdown(result)),
+        "html": write_page(out / "compare.html", "compare.html.j2", r=result, names=MD_NAMES),
     }
-    html = render(HTML_TEMPLATE, r=result, names=MD_NAMES, style=STYLE)
-    paths["html"] = write_text_atomic(out / "compare.html", html)
-    return paths
 
 
 def run_compare(
@@ -221,7 +162,7 @@ def run_compare(
     max_new_tokens: int | None = None,
     batch_size: int = 4,
     model_and_tokenizer: tuple[Any, Any] | None = None,
-) -> dict[str, Any]:
+) -> CompareResult:
     """Load base + adapter once, answer `n` questions with each, write compare.{json,md,html}."""
     from medlora.evaluate.generate import recipe_generation
     from medlora.evaluate.heldout import run_recipe
@@ -260,6 +201,8 @@ def run_compare(
         recipe_generation(recipe, max_new_tokens),
         batch_size,
     )
-    result = {"model": model_spec, "adapter": str(adapter), "questions_from": origin, **result}
-    result["files"] = {k: str(v) for k, v in write_compare(result, out_dir or adapter).items()}
-    return result
+    result = result.model_copy(
+        update={"model": model_spec, "adapter": str(adapter), "questions_from": origin}
+    )
+    files = write_compare(result, out_dir or adapter)
+    return result.model_copy(update={"files": {k: str(v) for k, v in files.items()}})

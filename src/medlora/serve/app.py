@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from medlora.serve.engine import Event, Job, Sampling
+from medlora.serve.engine import Event, Job
 from medlora.serve.loader import Served
 from medlora.serve.prompt import conversation_ids, last_user_text
 from medlora.serve.safety import Safety
@@ -289,13 +289,8 @@ def create_app(served: Served, limits: Limits | None = None) -> FastAPI:
                 f"the prompt is {len(ids)} tokens, over this server's limit of {limits.max_prompt_tokens}",
                 "context_length_exceeded",
             )
-        sampling = Sampling(
-            max_new_tokens=wanted,
-            temperature=body.temperature or 0.0,
-            top_p=body.top_p or 1.0,
-            seed=body.seed,
-            repetition_penalty=served.generation.repetition_penalty,
-            no_repeat_ngram_size=served.generation.no_repeat_ngram_size,
+        sampling = served.sampling(
+            wanted, temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, seed=body.seed
         )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from medlora.evaluate.generate import left_padded, stop_token_ids
+
 _ids = itertools.count(1)
 
 
@@ -94,13 +96,6 @@ class Engine(Protocol):
         """Generate every job to its end, calling each job's sink; jobs share `batch_key()`."""
 
 
-def stop_token_ids(tokenizer: Any) -> set[int]:
-    """End of sequence and end of turn: the same stops as `medlora.evaluate.generate`."""
-    from medlora.evaluate.generate import stop_token_ids as stops
-
-    return set(stops(tokenizer))
-
-
 class Detokenizer:
     """Turns a growing list of token ids into text pieces; holds back half a UTF-8 character."""
 
@@ -177,7 +172,7 @@ class TransformersEngine:
         self._models = models
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.stops = stop_token_ids(tokenizer)
+        self.stops = set(stop_token_ids(tokenizer))  # end of sequence and end of turn
         for model in models.values():
             model.eval()
 
@@ -192,12 +187,7 @@ class TransformersEngine:
         model = self._models[jobs[0].model]
         sampling = jobs[0].sampling
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(job.prompt_ids) for job in jobs)
-        input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, job in enumerate(jobs):
-            input_ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
-            attention[i, width - len(job.prompt_ids) :] = 1
+        input_ids, attention = left_padded([job.prompt_ids for job in jobs], pad_id)
         rows = [RowTracker(job, self.tokenizer, self.stops) for job in jobs]
 
         class PerRow(StoppingCriteria):

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
-from medlora.serve.engine import Job, RowTracker, stop_token_ids
+from medlora.serve.engine import Job, RowTracker
 
 
 def llama_cpp_available() -> bool:
@@ -46,7 +47,7 @@ class LlamaCppEngine:
 
         self.threads = threads or default_threads()
         self.tokenizer = tokenizer
-        self.stops = stop_token_ids(tokenizer)
+        self.stops = set(stop_token_ids(tokenizer))
         self.paths = dict(ggufs)
         self._llms = {
             name: Llama(

@@ -8,10 +8,8 @@ template and system prompt, so the web page can compare them on the same questio
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,9 @@ import yaml
 from medlora.config import DEFAULT_SYSTEM_PROMPT, GenerationConfig
 from medlora.errors import ConfigError, MedloraError
 from medlora.evaluate.generate import run_generation_settings
-from medlora.serve.engine import Engine
+from medlora.serve.engine import Engine, Sampling
 
 ENGINES = ("auto", "transformers", "llama.cpp", "vllm")
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts for --max-lora-rank
 logger = logging.getLogger(__name__)
 _UNSET = object()
 
@@ -41,6 +38,23 @@ class Served:
     @property
     def default_model(self) -> str:
         return self.tuned or str(self.base)
+
+    def sampling(
+        self,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Sampling:
+        """A request's sampling, with the run's repetition control (as eval and the demo use)."""
+        return Sampling(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            repetition_penalty=self.generation.repetition_penalty,
+            no_repeat_ngram_size=self.generation.no_repeat_ngram_size,
+        )
 
 
 def model_id(spec: str) -> str:
@@ -178,48 +192,3 @@ def build_engine(
         model.to(device)
     hf = TransformersEngine(models, tokenizer, max_batch=max_batch)
     return _served(hf, tuned_id, base_id, with_base, run, prompt)
-
-
-def vllm_command(
-    spec: str,
-    adapter: str | os.PathLike[str] | None,
-    host: str,
-    port: int,
-    api_key: str | None,
-    max_new_tokens: int,
-    max_prompt_tokens: int,
-) -> list[str]:
-    """The `vllm serve` command line for GPU users: the base + the run's LoRA under the run's name."""
-    import importlib.util
-
-    import torch
-
-    from medlora.models import local_folder
-
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("--engine vllm needs vLLM and a CUDA GPU: pip install vllm")
-    if not torch.cuda.is_available():
-        raise ConfigError("--engine vllm needs a CUDA GPU and none is visible; use --engine auto")
-    if shutil.which("vllm") is None:
-        raise ConfigError(
-            "--engine vllm runs the `vllm` command, which is not on PATH: pip install vllm "
-            "into the environment medlora runs in"
-        )
-    command = ["vllm", "serve", local_folder(spec), "--host", host, "--port", str(port)]
-    command += ["--served-model-name", model_id(spec)]
-    command += ["--max-model-len", str(max_prompt_tokens + max_new_tokens)]
-    if adapter:
-        run = Path(adapter)
-        command += ["--enable-lora", "--lora-modules", f"{run.resolve().name}={run.resolve()}"]
-        from medlora.export import check_run
-
-        check_run(run)
-        rank = int(
-            json.loads((run / "adapter_config.json").read_text(encoding="utf-8")).get("r", 8)
-        )
-        command += ["--max-lora-rank", str(next((r for r in LORA_RANKS if r >= rank), rank))]
-        if (run / "chat_template.jinja").is_file():
-            command += ["--chat-template", str(run.resolve() / "chat_template.jinja")]
-    if api_key:
-        command += ["--api-key", api_key]
-    return command

@@ -1,219 +1,162 @@
-"""Quality during training: every N steps, answer a fixed sample of validation questions (ROUGE-L, F1,
-similarity) and score a fixed sample of a multiple-choice benchmark; log both with the losses.
+"""The callbacks every training run gets (SFT and preference): metrics.jsonl, medlora's checkpoint
+state with best-K rotation, and the optional metric sinks (TensorBoard, W&B, MLflow).
 
-The scores go through `Trainer.log`, so they land in metrics.jsonl (and any other sink) beside loss and
-eval_loss. With `eval.best_metric`, any logged metric picks the adapter: each new best is saved to
-RUN_DIR/best/ (with best.json saying which step and value), and at the end of training its weights are
-put back into the model, so the adapter `train` saves is the best one, not merely the last.
+They read the run's `RunState` (train/trainer.py) given at construction. Quality scoring during
+training is its own callback: train/quality_callback.py.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from medlora.config import GenerationConfig, Recipe
-from medlora.data.records import Record
-from medlora.data.sample import sample_records
-from medlora.io import move_files_atomic, write_json_atomic
+from transformers import TrainerCallback
+
+from medlora.config import Recipe
+from medlora.errors import TrainingError
+from medlora.io import append_jsonl, write_json_atomic, write_text_atomic
+from medlora.train.trainer import RunState
+
+CHECKPOINT_STATE = "medlora_state.json"
 
 
-def metric_mode(name: str, mode: str = "auto") -> str:
-    """min for losses and perplexities, max for everything else (accuracy, ROUGE, F1, …)."""
-    if mode != "auto":
-        return mode
-    return "min" if ("loss" in name or "perplexity" in name) else "max"
+class MetricsJsonl(TrainerCallback):
+    """One JSON line per log event (the trainer adds tokens, time and memory to each)."""
 
+    def __init__(self, metrics_path: Path) -> None:
+        self.metrics_path = metrics_path
+        self.last_seconds = 0.0
+        self.last_tokens = 0
 
-def _trainer_callback_base() -> Any:
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class QualityCallback(_trainer_callback_base()):  # type: ignore[misc]
-    """See the module docstring; `trainer` is set by `attach_quality_callback`."""
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        run_dir: Path,
-        every: int = 0,
-        records: list[Record] | None = None,
-        system_prompt: str | None = None,
-        metrics: tuple[str, ...] = ("rouge", "f1"),
-        max_new_tokens: int = 64,
-        generation: GenerationConfig | None = None,
-        benchmark: tuple[str, dict[str, Any]] | None = None,
-        best_metric: str | None = None,
-        best_mode: str = "auto",
-        recipe_yaml: str | None = None,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.run_dir = Path(run_dir)
-        self.every = every
-        self.records = records or []
-        self.system_prompt = system_prompt
-        self.metrics = metrics
-        self.max_new_tokens = max_new_tokens
-        self.generation = generation or GenerationConfig()
-        self.benchmark = benchmark
-        self.best_metric = best_metric
-        self.best_mode = metric_mode(best_metric or "", best_mode)
-        self.best_value: float | None = None
-        self.best_step: int | None = None
-        self.recipe_yaml = recipe_yaml
-        self.trainer: Any = None
-        self.last_scored_step = -1
-
-    # -------------------------------------------------------------- scoring
-
-    def score(self, model: Any) -> dict[str, float]:
-        """Quality and benchmark means on the fixed samples (model put back in its mode after)."""
-        from medlora.evaluate.generate import generate_answers
-        from medlora.evaluate.quality import score_answers
-
-        was_training = model.training
-        model.eval()
-        logs: dict[str, float] = {}
-        try:
-            if self.records:
-                answers = generate_answers(
-                    model,
-                    self.tokenizer,
-                    [r.question for r in self.records],
-                    self.system_prompt,
-                    self.generation.model_copy(update={"max_new_tokens": self.max_new_tokens}),
-                    batch_size=len(self.records),
-                    show_progress=False,
-                )
-                scores = score_answers(answers, [r.answer for r in self.records], self.metrics)
-                for name, values in scores.items():
-                    logs[f"quality_{name}"] = sum(values) / len(values)
-            if self.benchmark is not None:
-                from medlora.evaluate.harness import score_items
-
-                task, units = self.benchmark
-                rows = score_items(model, self.tokenizer, units)
-                logs[f"bench_{task}_acc"] = sum(r["acc"] for r in rows) / len(rows)
-                logs[f"bench_{task}_acc_norm"] = sum(r["acc_norm"] for r in rows) / len(rows)
-        finally:
-            model.train(was_training)
-        return logs
-
-    def on_step_end(
-        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
-    ) -> None:
-        if self.every and state.global_step % self.every == 0 and model is not None:
-            self._score_and_log(model, state)
-
-    def on_train_end(
-        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
-    ) -> None:
-        # Score the final weights too, so the last point of the curve is the adapter `train` saves.
-        if self.every and model is not None and self.last_scored_step != state.global_step:
-            self._score_and_log(model, state)
-        if self.best_metric and self.best_step is not None and model is not None:
-            self._restore_best(model)
-
-    def _score_and_log(self, model: Any, state: Any) -> None:
-        self.last_scored_step = state.global_step
-        logs = self.score(model)
-        if logs and self.trainer is not None:
-            self.trainer.log(
-                logs
-            )  # → on_log of every callback: metrics.jsonl, best tracking, sinks
-        elif logs:
-            self.on_log(None, state, None, logs=logs, model=model)
-
-    # -------------------------------------------------------------- best adapter
-
-    def on_log(
-        self,
-        args: Any,
-        state: Any,
-        control: Any,
-        logs: Any = None,
-        model: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        if not self.best_metric or not logs or self.best_metric not in logs or model is None:
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
             return
-        value = logs[self.best_metric]
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            return
-        better = self.best_value is None or (
-            value < self.best_value if self.best_mode == "min" else value > self.best_value
-        )
-        if better:
-            self.best_value, self.best_step = float(value), state.global_step
-            self._save_best(model)
+        row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for key, value in logs.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                row[key] = value
+            else:
+                row[key] = str(value)
+        if "loss" in logs and "train_seconds" in logs:
+            seconds, self.last_seconds = (
+                logs["train_seconds"] - self.last_seconds,
+                logs["train_seconds"],
+            )
+            tokens, self.last_tokens = logs["tokens_seen"] - self.last_tokens, logs["tokens_seen"]
+            row["tokens_per_s"] = round(tokens / max(seconds, 1e-9), 2)
+        append_jsonl(self.metrics_path, row)
 
-    def _save_best(self, model: Any) -> None:
-        """The adapter, tokenizer and recipe into RUN_DIR/best/ (a loadable run directory)."""
-        target = self.run_dir / "best"
-        scratch = self.run_dir / ".best.tmp"
-        shutil.rmtree(scratch, ignore_errors=True)
-        model.save_pretrained(scratch)
-        self.tokenizer.save_pretrained(scratch)
-        if self.recipe_yaml is not None:
-            (scratch / "recipe.yaml").write_text(self.recipe_yaml, encoding="utf-8")
-        move_files_atomic(scratch, target)
+
+class Checkpoints(TrainerCallback):
+    """Starts the training clock; saves medlora's counters beside each checkpoint and keeps the best
+    `keep_best` checkpoints by eval_loss plus the latest."""
+
+    def __init__(self, run: RunState, keep_best: int) -> None:
+        self.run = run
+        self.keep_best = keep_best
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.run.start_clock()  # model loading and Trainer set-up are not training
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         write_json_atomic(
-            self.run_dir / "best.json",
+            folder / CHECKPOINT_STATE,
             {
-                "metric": self.best_metric,
-                "mode": self.best_mode,
-                "value": self.best_value,
-                "step": self.best_step,
-                "path": "best",
+                "step": state.global_step,
+                "tokens_seen": self.run.counter.tokens_seen,
+                "answer_tokens_seen": self.run.counter.answer_tokens_seen,
+                "train_seconds": self.run.train_seconds(),
             },
         )
-
-    def _restore_best(self, model: Any) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = self.run_dir / "best" / "adapter_model.safetensors"
-        if weights.is_file():
-            set_peft_model_state_dict(model, load_file(str(weights)))
+        rotate_checkpoints(Path(args.output_dir), state.log_history, self.keep_best)
 
 
-def attach_quality_callback(
-    trainer: Any, recipe: Recipe, run_dir: Path, tokenizer: Any, val_records: list[Record]
-) -> QualityCallback:
-    """Build the callback from `recipe.eval` and hook it to `trainer` (called by `train`)."""
-    e = recipe.eval
-    benchmark = None
-    if e.during_training_every and e.during_training_benchmark:
-        from medlora.evaluate.benchmarks import load_benchmark
-        from medlora.evaluate.harness import task_units
-
-        bench = load_benchmark(e.during_training_benchmark, e.during_training_benchmark_data)
-        items = sample_records(bench.items, e.during_training_benchmark_limit, recipe.data.seed)
-        benchmark = (bench.task, task_units(bench, items, 0))
-    records = (
-        sample_records(val_records, e.during_training_examples, recipe.data.seed)
-        if e.during_training_every
-        else []
+def rotate_checkpoints(folder: Path, log_history: list[dict[str, Any]], keep_best: int) -> None:
+    """Delete checkpoints outside the best `keep_best` by eval_loss; the latest always stays."""
+    found = sorted(
+        (int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*") if p.is_dir()
     )
-    callback = QualityCallback(
-        tokenizer,
-        run_dir,
-        every=e.during_training_every,
-        records=records,
-        system_prompt=recipe.data.system_prompt,
-        metrics=tuple(e.during_training_metrics),
-        max_new_tokens=e.during_training_max_new_tokens,
-        generation=recipe.generation,
-        benchmark=benchmark,
-        best_metric=e.best_metric,
-        best_mode=e.best_metric_mode,
-        recipe_yaml=recipe.to_yaml(),
-    )
-    callback.trainer = trainer
-    trainer.add_callback(callback)
-    (run_dir / "best.json").unlink(missing_ok=True)  # a stale one would name another run's adapter
-    return callback
+    if not found:
+        return
+    losses = {row["step"]: row["eval_loss"] for row in log_history if "eval_loss" in row}
+    scored = sorted((losses[step], step) for step, _ in found if step in losses)
+    keep = {step for _, step in scored[:keep_best]} | {found[-1][0]}
+    for step, path in found:
+        if step not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    folders = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.is_dir()]
+    # A checkpoint without medlora's state file was interrupted while being written.
+    complete = [p for p in folders if (p / CHECKPOINT_STATE).is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def resume_from(checkpoint: Path | None, run: RunState, metrics_path: Path) -> None:
+    """Put a checkpoint's counters back into `run` and drop the log rows the run will write again;
+    without a checkpoint, a fresh run starts a fresh log."""
+    if checkpoint is None:
+        metrics_path.unlink(missing_ok=True)
+        return
+    state = json.loads((checkpoint / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+    run.counter.tokens_seen = state["tokens_seen"]
+    run.counter.answer_tokens_seen = state["answer_tokens_seen"]
+    run.previous_seconds = state["train_seconds"]
+    if metrics_path.exists():
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        kept = [row for row in rows if row.get("step", 0) <= state["step"]]
+        write_text_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+# What tracking_callbacks set for an earlier run of this process (`medlora sweep` trains several):
+# replaced by the next run's folder, while a value the user set before stays.
+_RUN_ENV: dict[str, str] = {}
+
+
+def _point_at_run(name: str, value: str) -> None:
+    """Set WANDB_DIR / MLFLOW_TRACKING_URI to this run's folder unless the user chose one."""
+    current = os.environ.get(name)
+    if current is None or current == _RUN_ENV.get(name):
+        os.environ[name] = _RUN_ENV[name] = value
+
+
+def tracking_callbacks(recipe: Recipe, run_dir: Path) -> list[Any]:
+    """TensorBoard writes to RUN_DIR/tensorboard; W&B and MLflow come in through report_to."""
+    sinks = recipe.output.report_to
+    callbacks: list[Any] = []
+    if "tensorboard" in sinks:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+        except ImportError:
+            raise TrainingError(
+                "output.report_to has tensorboard but the package is missing: "
+                "pip install 'medlora[track]' (or tensorboard)"
+            ) from None
+        callbacks.append(TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))))
+    if "wandb" in sinks:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise TrainingError(
+                "output.report_to has wandb but the package is missing: pip install 'medlora[track]'"
+            ) from None
+        # Offline runs (WANDB_MODE=offline) land in RUN_DIR/wandb, synced later with `wandb sync`.
+        _point_at_run("WANDB_DIR", str(run_dir))
+    if "mlflow" in sinks:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise TrainingError(
+                "output.report_to has mlflow but the package is missing: pip install mlflow"
+            ) from None
+        _point_at_run("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
+    return callbacks

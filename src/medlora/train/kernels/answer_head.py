@@ -6,8 +6,8 @@ carry no loss. The model's own `logits_to_keep` argument takes a tensor of posit
 positions whose next token is an answer token go through the head. The call still goes through the
 model's forward (and so through DDP wrappers and PEFT) unchanged.
 
-In training, for model families whose forward ends in a plain bias-free `lm_head` (allow-listed
-below), the head is also fused with the loss: the forward returns the kept hidden states and
+In training, for model families whose forward ends in a plain bias-free `lm_head` (allow-listed in
+`medlora.evaluate.loss.has_plain_head`, which evaluation's scoring shares), the head is also fused with the loss: the forward returns the kept hidden states and
 `_head_cross_entropy` computes the summed cross-entropy and its gradient chunk by chunk, so the
 (answer tokens x vocabulary) logits, their log-softmax and their gradient are never all held at once
 (the same idea as torchtune's chunked and Liger's fused linear cross-entropy).
@@ -21,10 +21,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from medlora.data.format import IGNORE_INDEX
+from medlora.evaluate.loss import has_plain_head
 
-# Families whose causal-LM forward is `logits = self.lm_head(hidden_states)` with nothing after it
-# (no soft-capping or logit scaling), checked in their transformers modeling files.
-FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"})
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in float32): big GEMMs, bounded memory
 
 
@@ -134,7 +132,7 @@ def output_head(model: Any) -> tuple[Any, str, Any] | None:
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()  # PEFT
     config = getattr(inner, "config", None)
-    if getattr(config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES:
+    if not has_plain_head(config):  # soft-capped or scaled logits: the model's forward makes them
         return None
     if not hasattr(inner, "get_output_embeddings"):
         return None

@@ -7,6 +7,10 @@ its own call into the generator: at rank 4 that mask costs more than the LoRA ma
 round(p * 32768): the same independent Bernoulli mask with p rounded to a multiple of 1/32768,
 and the kept values scaled by the exact inverse keep rate, so the expectation is unchanged.
 It draws from torch's default generator, so seeding and checkpoint RNG state cover it.
+
+Used: CPU training only (train/loop.py `build_model`, when CUDA is absent); not in preference
+tuning (TRL switches dropout off). Relies on PEFT's internals: each LoRA layer keeps its dropouts in
+a `lora_dropout` ModuleDict keyed by adapter name. Tested with peft 0.21.2, torch 2.13.0.
 """
 
 from __future__ import annotations

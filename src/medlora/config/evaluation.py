@@ -1,0 +1,98 @@
+"""The `eval:`, `generation:` and `output:` sections of a recipe."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    Field,
+)
+
+from medlora.config.base import _Section
+
+
+class EvalConfig(_Section):
+    split: Literal["test", "validation", "train", "all"] = Field(
+        "test", description="Split scored by `medlora eval` and the demo."
+    )
+    max_examples: int | None = Field(64, ge=1, description="Score at most this many examples.")
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass when scoring.")
+    unseen_sources: list[str] = Field(
+        default_factory=list,
+        description="KIND:PATH sources never trained on: the demo's headline scores base vs tuned "
+        "on them (e.g. medquad:7_SeniorHealth_QA, relative to the MedQuAD folder).",
+    )
+    metrics: list[Literal["rouge", "f1", "similarity", "repetition", "echo"]] = Field(
+        default_factory=lambda: ["rouge", "f1", "similarity", "repetition", "echo"],
+        description="Answer metrics the demo reports (with paired bootstrap CIs).",
+    )
+    num_answers: int = Field(
+        3, ge=0, description="Base-vs-tuned answers shown in the demo summary."
+    )
+    # Quality during training (medlora.train.quality_callback); off unless during_training_every > 0.
+    during_training_every: int = Field(
+        0,
+        ge=0,
+        description="Score generated answers (and a benchmark sample) every N steps; 0: off.",
+    )
+    during_training_examples: int = Field(
+        8, ge=1, description="Fixed validation questions answered at each during-training check."
+    )
+    during_training_metrics: list[Literal["rouge", "f1", "similarity"]] = Field(
+        default_factory=lambda: ["rouge", "f1"],
+        description="Answer scores logged during training as quality_<name>.",
+    )
+    during_training_max_new_tokens: int = Field(
+        64, ge=1, description="Longest answer generated during training checks."
+    )
+    during_training_benchmark: str | None = Field(
+        None, description="Multiple-choice task scored during training (pubmedqa, mmlu_medical, …)."
+    )
+    during_training_benchmark_data: str | None = Field(
+        None, description="KIND:PATH of that task's file (null: under $MEDLORA_DATA_DIR)."
+    )
+    during_training_benchmark_limit: int = Field(
+        32, ge=1, description="Fixed benchmark questions scored at each check."
+    )
+    best_metric: str | None = Field(
+        None,
+        description="Logged metric that picks the saved adapter (eval_loss, quality_rougeL, "
+        "bench_pubmedqa_acc, …); null: the last step.",
+    )
+    best_metric_mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="auto: lower is better for *loss*/*perplexity*, higher otherwise."
+    )
+
+
+class GenerationConfig(_Section):
+    """How every command generates: demo, eval, compare, chat, serve and the exported model."""
+
+    max_new_tokens: int = Field(128, ge=1, description="Longest generated answer.")
+    do_sample: bool = Field(False, description="Sample (true) or greedy decoding (false).")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    repetition_penalty: float = Field(
+        1.0, ge=1.0, description="Divide the logits of tokens already present (1.0: off)."
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="Never repeat a word-piece n-gram of this size (0: off)."
+    )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate` (sampling knobs only when sampling)."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+        }
+        if self.do_sample:
+            kwargs |= {"temperature": self.temperature, "top_p": self.top_p}
+        return kwargs
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs/demo", description="Run directory (adapter, metrics, charts).")
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl"], description="Metric sinks; jsonl is always written."
+    )

@@ -1,0 +1,147 @@
+"""Recipes: one YAML file validated by pydantic, with `--set section.key=value` overrides.
+
+Every field has a type, a default and a one-line description; the descriptions feed `--help`
+and the error messages, so a bad recipe is explained in one line that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from medlora.config.base import _Section
+from medlora.config.data import DataConfig, ModelConfig
+from medlora.config.evaluation import EvalConfig, GenerationConfig, OutputConfig
+from medlora.config.train import LoraConfig, TrainConfig
+from medlora.errors import ConfigError
+
+
+class Recipe(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """Runs written before the `generation` section kept the answer length in `eval`."""
+        if isinstance(data, dict) and isinstance(data.get("eval"), dict):
+            if "max_new_tokens" in data["eval"]:
+                evaluation = dict(data["eval"])
+                generation = dict(data.get("generation") or {})
+                generation.setdefault("max_new_tokens", evaluation.pop("max_new_tokens"))
+                data = {**data, "eval": evaluation, "generation": generation}
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+SECTIONS = tuple(Recipe.model_fields)
+
+
+def _allowed_keys(section: str) -> str:
+    model_cls = Recipe.model_fields[section].annotation
+    return ", ".join(model_cls.model_fields)  # type: ignore[union-attr]
+
+
+def _explain(error: ValidationError) -> str:
+    """Turn pydantic's first error into one line naming the key, the value and what is allowed."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        if len(loc) == 1:
+            return f"unknown recipe section '{loc[0]}': allowed sections are {', '.join(SECTIONS)}"
+        section = loc[0]
+        return f"unknown key '{key}': allowed keys in '{section}' are {_allowed_keys(section)}"
+    message = first["msg"].replace("Value error, ", "")
+    if len(loc) == 1 and loc[0] in SECTIONS and first["type"] == "value_error":
+        # A whole-section check (e.g. data.sources entries): its message names the key itself.
+        if message.startswith(f"{loc[0]}."):
+            return f"invalid value {message}"
+        return f"invalid {loc[0]} section: {message}"
+    value = first.get("input")
+    description = ""
+    if len(loc) >= 2 and loc[0] in SECTIONS:
+        field = Recipe.model_fields[loc[0]].annotation.model_fields.get(loc[1])  # type: ignore[union-attr]
+        if field is not None and field.description:
+            description = f" ({loc[1]}: {field.description})"
+    return f"invalid value {key}={value!r}: {message}{description}"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' must look like section.key=value, e.g. lora.r=16")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2:
+        raise ConfigError(
+            f"--set '{item}': name the section too, e.g. train.{key}=...; sections: {', '.join(SECTIONS)}"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML: numbers, lists, null, bools)."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set '{item}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(dict(data or {}), list(overrides or []))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_explain(error)) from None
+
+
+def load_recipe(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe (or the defaults when `path` is None) and apply `--set` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        recipe_path = Path(path)
+        if not recipe_path.is_file():
+            raise ConfigError(f"recipe file not found: {recipe_path} (see recipes/ for examples)")
+        try:
+            loaded = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"{recipe_path}{where}: not valid YAML ({error.__class__.__name__})"
+            ) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{recipe_path}: a recipe is a mapping of sections ({', '.join(SECTIONS)})"
+            )
+        data = loaded or {}
+    try:
+        return recipe_from_dict(data, overrides)
+    except ConfigError as error:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{error}") from None

@@ -1,0 +1,77 @@
+"""How figures and text look on every page: numbers, intervals, verdicts, Markdown cells, images.
+
+The one place that formats a number or escapes a Markdown table cell; the card, the HTML pages,
+compare.md, the demo summary, sweep tables and the CLI all use these.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medlora.results import CI
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """Numbers for tables: fixed digits, '—' for missing or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(ci: CI | Mapping[str, float] | None) -> CI | None:
+    if ci is None or isinstance(ci, CI):
+        return ci
+    return CI.model_validate(ci) if ci else None
+
+
+def fmt_ci(ci: CI | Mapping[str, float] | None, digits: int = 3, signed: bool = False) -> str:
+    """`0.412 [0.371, 0.455]` from a mean with its interval; '—' when missing or NaN."""
+    interval = _ci(ci)
+    if interval is None or math.isnan(interval.mean):
+        return "—"
+    sign = "+" if signed else ""
+    return (
+        f"{interval.mean:{sign}.{digits}f} "
+        f"[{interval.low:{sign}.{digits}f}, {interval.high:{sign}.{digits}f}]"
+    )
+
+
+def verdict(ci: CI | Mapping[str, float] | None, higher_is_better: bool = True) -> str:
+    """'better' / 'worse' when the whole 95% interval of the difference is on one side of 0."""
+    interval = _ci(ci)
+    if interval is None or math.isnan(interval.low) or math.isnan(interval.high):
+        return ""
+    low, high = (
+        (interval.low, interval.high) if higher_is_better else (-interval.high, -interval.low)
+    )
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "no significant change"
+
+
+def short(text: Any, limit: int = 700) -> str:
+    """Whitespace collapsed to single spaces, cut after `limit` characters with ' …'."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def md_cell(text: Any) -> str:
+    """Text for one cell of a Markdown table: on one line, its `|` escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def data_uri(path: str | os.PathLike[str]) -> str:
+    """A PNG as a data URI, so the page carries its images inside it."""
+    raw = Path(path).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(raw).decode("ascii")

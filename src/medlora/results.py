@@ -1,0 +1,344 @@
+"""Typed results: what `medlora eval`, `bench`, `compare` and `demo` write, and the run files the
+report reads (train_summary.json, data_card.json, best.json).
+
+Every command writes its result with `write_result` (`model_dump_json`, atomically) and every reader
+reads one with `read_result` (`model_validate_json`). A figure a result may lack (no base model was
+scored, a file an older version wrote) is an optional field; a file holds exactly the fields its
+command set, so the files keep the shape they always had. Unknown keys are kept (`extra="allow"`):
+a newer file still reads, and reading then writing loses nothing.
+
+This module sits with data / models / config: it imports only pydantic, the standard library and
+medlora.io / medlora.errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from medlora.errors import DataError
+from medlora.io import write_text_atomic
+
+
+class Result(BaseModel):
+    """Base of every result file: unknown keys kept, NaN written as JSON's NaN (as json.dumps)."""
+
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")
+
+
+R = TypeVar("R", bound=Result)
+
+
+def write_result(path: str | os.PathLike[str], result: Result) -> Path:
+    """`result` as indented JSON at `path` (atomic), with the fields that were set."""
+    return write_text_atomic(path, result.model_dump_json(indent=2, exclude_unset=True) + "\n")
+
+
+def read_result(path: str | os.PathLike[str], kind: type[R]) -> R:
+    """One result file; a missing, unreadable or malformed file is a one-line DataError."""
+    file = Path(path)
+    try:
+        return kind.model_validate_json(file.read_bytes())
+    except FileNotFoundError:
+        raise DataError(f"{file}: file not found") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise DataError(
+            f"{file}: not a valid {kind.__name__} ({where + ': ' if where else ''}{first['msg']}); "
+            "re-create it"
+        ) from None
+
+
+def read_optional(path: str | os.PathLike[str], kind: type[R]) -> R | None:
+    """`read_result`, or None when the file does not exist."""
+    return read_result(path, kind) if Path(path).is_file() else None
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+class CI(Result):
+    """A mean with its 95% bootstrap interval (NaN when there was nothing to average)."""
+
+    mean: float
+    low: float
+    high: float
+
+
+class MetricCI(Result):
+    """One answer metric: the model's interval; the base's and the paired difference when scored."""
+
+    model: CI
+    base: CI | None = None
+    diff: CI | None = None
+
+
+class QualityResult(Result):
+    """Generated answers scored against the references (`evaluate.quality.evaluate_answers`)."""
+
+    examples: int
+    decoding: str
+    max_new_tokens: int
+    generation: dict[str, Any] = {}
+    empty_predictions: int
+    metrics: dict[str, MetricCI] = {}
+    base_empty_predictions: int | None = None
+    predictions: str | None = None
+
+
+class LossScores(Result):
+    """Answer-token loss of the references, tuned and base (`evaluate.unseen.loss_base_vs_tuned`)."""
+
+    loss: float
+    base_loss: float | None = None
+    perplexity: float
+    base_perplexity: float | None = None
+    answer_tokens: int
+    examples: int
+    loss_change_pct: float | None = None
+    examples_better: int | None = None
+
+
+class ExampleLoss(Result):
+    id: str
+    source: str
+    loss: float
+    base_loss: float | None = None
+
+
+# ---------------------------------------------------------------- eval.json
+
+
+class EvalResult(Result):
+    """`medlora eval --out`: loss and/or answer quality on a held-out split (eval.json)."""
+
+    model: str
+    adapter: str | None = None
+    data: str | list[str]
+    split: str
+    loss: float | None = None
+    perplexity: float | None = None
+    examples: int | None = None
+    answer_tokens: int | None = None
+    base_loss: float | None = None
+    base_perplexity: float | None = None
+    loss_change: float | None = None
+    loss_change_pct: float | None = None
+    examples_better: int | None = None
+    dropped_no_answer_tokens: int | None = None
+    truncated: int | None = None
+    per_example: list[ExampleLoss] | None = None
+    example_loss_change: CI | None = None
+    quality: QualityResult | None = None
+
+
+# ---------------------------------------------------------------- bench.json
+
+
+class SubjectScores(Result):
+    acc: float
+    acc_norm: float
+    n: int
+    chance: float
+    base_acc: float | None = None
+    base_acc_norm: float | None = None
+
+
+class TaskScores(Result):
+    """One multiple-choice task (`evaluate.bench.summarize`, plus where its data came from)."""
+
+    acc: float
+    acc_norm: float
+    n: int
+    chance: float
+    acc_ci: CI
+    acc_norm_ci: CI
+    macro_acc: float
+    macro_acc_norm: float
+    subjects: dict[str, SubjectScores] = {}
+    base_acc: float | None = None
+    base_acc_norm: float | None = None
+    base_acc_ci: CI | None = None
+    base_macro_acc: float | None = None
+    diff_acc: CI | None = None
+    diff_acc_norm: CI | None = None
+    data: str | None = None
+    skipped: dict[str, int] = {}
+    notes: list[str] = []
+
+
+class BenchItem(Result):
+    """One scored question: each option's log-likelihood and whether the model picked the answer."""
+
+    task: str
+    id: str
+    subject: str
+    n_options: int
+    answer: int
+    loglikelihoods: list[float]
+    acc: float
+    acc_norm: float
+    base_acc: float | None = None
+    base_acc_norm: float | None = None
+    base_loglikelihoods: list[float] | None = None
+
+
+class BenchResult(Result):
+    """`medlora bench --out`: multiple-choice accuracy per task (bench.json)."""
+
+    model: str | None = None
+    adapter: str | None = None
+    shots: int
+    limit: int | dict[str, int | None] | None = None
+    engine: str
+    tasks: dict[str, TaskScores] = {}
+    items: dict[str, list[BenchItem]] = {}
+
+
+# ---------------------------------------------------------------- compare.json
+
+SCORE_NAMES = ("rougeL", "f1", "similarity", "repetition", "echo")
+
+
+class CompareRow(Result):
+    """One question, both answers, and each answer's scores when there is a reference."""
+
+    id: str
+    question: str
+    reference: str = ""
+    base: str
+    tuned: str
+    tuned_rougeL: float | None = None
+    base_rougeL: float | None = None
+    tuned_f1: float | None = None
+    base_f1: float | None = None
+    tuned_similarity: float | None = None
+    base_similarity: float | None = None
+    tuned_repetition: float | None = None
+    base_repetition: float | None = None
+    tuned_echo: float | None = None
+    base_echo: float | None = None
+
+    def scores(self, side: str) -> dict[str, float]:
+        """{metric: score} of the "base" or "tuned" answer, for the metrics it was scored on."""
+        found = {name: getattr(self, f"{side}_{name}") for name in SCORE_NAMES}
+        return {name: value for name, value in found.items() if value is not None}
+
+
+class CompareResult(Result):
+    """`medlora compare`: base and fine-tuned answers side by side (compare.json)."""
+
+    model: str | None = None
+    adapter: str | None = None
+    questions_from: str | None = None
+    n: int
+    scored: int
+    max_new_tokens: int
+    decoding: str
+    generation: dict[str, Any] = {}
+    rows: list[CompareRow] = []
+    metrics: dict[str, MetricCI] = {}
+    files: dict[str, str] = {}  # what was written; never in compare.json itself
+
+
+# ---------------------------------------------------------------- train_summary.json, demo.json
+
+
+class TrainSummary(Result):
+    """train_summary.json (written by medlora.train); every field optional for older runs."""
+
+    run_dir: str | None = None
+    train_examples: int | None = None
+    val_examples: int | None = None
+    steps: int | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    runtime_s: float | None = None
+    tokens_per_s: float | None = None
+    trained_tokens: int | None = None
+    train_seconds: float | None = None
+    peak_rss_mb: float | None = None
+    peak_gpu_memory_mb: float | None = None
+    row_choice: dict[str, Any] | None = None  # tokens_per_batch: auto, what was measured
+
+
+class UnseenScores(LossScores):
+    """Base vs tuned on sources the run never trained on (`evaluate.unseen.score_unseen`)."""
+
+    data: list[str]
+    quality: QualityResult
+
+
+class DemoAnswer(Result):
+    question: str
+    reference: str
+    base: str
+    tuned: str
+
+
+class DemoSummary(Result):
+    """`medlora demo`: the unseen-source headline, the test split, training, answers (demo.json)."""
+
+    model: str
+    adapter: str
+    unseen: UnseenScores
+    test: LossScores
+    train: TrainSummary
+    answers: list[DemoAnswer] = []
+    elapsed_s: float
+
+
+# ---------------------------------------------------------------- data_card.json, best.json (read)
+
+
+class GroupUse(Result):
+    """What one source group contributed to training (data_card.json → used.per_group)."""
+
+    examples: int = 0
+    tokens: int | None = None
+    answer_tokens: int | None = None
+    token_share: float = 0.0
+    answer_token_share: float | None = None
+    weight: float | None = None
+    upsampled: bool | None = None
+    drawn_per_record: int | float | None = None
+
+
+class DataUse(Result):
+    """data_card.json → used: counts of what training used, and the per-group breakdown."""
+
+    train: int | None = None
+    validation: int | None = None
+    per_group: dict[str, GroupUse] = {}
+    mix: dict[str, Any] | None = None
+    validation_per_group: dict[str, int] = {}
+    repetitive_dropped: int | None = None
+    packed_rows: int | None = None
+
+    def counts(self) -> dict[str, int | float]:
+        """The numeric entries (train, validation, …) in file order."""
+        values = self.model_dump(exclude_unset=True)
+        return {k: v for k, v in values.items() if isinstance(v, int | float)}
+
+
+class DataCard(Result):
+    """The parts of data_card.json (written by medlora.data / medlora.train) a report shows."""
+
+    splits: dict[str, int] | None = None
+    used: DataUse | None = None
+    skipped: dict[str, dict[str, Any]] | None = None
+    token_lengths: dict[str, dict[str, int | float]] | None = None
+
+
+class BestCheckpoint(Result):
+    """best.json: the step training chose by `train.best_metric` (written by medlora.train)."""
+
+    metric: str
+    mode: str | None = None
+    value: float
+    step: int
+    path: str

@@ -1,0 +1,164 @@
+"""`MedloraTrainer`: the HF `Trainer` with answer-only loss, token counting, a NaN stop and an exact
+validation loss. Everything it needs beyond the Trainer's own arguments arrives in one `RunState`,
+which the callbacks (train/callbacks.py) share: token counts and the training clock.
+
+`TokenCounter` rather than `TrainingArguments.include_num_input_tokens_seen`: that counts input ids
+only (medlora also counts the answer tokens actually trained), sums them over all processes (the
+per-process tokens/s here are what each process's clock measures), and does not know TRL's batch
+keys (`chosen_attention_mask`, ...), which the preference trainer shares this counter for.
+
+Relies on transformers' `Trainer.compute_loss(model, inputs, return_outputs, num_items_in_batch)`,
+`Trainer.log(logs, start_time)` and `Trainer.evaluate` signatures (tested with transformers 5.24).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from medlora.data.format import IGNORE_INDEX, Example
+from medlora.errors import TrainingError
+from medlora.evaluate.loss import score_examples
+from medlora.train.kernels.answer_head import answer_loss_sum
+from medlora.train.memory import peak_rss_bytes
+
+
+class NonFiniteLoss(TrainingError):
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"loss became {value} at step {step}")
+        self.step = step
+
+
+@dataclass
+class TokenCounter:
+    """Tokens that went through training steps (counted at the step: the data loader reads ahead)."""
+
+    tokens_seen: int = 0
+    answer_tokens_seen: int = 0
+
+    def count(self, inputs: dict[str, Any]) -> None:
+        mask = inputs.get("attention_mask")
+        # Packed rows carry no attention mask and no padding: every id is a real token.
+        self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        self.answer_tokens_seen += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class RunState:
+    """What medlora's trainers and callbacks share for one run (SFT and preference alike)."""
+
+    counter: TokenCounter = field(default_factory=TokenCounter)
+    stop_on_nan: bool = True
+    # SFT only: the unlikelihood weight and the validation set scored by `evaluate`.
+    unlikelihood: float = 0.0
+    val_examples: list[Example] = field(default_factory=list)
+    val_groups: list[str] = field(default_factory=list)  # the recipe source of each example
+    pad_token_id: int = 0
+    eval_batch_size: int = 8
+    # The training clock: starts at on_train_begin (model loading is not training), carries the
+    # seconds of the run before a resume, and leaves out evaluation.
+    previous_seconds: float = 0.0
+    clock_start: float | None = None
+    eval_seconds: float = 0.0
+
+    def start_clock(self) -> None:
+        self.clock_start = time.perf_counter() - self.previous_seconds
+
+    def train_seconds(self) -> float:
+        if self.clock_start is None:
+            return 0.0
+        return time.perf_counter() - self.clock_start - self.eval_seconds
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak memory so far: GPU allocations when on CUDA, else the process's peak resident set
+    (across the high-water-mark resets of `tokens_per_batch: auto`'s probes)."""
+    if torch.cuda.is_available():
+        return {"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    return {"peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
+
+
+class TokenAndClockLogs:
+    """Mixin for the Trainer subclasses (SFT and preference): every training log row carries the
+    tokens trained, the training seconds (evaluation excluded) and peak memory."""
+
+    run: RunState
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs["tokens_seen"] = self.run.counter.tokens_seen
+            logs["trained_tokens"] = self.run.counter.answer_tokens_seen
+            logs["train_seconds"] = round(self.run.train_seconds(), 3)
+            logs.update(peak_memory())
+        super().log(logs, start_time)  # type: ignore[misc]
+
+
+class MedloraTrainer(TokenAndClockLogs, Trainer):
+    """The HF Trainer with answer-only loss, token counting, NaN stop and exact evaluation."""
+
+    def __init__(self, *args: Any, run: RunState, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run = run
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        unlikelihood = self.run.unlikelihood if model.training else 0.0
+        loss_sum, count, outputs = answer_loss_sum(model, inputs, unlikelihood=unlikelihood)
+        if num_items_in_batch is not None:
+            # Token-weighted over the whole optimizer step (all micro-batches, all processes),
+            # so packing, padding and accumulation never change the objective.
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients
+        else:
+            loss = loss_sum / max(count, 1)
+        if model.training:
+            self.run.counter.count(inputs)
+            if self.run.stop_on_nan and not torch.isfinite(loss.detach()):
+                raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        started = time.perf_counter()
+        try:
+            if self.args.world_size > 1 or not self.run.val_examples:
+                return super().evaluate(*args, **kwargs)
+            return self._exact_evaluate()
+        finally:
+            self.run.eval_seconds += time.perf_counter() - started
+
+    def _exact_evaluate(self) -> dict[str, float]:
+        """Token-weighted answer loss over the whole validation set, and per data source.
+
+        The same number `medlora eval` reports (Trainer's own loop averages batch means).
+        """
+        run = self.run
+        was_training = self.model.training
+        scored = score_examples(self.model, run.val_examples, run.pad_token_id, run.eval_batch_size)
+        if was_training:
+            self.model.train()
+        metrics = {"eval_loss": scored["loss"], "eval_perplexity": scored["perplexity"]}
+        groups: dict[str, list[int]] = {}
+        for i, group in enumerate(run.val_groups):
+            groups.setdefault(group, []).append(i)
+        if len(groups) > 1:
+            for name, indices in sorted(groups.items()):
+                weights = [run.val_examples[i].answer_tokens for i in indices]
+                total = sum(
+                    scored["per_example_loss"][i] * w for i, w in zip(indices, weights, strict=True)
+                )
+                metrics[f"eval_loss_{name}"] = total / max(sum(weights), 1)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        return metrics
