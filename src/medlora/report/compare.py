@@ -6,9 +6,6 @@ one loaded model, the adapter switched off for the base, with the run's chat tem
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from typing import Any
 from medlora.config import GenerationConfig
 from medlora.data.records import Record
 from medlora.data.sample import sample_records
+from medlora.data.tabular import read_csv, read_json, read_jsonl, read_text
 from medlora.errors import DataError
 from medlora.evaluate.quality import METRICS, aggregate, score_answers
 from medlora.io import write_text_atomic
@@ -45,30 +43,17 @@ def read_questions(path: str | os.PathLike[str]) -> list[Record]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"--questions {file}: file not found")
-    text = file.read_text(encoding="utf-8-sig")
     suffix = file.suffix.lower()
     if suffix == ".txt":
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line.strip() for line in read_text(file).splitlines() if line.strip()]
         return [
             Record(id=str(i), question=q, answer="", source=file.name) for i, q in enumerate(lines)
         ]
-    if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{file}: line {number} is not valid JSON ({err.msg})") from err
-    elif suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{file}: line {err.lineno} is not valid JSON ({err.msg})") from err
-    elif suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    else:
+    # The same readers (and one-line errors) as training data: medlora.data.tabular.
+    readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": lambda f: read_csv(f)[0]}
+    if suffix not in readers:
         raise DataError(f"--questions {file}: use a .txt, .jsonl, .json or .csv file")
+    rows = readers[suffix](file)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{file}: expected rows of objects with a 'question' field")
     return [_record(row, i, str(file)) for i, row in enumerate(rows)]
