@@ -6,11 +6,18 @@ carry no loss. The model's own `logits_to_keep` argument takes a tensor of posit
 positions whose next token is an answer token go through the head. The call still goes through the
 model's forward (and so through DDP wrappers and PEFT) unchanged.
 
-In training, for model families whose forward ends in a plain bias-free `lm_head` (allow-listed in
-`medlora.evaluate.loss.has_plain_head`, which evaluation's scoring shares), the head is also fused with the loss: the forward returns the kept hidden states and
-`_head_cross_entropy` computes the summed cross-entropy and its gradient chunk by chunk, so the
-(answer tokens x vocabulary) logits, their log-softmax and their gradient are never all held at once
-(the same idea as torchtune's chunked and Liger's fused linear cross-entropy).
+In training, for model families whose forward ends in a plain bias-free `lm_head` (allow-listed
+in `medlora.evaluate.loss.has_plain_head`, which evaluation's scoring shares), the head is also
+fused with the loss: the forward returns the kept hidden states and `_head_cross_entropy` computes
+the summed cross-entropy and its gradient chunk by chunk, so the (answer tokens x vocabulary)
+logits, their log-softmax and their gradient are never all held at once (the same idea as
+torchtune's chunked and Liger's fused linear cross-entropy). Models with soft-capped or scaled
+logits (Gemma 2, Cohere, Granite) keep their own head.
+
+Used: every SFT training step, CPU and GPU (train/trainer.py `compute_loss`), and the memory probe
+of `tokens_per_batch: auto`. Relies on transformers' `logits_to_keep` forward argument accepting a
+tensor of positions, `get_output_embeddings()`, PEFT's `get_base_model()` and torch.compile's
+private `_orig_mod` attribute. Tested with transformers 5.24.0, peft 0.21.2, torch 2.13.0.
 """
 
 from __future__ import annotations
