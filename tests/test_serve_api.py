@@ -157,6 +157,30 @@ def test_bad_requests_are_refused_with_clear_codes(server: ServerThread, served:
         client(server).chat.completions.create(model=served.tuned, messages=[], max_tokens=4)
 
 
+def test_every_error_is_in_openais_error_shape(server: ServerThread, served: Served) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = f"{server.url}/v1/chat/completions"
+    refused = [
+        httpx.post(url, content=b'{"messages": "\xff\xfe"}', headers=headers),  # not UTF-8
+        httpx.post(url, content=b"{not json", headers=headers),
+        httpx.post(url, json={"messages": []}, headers=headers),
+        httpx.post(
+            url,
+            json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
+            headers=headers,
+        ),  # fmt: skip
+        httpx.get(url, headers=headers),  # wrong method
+        httpx.get(f"{server.url}/v1/no-such-route", headers=headers),
+        httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer wrong"}),
+    ]
+    for answer in refused:
+        assert answer.status_code >= 400
+        body = answer.json()
+        assert set(body) == {"error"}, (answer.request.url, body)
+        error = body["error"]
+        assert error["message"] and error["type"] and "code" in error and "param" in error
+
+
 def test_long_prompt_is_refused(served: Served) -> None:
     with ServerThread(create_app(served, Limits(max_prompt_tokens=30))) as small:
         response = httpx.post(

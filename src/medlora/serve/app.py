@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medlora.serve.engine import Event, Job
 from medlora.serve.loader import Served
@@ -188,10 +189,16 @@ def create_app(served: Served, limits: Limits | None = None) -> FastAPI:
     app.state.served = served
     app.state.limits = limits
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # APIError carries its code; routing errors (404 no such route, 405 wrong method) and any
+        # other HTTP error answer in OpenAI's shape too, which clients parse.
+        fallback = {404: "not_found", 405: "method_not_allowed"}.get(
+            error.status_code, "http_error"
+        )
+        code = getattr(error, "code", fallback)
         return JSONResponse(
-            _error_body(str(error.detail), error.code), error.status_code, headers=error.headers
+            _error_body(str(error.detail), code), error.status_code, headers=error.headers
         )
 
     @app.exception_handler(RequestValidationError)
