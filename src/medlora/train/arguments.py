@@ -1,5 +1,6 @@
-"""The recipe's `train:` section as transformers `TrainingArguments` (and the base of TRL's
-preference configs). Arguments the installed transformers/TRL lacks are dropped with one warning."""
+"""The recipe as library configs: `train:` as transformers `TrainingArguments` (and the base of TRL's
+preference configs), `lora:` as peft's `LoraConfig`. Arguments the installed transformers/TRL lacks
+are dropped with one warning."""
 
 from __future__ import annotations
 
@@ -94,3 +95,18 @@ def training_arguments(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
 
     kwargs = training_kwargs(recipe, run_dir, has_eval)
     return TrainingArguments(**supported_arguments(TrainingArguments, kwargs))
+
+
+def lora_config(recipe: Recipe) -> Any:
+    """The recipe's `lora:` section as peft's `LoraConfig` (SFT and preference runs)."""
+    from peft import LoraConfig
+
+    lora = recipe.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )

@@ -20,7 +20,7 @@ from medlora.data.sample import sample_records
 from medlora.errors import TrainingError
 from medlora.io import write_json_atomic, write_text_atomic
 from medlora.models import load_recipe_model
-from medlora.train.arguments import training_arguments
+from medlora.train.arguments import lora_config, training_arguments
 from medlora.train.callbacks import (
     Checkpoints,
     MetricsJsonl,
@@ -57,23 +57,14 @@ def _as_rows(examples: list[Example]) -> list[dict[str, Any]]:
 
 def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> tuple[Any, Any]:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
     if recipe.train.packing and not torch.cuda.is_available():
         # CPU: per-example causal SDPA beats sdpa's row-wide block mask. On GPUs the masked kernel
         # measured faster (many small per-example launches; docs/benchmarks.md `gpu`).
         use_packed_attention(model)
-    lora = recipe.lora
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias=lora.bias,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, peft_config)
+    model = get_peft_model(model, lora_config(recipe))
     if not torch.cuda.is_available():
         from medlora.train.kernels.lora_dropout import use_fast_lora_dropout
         from medlora.train.kernels.rms_norm import use_fast_rms_norm

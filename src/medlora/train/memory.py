@@ -219,9 +219,24 @@ def choose_row_tokens(
         checkpointing = True
     # The line is extrapolated; the allocator is not linear in tensor sizes. Measure the chosen row
     # itself and step down until it fits (a wide tiny Llama reached 2.0 GiB where 1.6 was predicted).
+    # The probes count against the budget too, and one RSS reading can be 20 % off: a row is probed
+    # only at most twice the longest row measured so far and where the pessimistic slope from that
+    # row keeps it within the budget; else a shorter row is probed first and the line refitted
+    # through the two longest measured rows.
     measured = dict(points)
     while tokens > step:
         if tokens not in measured:
+            top = max(measured)
+            jump = tokens - top
+            risky = measured[top] + 1.5 * per_token * jump > budget
+            if jump > step and (risky or jump > top):
+                jump = min(jump // 2 if risky else jump, top)
+                nearer = top + max(step, jump // step * step)
+                measured[nearer] = probe(nearer)
+                points.append((nearer, measured[nearer]))
+                fixed, per_token = fit_line(sorted(measured.items())[-2:])
+                tokens = max(step, min(tokens, longest_fitting_row(fixed, per_token, budget, step)))
+                continue
             measured[tokens] = probe(tokens)
             points.append((tokens, measured[tokens]))
         if measured[tokens] <= HEADROOM * budget:

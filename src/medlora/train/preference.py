@@ -39,7 +39,7 @@ from medlora.data.format import (
 )
 from medlora.errors import TrainingError
 from medlora.io import write_json_atomic, write_text_atomic
-from medlora.train.arguments import supported_arguments, training_kwargs
+from medlora.train.arguments import lora_config, supported_arguments, training_kwargs
 from medlora.train.callbacks import (
     Checkpoints,
     MetricsJsonl,
@@ -94,7 +94,7 @@ def _build_model(
 ) -> tuple[Any, Any]:
     """The SFT LoRA model (no packing, no FastDropout), or the base plus `init_adapter`."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     from medlora.models import load_recipe_model
 
@@ -102,18 +102,7 @@ def _build_model(
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
-        lora = recipe.lora
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                bias=lora.bias,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = get_peft_model(model, lora_config(recipe))
     if not torch.cuda.is_available():
         from medlora.train.kernels.rms_norm import use_fast_rms_norm
 
