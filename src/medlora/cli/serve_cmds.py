@@ -20,6 +20,10 @@ EngineOption = Annotated[
         "--engine", help="auto (llama.cpp when installed) | transformers | llama.cpp | vllm."
     ),
 ]
+MaxNewTokensOption = Annotated[
+    int | None,
+    typer.Option("--max-new-tokens", min=1, help="Default: the run's generation settings."),
+]
 AdapterOption = Annotated[
     Path | None, typer.Option("--adapter", "-a", help="Run directory with the adapter.")
 ]
@@ -31,10 +35,7 @@ def chat_cmd(
     spec: Annotated[str, typer.Argument(help="Base model spec (alias, folder, .gguf, Hub id).")],
     adapter: AdapterOption = None,
     engine: EngineOption = "auto",
-    max_new_tokens: Annotated[
-        int | None,
-        typer.Option("--max-new-tokens", min=1, help="Default: the run's generation settings."),
-    ] = None,
+    max_new_tokens: MaxNewTokensOption = None,
 ) -> None:
     """Talk to the model in the terminal: streaming, multi-turn, /reset for a new conversation."""
     _quiet_libraries()
@@ -58,10 +59,7 @@ def generate_cmd(
     ],
     adapter: AdapterOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
-    max_new_tokens: Annotated[
-        int | None,
-        typer.Option("--max-new-tokens", min=1, help="Default: the run's generation settings."),
-    ] = None,
+    max_new_tokens: MaxNewTokensOption = None,
 ) -> None:
     """Answer a file of questions in batches (greedy, merged weights, the run's chat template)."""
     _quiet_libraries()
