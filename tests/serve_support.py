@@ -73,3 +73,36 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def variant_adapter(run: Path, dest: Path, seed: int) -> Path:
+    """A copy of `run` whose LoRA weights are perturbed: another adapter of the same base, whose
+    answers differ (as a run on other data would)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    path = dest / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    generator = torch.Generator().manual_seed(seed)
+    for key, value in tensors.items():
+        if ".lora_B." in key:
+            noise = torch.randn(value.shape, generator=generator) * 0.5
+            tensors[key] = value + noise
+    save_file(tensors, str(path))
+    return dest
+
+
+def foreign_adapter(run: Path, dest: Path) -> Path:
+    """A copy of `run` shaped for another base: every LoRA A matrix reads 8 more features."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    path = dest / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    for key, value in list(tensors.items()):
+        if ".lora_A." in key:
+            tensors[key] = torch.zeros(value.shape[0], value.shape[1] + 8)
+    save_file(tensors, str(path))
+    return dest

@@ -32,15 +32,16 @@ def test_chat_streams_and_remembers_turns(served: Served) -> None:
     pieces: list[str] = []
     first = chat.ask("What causes anemia?", pieces.append)
     assert len(pieces) >= 2 and "".join(pieces).strip() == first
-    model = served.engine._models[served.tuned]  # type: ignore[attr-defined]
+    assert served.model_set is not None
+    entry = served.models[chat.model]
     alone = generate_answers(
-        model, served.engine.tokenizer, ["What causes anemia?"], served.system_prompt, 10
+        served.model_set.model, entry.tokenizer, ["What causes anemia?"], entry.system_prompt, 10
     )
     assert first == alone[0]
     follow_up_ids = chat.prompt_ids("And how is it treated?")
     fresh_ids = Chat(served).prompt_ids("And how is it treated?")
     assert len(follow_up_ids) > len(fresh_ids)  # the first turn is in the second prompt
-    decoded = served.engine.tokenizer.decode(follow_up_ids)
+    decoded = served.tokenizer.decode(follow_up_ids)
     assert "What causes anemia?" in decoded and first in decoded
     chat.ask("And how is it treated?")
     assert len(chat.history) == 4

@@ -29,6 +29,22 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
 
 
 @pytest.fixture
+def served_with(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The sampling every request on the continuous engine decoded with (its logits processors)."""
+    from medlora.serve import continuous
+
+    calls: list[dict[str, Any]] = []
+    original = continuous.row_processors
+
+    def spy(sampling: Any) -> Any:
+        calls.append({key: getattr(sampling, key, None) for key in SETTINGS})
+        return original(sampling)
+
+    monkeypatch.setattr(continuous, "row_processors", spy)
+    return calls
+
+
+@pytest.fixture
 def used(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """What every `model.generate` call was asked for (keyword arguments or a GenerationConfig)."""
     from transformers.generation.utils import GenerationMixin
@@ -100,7 +116,7 @@ def test_generate_uses_the_runs_settings(
 
 
 def test_serve_and_chat_use_the_runs_settings(
-    run: Path, tiny_model_dir: Path, used: list[dict[str, Any]]
+    run: Path, tiny_model_dir: Path, served_with: list[dict[str, Any]]
 ) -> None:
     from fastapi.testclient import TestClient
 
@@ -109,15 +125,16 @@ def test_serve_and_chat_use_the_runs_settings(
     from medlora.serve.loader import build_engine
 
     served = build_engine(str(tiny_model_dir), run, engine="transformers", with_base=False)
-    assert served.generation == GenerationConfig(**SETTINGS)
+    assert served.models[served.default_model].generation == GenerationConfig(**SETTINGS)
     assert Chat(served).max_new_tokens == 12
     with TestClient(create_app(served)) as client:
         body = {"messages": [{"role": "user", "content": "What causes anemia?"}], "max_tokens": 8}
         response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
-    assert_all_used(used)
+    assert_all_used(served_with)
+    served_with.clear()
     Chat(served).ask("Is hypertension inherited?")
-    assert_all_used(used)
+    assert_all_used(served_with)
 
 
 def test_export_and_card_carry_the_runs_settings(run: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -47,15 +48,16 @@ def served(tiny_model_dir: Path, tiny_run: Path) -> Served:
 @pytest.fixture(scope="module")
 def reference(served: Served) -> dict[str, str]:
     """Each question answered alone through the evaluation code path (greedy, same weights)."""
-    model = served.engine._models[served.tuned]  # type: ignore[attr-defined]
-    tokenizer = served.engine.tokenizer
+    assert served.model_set is not None and served.tuned is not None
+    model = served.model_set.model  # the base with the run's adapter active
+    tokenizer = served.tokenizer
     answers = {}
     for question in QUESTIONS:
         answers[question] = generate_answers(
             model,
             tokenizer,
             [question],
-            served.system_prompt,
+            served.models[served.tuned].system_prompt,
             max_new_tokens=MAX_TOKENS,
             batch_size=1,
         )[0]
@@ -80,7 +82,7 @@ def test_models_lists_tuned_and_base(server: ServerThread, served: Served) -> No
     ids = {m.id for m in client(server).models.list().data}
     assert ids == {served.tuned, served.base}
     assert served.tuned == "run"  # named after the run directory
-    assert served.system_prompt == DEFAULT_SYSTEM_PROMPT  # the run's recipe prompt
+    assert served.models["run"].system_prompt == DEFAULT_SYSTEM_PROMPT  # the run's recipe prompt
 
 
 def test_openai_client_plain_and_streaming(
@@ -196,13 +198,10 @@ class GatedEngine:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.name, self.tokenizer, self.max_batch = inner.name, inner.tokenizer, 1
+        self.name, self.max_batch = inner.name, 1
+        self.batching, self.supports_logprobs = "static", False
         self.gate = threading.Event()
         self.entered = threading.Event()
-
-    @property
-    def models(self) -> list[str]:
-        return self.inner.models
 
     def run_batch(self, jobs: Sequence[Job]) -> None:
         self.entered.set()
@@ -212,9 +211,7 @@ class GatedEngine:
 
 def test_full_queue_answers_429_and_recovers(served: Served, reference: dict[str, str]) -> None:
     gated = GatedEngine(served.engine)
-    app = create_app(
-        Served(gated, served.tuned, served.base, served.system_prompt), Limits(max_queue=1)
-    )
+    app = create_app(dataclasses.replace(served, engine=gated), Limits(max_queue=1))
     body = {"model": served.tuned, "max_tokens": MAX_TOKENS}
     with ServerThread(app) as running, ThreadPoolExecutor(2) as pool:
         url = f"{running.url}/v1/chat/completions"
@@ -250,7 +247,7 @@ def test_full_queue_answers_429_and_recovers(served: Served, reference: dict[str
 def test_request_timeout_is_504(served: Served) -> None:
     gated = GatedEngine(served.engine)
     app = create_app(
-        Served(gated, served.tuned, served.base, served.system_prompt),
+        dataclasses.replace(served, engine=gated),
         Limits(request_timeout_s=0.5),
     )
     with ServerThread(app) as running:
@@ -325,3 +322,76 @@ def test_page_and_stream_usage(server: ServerThread, served: Served) -> None:
     assert lines[-1] == "data: [DONE]"
     usage = json.loads(lines[-2][6:])["usage"]
     assert usage["completion_tokens"] == 5 and usage["prompt_tokens"] > 0
+
+
+def test_plain_completions_with_logprobs_and_streaming(
+    server: ServerThread, served: Served
+) -> None:
+    prompt = "Asthma is a condition that"
+    reply = client(server).completions.create(
+        model=served.tuned, prompt=prompt, max_tokens=8, logprobs=2
+    )
+    choice = reply.choices[0]
+    assert reply.object == "text_completion" and choice.text.endswith(DEFAULT_DISCLAIMER)
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == len(served.tokenizer(prompt)["input_ids"])
+    logprobs = choice.logprobs
+    assert logprobs is not None and len(logprobs.tokens) == reply.usage.completion_tokens
+    assert all(value <= 0 for value in logprobs.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    stream = client(server).completions.create(
+        model=served.tuned, prompt=prompt, max_tokens=8, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == choice.text
+    chat = client(server).chat.completions.create(
+        model=served.tuned, messages=[{"role": "user", "content": prompt}], max_tokens=8
+    )
+    assert chat.choices[0].message.content != choice.text  # no chat template on this route
+
+
+def test_chat_logprobs_follow_openais_shape(server: ServerThread, served: Served) -> None:
+    reply = client(server).chat.completions.create(
+        model=served.tuned,
+        messages=[{"role": "user", "content": QUESTIONS[1]}],
+        max_tokens=MAX_TOKENS,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert reply.usage is not None and len(content) == reply.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.logprob
+        assert bytes(entry.bytes or []).decode("utf-8", "replace") == entry.token
+    streamed = client(server).chat.completions.create(
+        model=served.tuned,
+        messages=[{"role": "user", "content": QUESTIONS[1]}],
+        max_tokens=MAX_TOKENS,
+        logprobs=True,
+        stream=True,
+    )
+    entries = [
+        e
+        for c in streamed
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content or []
+    ]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in content])
+
+
+def test_unsupported_options_are_refused_not_dropped(served: Served, server: ServerThread) -> None:
+    url = f"{server.url}/v1/completions"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    echo = httpx.post(url, json={"prompt": "hi", "echo": True}, headers=headers)
+    assert echo.status_code == 400 and echo.json()["error"]["code"] == "unsupported_parameter"
+    two = httpx.post(url, json={"prompt": ["a", "b"]}, headers=headers)
+    assert two.status_code == 422
+    static = dataclasses.replace(served, engine=GatedEngine(served.engine))
+    static.engine.gate.set()  # type: ignore[attr-defined]
+    with ServerThread(create_app(static)) as running:
+        reply = httpx.post(
+            f"{running.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        )
+    assert reply.status_code == 400 and "logprobs" in reply.json()["error"]["message"]

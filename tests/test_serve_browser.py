@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serve_support import ServerThread, train_tiny_run
+from serve_support import ServerThread, train_tiny_run, variant_adapter
 
 from medlora.serve.app import Limits, create_app
 from medlora.serve.loader import build_engine
@@ -26,8 +26,10 @@ pytestmark = pytest.mark.skipif(
 def server(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> Iterator[ServerThread]:
-    run = train_tiny_run(tmp_path_factory.mktemp("browser"), tiny_model_dir)
-    served = build_engine(str(tiny_model_dir), run, engine="transformers")
+    root = tmp_path_factory.mktemp("browser")
+    run = train_tiny_run(root, tiny_model_dir)
+    second = variant_adapter(run, root / "second", seed=5)
+    served = build_engine(str(tiny_model_dir), [str(run), str(second)], engine="transformers")
     with ServerThread(create_app(served, Limits(default_max_tokens=40))) as running:
         yield running
 
@@ -63,9 +65,15 @@ def test_page_streams_answers_side_by_side(
     driver = browser
     wait = WebDriverWait(driver, 60)  # type: ignore[arg-type]
     driver.get(server.url + "/")  # type: ignore[attr-defined]
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model-left option")) == 2)
+    from selenium.webdriver.support.ui import Select
+
+    # Every served model is offered: two adapters and their base.
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model-left option")) == 3)
     assert driver.find_element(By.ID, "compare").is_selected()  # type: ignore[attr-defined]
     assert driver.find_element(By.ID, "model-left").get_attribute("value") == "run"  # type: ignore[attr-defined]
+    right = Select(driver.find_element(By.ID, "model-right"))  # type: ignore[attr-defined]
+    assert [o.get_attribute("value") for o in right.options][:2] == ["run", "second"]
+    right.select_by_value("second")  # compare two adapters, not only adapter vs base
 
     # Record every text change of the left answer, so the test can tell streaming from one big write.
     driver.execute_script(  # type: ignore[attr-defined]
@@ -86,7 +94,7 @@ def test_page_streams_answers_side_by_side(
     right = driver.find_element(By.ID, "answer-right").text  # type: ignore[attr-defined]
     meta = driver.find_element(By.ID, "meta-left").text  # type: ignore[attr-defined]
     assert "error" not in meta and "first text after" in meta
-    assert left.strip() and right.strip() and left != right  # tuned and base answered differently
+    assert left.strip() and right.strip() and left != right  # the two adapters answered differently
     assert "not medical advice" in left and "not medical advice" in right
     seen = driver.execute_script("return window.seen")  # type: ignore[attr-defined]
     growing = [text for text in seen if text]

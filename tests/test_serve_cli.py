@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ from serve_support import train_tiny_run
 from typer.testing import CliRunner
 
 from medlora.cli import app
+from medlora.errors import ConfigError
 
 
 def free_port() -> int:
@@ -101,37 +104,39 @@ def test_vllm_engine_without_vllm_is_one_line(tiny_model_dir: Path) -> None:
     assert len(result.output.strip().splitlines()) == 1 and "vllm" in result.output.lower()
 
 
-def test_vllm_command_serves_the_run_as_a_lora_module(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+def test_vllm_command_serves_every_adapter_and_keeps_the_key_off_the_command_line(
+    tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    import importlib.util
-    import shutil
+    import sys
 
-    import torch
-
-    from medlora.serve.server import ServeOptions, vllm_command
+    from medlora.serve.server import ServeOptions, vllm_command, vllm_environment
 
     run = train_tiny_run(tmp_path, tiny_model_dir)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(  # as on a GPU machine with vLLM installed
-        importlib.util,
-        "find_spec",
-        lambda name, *args: object() if name == "vllm" else real_find_spec(name, *args),
+    options = ServeOptions(
+        str(tiny_model_dir),
+        (f"cardio={run}", str(run)),
+        max_new_tokens=256,
+        max_prompt_tokens=1024,
+        api_key="s3cret-key",
+        vllm_python=sys.executable,
     )
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
-    options = ServeOptions(str(tiny_model_dir), run, max_new_tokens=256, max_prompt_tokens=1024)
     command = vllm_command(options)
 
-    def value(flag: str) -> str:
-        return command[command.index(flag) + 1]
+    def values(flag: str) -> list[str]:
+        start = command.index(flag) + 1
+        return list(itertools.takewhile(lambda c: not c.startswith("--"), command[start:]))
 
-    assert command[:3] == ["vllm", "serve", str(tiny_model_dir)]
-    assert "--enable-lora" in command
-    assert value("--lora-modules") == f"{run.resolve().name}={run.resolve()}"
-    assert value("--max-lora-rank") == "8"  # the run's r, rounded up to a rank vLLM accepts
-    assert value("--chat-template") == str(run.resolve() / "chat_template.jinja")
-    assert value("--max-model-len") == "1280"
+    assert command[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert values("--model") == [str(tiny_model_dir)]
+    assert values("--lora-modules") == [f"cardio={run.resolve()}", f"run={run.resolve()}"]
+    assert values("--max-lora-rank") == ["8"]  # the runs' r, rounded up to a rank vLLM accepts
+    assert values("--chat-template") == [str(run.resolve() / "chat_template.jinja")]
+    assert values("--max-model-len") == ["1280"]
+    assert "s3cret-key" not in " ".join(command)  # `ps` shows command lines to every user
+    assert vllm_environment(options)["VLLM_API_KEY"] == "s3cret-key"
+    hot = ServeOptions(str(tiny_model_dir), (str(run),), vllm_python=sys.executable)
+    with pytest.raises(ConfigError, match="adapter-root"):
+        vllm_command(dataclasses.replace(hot, allow_adapter_updates=True))
 
 
 def test_threads_default_to_physical_cores_capped_by_omp(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,6 +152,7 @@ def test_serve_command_hands_one_options_object(monkeypatch: pytest.MonkeyPatch)
     """`medlora serve` flags → one `ServeOptions`; its limits and safety are what the app enforces."""
     from medlora.config import GenerationConfig
     from medlora.serve import server
+    from medlora.serve.adapters import ServedModel
     from medlora.serve.loader import Served
 
     seen: list[server.ServeOptions] = []
@@ -154,17 +160,20 @@ def test_serve_command_hands_one_options_object(monkeypatch: pytest.MonkeyPatch)
     args = ["serve", "base-model", "--no-base", "--api-key", "k", "--max-new-tokens", "64"]
     args += ["--max-prompt-tokens", "100", "--max-body-kb", "2", "--timeout", "5"]
     args += ["--no-disclaimer", "--no-emergency-notice", "--engine", "transformers"]
+    args += ["--adapter", "cardio=runs/a", "--adapter", "runs/b", "--batching", "static"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (options,) = seen
-    assert (options.spec, options.adapter, options.with_base, options.engine) == (
+    assert (options.spec, options.adapters, options.with_base, options.engine) == (
         "base-model",
-        None,
+        ("cardio=runs/a", "runs/b"),
         False,
         "transformers",
     )
+    assert options.batching == "static" and not options.allow_adapter_updates
     assert options.n_ctx == 164
-    served = Served(None, None, "base-model", None, GenerationConfig(max_new_tokens=300))  # type: ignore[arg-type]
+    base = ServedModel("base-model", None, None, GenerationConfig(max_new_tokens=300))
+    served = Served(None, {"base-model": base}, "base-model", "base-model")  # type: ignore[arg-type]
     limits = options.limits(served)
     assert (limits.api_key, limits.max_new_tokens, limits.default_max_tokens) == ("k", 64, 64)
     assert (limits.max_body_bytes, limits.request_timeout_s) == (2048, 5.0)

@@ -117,10 +117,10 @@ def test_server_on_llama_cpp_side_by_side(smollm2_run: dict[str, Any]) -> None:
     from medlora.serve.loader import build_engine
 
     served = build_engine(SMOLLM2_ALIAS, smollm2_run["run"], engine="llama.cpp")
-    assert served.engine.name == "llama.cpp" and set(served.engine.models) == {"run", SMOLLM2_ALIAS}
+    assert served.engine.name == "llama.cpp" and set(served.models) == {"run", SMOLLM2_ALIAS}
     with ServerThread(create_app(served)) as server:
         answers = {}
-        for name in served.engine.models:
+        for name in served.models:
             reply = httpx.post(
                 f"{server.url}/v1/chat/completions",
                 json={

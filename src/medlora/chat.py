@@ -18,7 +18,7 @@ from medlora.data.tabular import jsonl_lines
 from medlora.errors import DataError
 from medlora.io import write_jsonl_atomic
 from medlora.serve.engine import Event, Job
-from medlora.serve.loader import Served
+from medlora.serve.loader import Served, sampling_for
 from medlora.serve.prompt import conversation_ids
 from medlora.serve.safety import Safety
 
@@ -33,7 +33,8 @@ class Chat:
     ) -> None:
         self.served = served
         self.model = model or served.default_model
-        self.max_new_tokens = max_new_tokens or served.generation.max_new_tokens
+        self.entry = served.models[self.model]
+        self.max_new_tokens = max_new_tokens or self.entry.generation.max_new_tokens
         self.history: list[dict[str, str]] = []
 
     def reset(self) -> None:
@@ -41,7 +42,7 @@ class Chat:
 
     def prompt_ids(self, question: str) -> list[int]:
         messages = [*self.history, {"role": "user", "content": question}]
-        return conversation_ids(self.served.engine.tokenizer, messages, self.served.system_prompt)
+        return conversation_ids(self.entry.tokenizer, messages, self.entry.system_prompt)
 
     def ask(self, question: str, on_piece: Callable[[str], None] = lambda piece: None) -> str:
         """Generate in the engine's thread, hand pieces to `on_piece` as they come; Ctrl-C stops it."""
@@ -49,8 +50,9 @@ class Chat:
         job = Job(
             self.model,
             self.prompt_ids(question),
-            self.served.sampling(self.max_new_tokens),
+            sampling_for(self.entry, self.max_new_tokens),
             sink=events.put,
+            adapter=self.entry.adapter,
         )
         worker = threading.Thread(target=self.served.engine.run_batch, args=([job],), daemon=True)
         worker.start()

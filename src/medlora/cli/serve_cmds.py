@@ -82,10 +82,26 @@ def generate_cmd(
 @user_errors
 def serve_cmd(
     spec: Annotated[str, typer.Argument(help="Base model spec (alias, folder, .gguf, Hub id).")],
-    adapter: AdapterOption = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            "-a",
+            help="[NAME=]RUN_DIR, repeatable: each adapter is served under NAME (default: the "
+            "folder's name), all on one base.",
+        ),
+    ] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8000,
     engine: EngineOption = "auto",
+    batching: Annotated[
+        str,
+        typer.Option(
+            "--batching",
+            help="transformers engine: continuous (requests join and leave between tokens) | "
+            "static (one batch at a time).",
+        ),
+    ] = "continuous",
     api_key: Annotated[
         str | None,
         typer.Option("--api-key", envvar="MEDLORA_API_KEY", help="Require Bearer KEY on /v1."),
@@ -126,15 +142,44 @@ def serve_cmd(
     ] = None,
     no_disclaimer: Annotated[bool, typer.Option("--no-disclaimer")] = False,
     no_emergency_notice: Annotated[bool, typer.Option("--no-emergency-notice")] = False,
+    allow_adapter_updates: Annotated[
+        bool,
+        typer.Option(
+            "--allow-adapter-updates",
+            help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs an API key "
+            "and --adapter-root).",
+        ),
+    ] = False,
+    adapter_root: Annotated[
+        Path | None,
+        typer.Option("--adapter-root", help="Hot-loaded adapters must lie under this folder."),
+    ] = None,
+    max_lora_rank: Annotated[
+        int, typer.Option("--max-lora-rank", min=1, help="Refuse adapters of a higher rank.")
+    ] = 64,
+    vllm_python: Annotated[
+        str | None,
+        typer.Option(
+            "--vllm-python",
+            envvar="MEDLORA_VLLM_PYTHON",
+            help="--engine vllm: the Python whose environment has vLLM (`make vllm` builds one).",
+        ),
+    ] = None,
 ) -> None:
-    """OpenAI-compatible API (/v1/chat/completions, /v1/models), /health and a chat page at /."""
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), /health and a
+    chat page at /; many adapters on one base, chosen per request by `model`."""
     _quiet_libraries()
     from medlora.serve.server import ServeOptions, serve
 
     options = ServeOptions(
         spec=spec,
-        adapter=adapter,
+        adapters=tuple(adapter or ()),
         engine=engine,
+        batching=batching,
+        allow_adapter_updates=allow_adapter_updates,
+        adapter_root=adapter_root,
+        max_lora_rank=max_lora_rank,
+        vllm_python=vllm_python,
         with_base=base,
         host=host,
         port=port,

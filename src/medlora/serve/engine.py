@@ -1,8 +1,10 @@
 """Generation jobs and the always-available engine: `transformers` with a KV cache, batched.
 
 A `Job` is one answer to produce: prompt token ids in, text pieces out through `sink` (called from
-the engine's thread). Engines run a list of jobs that share a model and sampling settings; rows of a
-batch are kept apart (per-row stop, per-row length limit), so concurrent requests never mix.
+the engine's thread). `StaticEngine` runs a list of jobs that share a model and sampling settings as
+one `generate` call (a short request waits for the batch's longest); the continuous engine
+(serve/continuous.py) lets jobs join and leave between decode steps. Rows of a batch are kept apart
+(per-row stop, per-row length limit), so concurrent requests never mix.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from medlora.evaluate.generate import left_padded, stop_token_ids
+from medlora.serve.adapters import BASE_ADAPTER, ModelSet
 
 _ids = itertools.count(1)
 
@@ -30,6 +33,8 @@ class Sampling:
     # From the run's `generation:` section (the same settings eval and the demo used).
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    # Log-probabilities of the chosen tokens (and this many alternatives); None: not asked for.
+    top_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -44,7 +49,18 @@ class Sampling:
             self.seed,
             self.repetition_penalty,
             self.no_repeat_ngram_size,
+            self.top_logprobs,
         )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability under the model (before repetition control,
+    as vLLM reports it) and the `top` most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -52,23 +68,27 @@ class Event:
     kind: str  # "token" | "done" | "error"
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens behind this piece
 
 
 @dataclass
 class Job:
-    model: str
+    model: str  # the served name the request asked for
     prompt_ids: list[int]
     sampling: Sampling
     sink: Callable[[Event], None]
+    adapter: str = BASE_ADAPTER  # the PEFT adapter that name stands for
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: threading.Event = field(default_factory=threading.Event)
     completion_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when sampling.top_logprobs is set
     text: str = ""  # the whole answer, decoded once at the end (stripped, like generate_answers)
     finish_reason: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
 
     def batch_key(self) -> tuple[Any, ...]:
-        return (self.model, *self.sampling.batch_key())
+        # No model in it: a batch may mix adapters (each row names its own, PEFT's adapter_names).
+        return self.sampling.batch_key()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -86,11 +106,9 @@ class Job:
 
 class Engine(Protocol):
     name: str  # "transformers" | "llama.cpp"
-    tokenizer: Any
+    batching: str  # "static" | "continuous" | "single"
     max_batch: int
-
-    @property
-    def models(self) -> list[str]: ...
+    supports_logprobs: bool
 
     def run_batch(self, jobs: Sequence[Job]) -> None:
         """Generate every job to its end, calling each job's sink; jobs share `batch_key()`."""
@@ -132,8 +150,9 @@ class RowTracker:
         self.stops = stops
         self.detok = Detokenizer(tokenizer)
         self.done = False
+        self.unsent: list[TokenLogprob] = []  # log-probabilities of tokens not yet in a piece
 
-    def push(self, token_id: int) -> bool:
+    def push(self, token_id: int, logprob: TokenLogprob | None = None) -> bool:
         """Take one generated token; True when this row is finished."""
         if self.done:
             return True
@@ -142,9 +161,12 @@ class RowTracker:
         if token_id in self.stops:
             return self._end("stop")
         self.job.completion_ids.append(token_id)
+        if logprob is not None:
+            self.job.logprobs.append(logprob)
+            self.unsent.append(logprob)
         piece = self.detok.add(token_id)
         if piece:
-            self.job.sink(Event("token", text=piece))
+            self.job.sink(Event("token", text=piece, logprobs=self._take_unsent()))
         if len(self.job.completion_ids) >= self.job.sampling.max_new_tokens:
             return self._end("length")
         return False
@@ -156,35 +178,37 @@ class RowTracker:
         if not self.done:
             self.done = True
             rest = self.detok.flush()
-            if rest:
-                self.job.sink(Event("token", text=rest))
+            if rest or self.unsent:
+                self.job.sink(Event("token", text=rest, logprobs=self._take_unsent()))
             self.job.text = self.detok.final()
             self.job.finish(reason)
         return True
 
+    def _take_unsent(self) -> list[TokenLogprob]:
+        taken, self.unsent = self.unsent, []
+        return taken
 
-class TransformersEngine:
-    """Plain `transformers` generate with a KV cache; one left-padded batch per call."""
+
+class StaticEngine:
+    """Plain `transformers` generate with a KV cache; one left-padded batch per call, so a short
+    request waits for the longest of its batch. Kept as the baseline the continuous engine is
+    measured against (`--batching static`)."""
 
     name = "transformers"
+    batching = "static"
+    supports_logprobs = False
 
-    def __init__(self, models: dict[str, Any], tokenizer: Any, max_batch: int = 8) -> None:
-        self._models = models
+    def __init__(self, models: ModelSet, tokenizer: Any, max_batch: int = 8) -> None:
+        self.model_set = models
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.stops = set(stop_token_ids(tokenizer))  # end of sequence and end of turn
-        for model in models.values():
-            model.eval()
-
-    @property
-    def models(self) -> list[str]:
-        return list(self._models)
 
     def run_batch(self, jobs: Sequence[Job]) -> None:
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-        model = self._models[jobs[0].model]
+        model = self.model_set.model
         sampling = jobs[0].sampling
         pad_id = self.tokenizer.pad_token_id
         input_ids, attention = left_padded([job.prompt_ids for job in jobs], pad_id)
@@ -211,7 +235,7 @@ class TransformersEngine:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         device = next(model.parameters()).device
-        with torch.inference_mode():
+        with torch.inference_mode(), self.model_set.rows([job.adapter for job in jobs]):
             model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),

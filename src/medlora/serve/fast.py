@@ -33,7 +33,9 @@ _WARM_PROMPT = "What are the symptoms of asthma? " * 4
 
 class LlamaCppEngine:
     name = "llama.cpp"
+    batching = "single"
     max_batch = 1
+    supports_logprobs = False
 
     def __init__(
         self,

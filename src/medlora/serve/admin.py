@@ -1,0 +1,101 @@
+"""Hot load and unload of adapters, with vLLM's routes and bodies.
+
+    POST /v1/load_lora_adapter    {"lora_name": NAME, "lora_path": PATH}
+    POST /v1/unload_lora_adapter  {"lora_name": NAME}
+
+Both need the API key and a server started with `--allow-adapter-updates`; PATH must lie under
+`--adapter-root` once symlinks are resolved. The folder passes `check_adapter_dir` (an adapter, within
+the rank limit, the base's layer shapes) before PEFT touches the model, and the load itself runs in
+the engine's thread between decode steps, so requests in flight continue undisturbed. An unloaded
+name stops being served at once; its adapter is freed when its last running request has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI
+
+from medlora.serve.adapters import AdapterError, check_adapter_dir, check_name, resolve_under
+from medlora.serve.http import APIError
+from medlora.serve.loader import Served, adapter_model
+from medlora.serve.scheduler import Scheduler
+from medlora.serve.schemas import LoadAdapter, UnloadAdapter
+
+UNLOAD_POLL_S = 0.05
+
+
+def add_adapter_routes(
+    app: FastAPI, served: Served, scheduler: Scheduler, limits: Any, require_key: Callable[..., Any]
+) -> None:
+    lock = asyncio.Lock()  # one update at a time: names are checked and taken atomically
+
+    def allowed() -> None:
+        if not limits.allow_adapter_updates or limits.adapter_root is None:
+            raise APIError(
+                403,
+                "adapter updates are off: start the server with --allow-adapter-updates "
+                "--adapter-root DIR",
+                "adapter_updates_disabled",
+            )
+        if served.model_set is None:
+            raise APIError(
+                400,
+                f"hot loading needs the transformers engine; this server runs {served.engine.name}",
+                "unsupported_engine",
+            )
+
+    def refused(error: AdapterError) -> APIError:
+        return APIError(error.status, str(error), error.code)
+
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_key)])
+    async def load_adapter(body: LoadAdapter) -> dict[str, Any]:
+        allowed()
+        model_set = served.model_set
+        assert model_set is not None and limits.adapter_root is not None
+        async with lock:
+            try:
+                name = check_name(body.lora_name)
+                if name in served.models:
+                    raise AdapterError(
+                        f"'{name}' is served already; unload it first or choose another name",
+                        "adapter_exists",
+                    )
+                folder = resolve_under(limits.adapter_root, body.lora_path)
+                check_adapter_dir(folder, max_rank=served.max_lora_rank, base_model=model_set.base)
+                known = list(
+                    {id(m.tokenizer): m.tokenizer for m in served.models.values()}.values()
+                )
+                entry = await asyncio.to_thread(
+                    adapter_model, name, folder, served.base_id, known, served.tokenizer
+                )
+                await asyncio.wrap_future(scheduler.call(lambda: model_set.load(name, folder)))
+            except AdapterError as error:
+                raise refused(error) from None
+            served.models[name] = entry
+        return {"object": "lora_adapter", "id": name, "parent": served.base_id, "loaded": True}
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(require_key)])
+    async def unload_adapter(body: UnloadAdapter) -> dict[str, Any]:
+        allowed()
+        model_set = served.model_set
+        assert model_set is not None
+        async with lock:
+            entry = served.models.get(body.lora_name)
+            if entry is None or not entry.is_adapter:
+                kind = "the base model cannot be unloaded" if entry else "no such adapter"
+                raise APIError(
+                    404 if entry is None else 400,
+                    f"'{body.lora_name}': {kind}; adapters served: {served.adapters}",
+                    "adapter_not_found" if entry is None else "invalid_request",
+                )
+            del served.models[body.lora_name]  # new requests for it get 404 from now on
+            in_use = getattr(served.engine, "in_use", lambda adapter: False)
+            while in_use(entry.adapter) or scheduler.waiting_for(entry.id):
+                await asyncio.sleep(UNLOAD_POLL_S)
+            await asyncio.wrap_future(scheduler.call(lambda: model_set.unload(entry.adapter)))
+        if served.default_model == entry.id:
+            served.default_model = next(iter(served.models), served.base_id)
+        return {"object": "lora_adapter", "id": entry.id, "loaded": False}
