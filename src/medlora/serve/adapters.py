@@ -118,15 +118,19 @@ def check_adapter_dir(folder: Path, *, max_rank: int, base_model: Any | None = N
             f"{folder} has LoRA rank {rank}, over this server's --max-lora-rank {max_rank}",
             "rank_too_large",
         )
-    if base_model is not None and weights[0].is_file():
-        _check_shapes(folder, weights[0], base_model)
+    if base_model is not None:
+        check_shapes(folder, base_model)
     return folder
 
 
-def _check_shapes(folder: Path, weights: Path, base_model: Any) -> None:
+def check_shapes(folder: Path, base_model: Any) -> None:
     """Each LoRA matrix must match the base layer it adapts: an adapter of another base is refused
-    here, before PEFT injects anything."""
+    here, before PEFT injects anything (checked for safetensors weights; PEFT checks the rest)."""
     from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
 
     modules = dict(base_model.named_modules())
     with safe_open(str(weights), framework="pt") as tensors:

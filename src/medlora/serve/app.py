@@ -181,9 +181,13 @@ def create_app(served: Served, limits: Limits | None = None) -> FastAPI:
             )
 
     def submit(
-        body: GenerationRequest, model: ServedModel, ids: list[int], wanted: int, question: str,
+        body: GenerationRequest,
+        model: ServedModel,
+        ids: list[int],
+        wanted: int,
+        question: str,
         top_logprobs: int | None,
-    ) -> Answer:  # fmt: skip
+    ) -> Answer:
         if len(ids) > limits.max_prompt_tokens:
             raise APIError(
                 400,

@@ -30,6 +30,7 @@ from medlora.serve.adapters import (
     ServedModel,
     check_adapter_dir,
     check_name,
+    check_shapes,
     parse_adapter_option,
 )
 from medlora.serve.engine import Engine, Sampling
@@ -289,7 +290,7 @@ def build_engine(
     base.eval()
     model_set = ModelSet(base)
     for adapter, folder in named:
-        check_adapter_dir(folder, max_rank=max_lora_rank, base_model=base)
+        check_shapes(folder, base)  # the folder passed check_adapter_dir above
         model_set.load(adapter, folder)
     models = _catalog(named, base_id, base_tokenizer, with_base, system_prompt)
     first = next(iter(models.values()))
