@@ -278,6 +278,12 @@ def _time_to(curve: list[dict[str, float]], target: float) -> float | None:
     return None
 
 
+def _resolved_precision(out: Path) -> str:
+    """What `train.precision: auto` became in medlora-same's run (its recipe.yaml)."""
+    text = (out / "medlora-same" / "recipe.yaml").read_text()
+    return next(line.split(":", 1)[1].strip() for line in text.splitlines() if "precision:" in line)
+
+
 def _child(args: argparse.Namespace) -> None:
     import torch
 
@@ -292,7 +298,7 @@ def _child(args: argparse.Namespace) -> None:
             # The budget is the peak the peer just reached (the run before this one, same pair).
             peer_peak = json.loads((out / "peer.json").read_text())["peak_rss_mb"]
             engine += ["train.tokens_per_batch=auto", f"train.max_memory_gb={peer_peak / 1024:.3f}"]
-        engine.append("train.grad_accum=1")
+        engine += ["train.grad_accum=1", f"train.precision={args.precision}"]
         steps = max(1, args.peer_eval_every)
         result = run_medlora(data, out, "medlora-same", _medlora_overrides(steps, engine))
     else:
@@ -313,6 +319,13 @@ def main() -> None:
         action="store_true",
         help="medlora-same gets the peer's peak RSS as train.max_memory_gb (tokens_per_batch: "
         "auto); writes the section peer-at-peer-memory",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "auto"],
+        default="fp32",
+        help="medlora-same's train.precision (the peer runs fp32: the card's fp16 AMP needs a "
+        "GPU); auto = bf16 on AMX / AVX512-BF16 CPUs; writes the section with a -PRECISION suffix",
     )
     args = parser.parse_args()
     if args.child:
@@ -341,6 +354,8 @@ def main() -> None:
                 "--peer-eval-every",
                 str(args.peer_eval_every),
                 *(["--at-peer-memory"] if args.at_peer_memory else []),
+                "--precision",
+                args.precision,
             ],
             env=env,
             check=True,
@@ -390,6 +405,8 @@ def write_doc(
             if args.at_peer_memory
             else "packed 1024 tokens"
         )
+        + f", train.precision {args.precision}"
+        + (f" ({_resolved_precision(Path(args.out))})" if args.precision == "auto" else "")
         + ", per-example "
         "attention (equal lengths batched), 15-bit dropout mask, frozen-weight RMSNorm, fused "
         "answer-only head and loss",
@@ -432,7 +449,8 @@ def write_doc(
     ]
     body = "\n".join(lines) + "\n"
     print(body)
-    update_section("peer-at-peer-memory" if args.at_peer_memory else "peer", body)
+    section = "peer-at-peer-memory" if args.at_peer_memory else "peer"
+    update_section(section if args.precision == "fp32" else f"{section}-{args.precision}", body)
 
 
 if __name__ == "__main__":

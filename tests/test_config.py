@@ -52,7 +52,7 @@ def test_set_overrides_parse_yaml_values() -> None:
         ("train.lr=-1", "train.lr=-1"),
         ("lora.rank=8", "unknown key 'lora.rank': allowed keys in 'lora' are r, alpha"),
         ("lorra.r=8", "unknown recipe section 'lorra': allowed sections are model, data, lora"),
-        ("train.precision=fp8", "'fp32', 'fp16' or 'bf16'"),
+        ("train.precision=fp8", "'fp32', 'fp16', 'bf16' or 'auto'"),
         ("lora.target_modules=[]", "at least one module"),
     ],
 )

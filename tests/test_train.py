@@ -179,3 +179,35 @@ def test_repetitive_training_answers_are_left_out_and_counted(
     card = json.loads((tmp_path / "out" / "data_card.json").read_text())
     assert card["used"]["repetitive_dropped"] == 3
     assert card["used"]["train"] == len(train_split) - 3
+
+
+def test_bf16_on_a_cpu_holds_the_frozen_base_in_bf16_and_trains_float32_lora(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train.precision: auto` on an AMX / AVX512-BF16 CPU: the run trains in bf16 with the frozen
+    weights stored in bf16 (not re-cast every step), saves a float32 adapter that reloads, and
+    its recipe.yaml says what it ran."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from medlora import machine
+
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    records = tiny_records()
+    prepared = write_prepared(tmp_path / "prepared", records[:8], records[8:10], records[8:10])
+    recipe = recipe_from_dict(
+        {"model": {"name": str(tiny_model_dir)}},
+        [*FAST, "train.max_steps=3", "train.eval_steps=0", "train.precision=auto"],
+    )
+    model, tokenizer = load_model(str(tiny_model_dir))
+    train(recipe, tmp_path / "out", prepared_dir=prepared, model_and_tokenizer=(model, tokenizer))
+    frozen = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert frozen == {torch.bfloat16} and lora == {torch.float32}
+    assert "precision: bf16" in (tmp_path / "out" / "recipe.yaml").read_text()
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert losses and all(loss == loss and loss < 100 for loss in losses)  # finite
+    reloaded = load_with_adapter(str(tiny_model_dir), str(tmp_path / "out"))[0]
+    assert {p.dtype for n, p in reloaded.named_parameters() if "lora_" in n} == {torch.float32}

@@ -64,8 +64,11 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"] = Field(
         "adamw_torch", description="Optimizer (transformers name)."
     )
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="Mixed precision: fp16/bf16 need a GPU (bf16 also works on CPU)."
+    precision: Literal["fp32", "fp16", "bf16", "auto"] = Field(
+        "fp32",
+        description="Mixed precision: fp16 needs a GPU; bf16 also works on CPU; auto = bf16 where "
+        "the GPU or CPU (AMX / AVX512-BF16) does bf16 matmuls natively, else fp16 on a GPU and "
+        "fp32 on a CPU.",
     )
     logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
     eval_steps: int = Field(0, ge=0, description="Validate every N steps (0: only at the end).")

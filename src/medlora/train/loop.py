@@ -20,7 +20,12 @@ from medlora.data.sample import sample_records
 from medlora.errors import TrainingError
 from medlora.io import write_json_atomic, write_text_atomic
 from medlora.models import load_recipe_model
-from medlora.train.arguments import lora_config, training_arguments
+from medlora.train.arguments import (
+    hold_frozen_weights_in_bf16,
+    lora_config,
+    resolve_precision,
+    training_arguments,
+)
 from medlora.train.callbacks import (
     Checkpoints,
     MetricsJsonl,
@@ -60,6 +65,7 @@ def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> 
     from peft import get_peft_model
 
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
+    model = hold_frozen_weights_in_bf16(model, recipe)
     if recipe.train.packing and not torch.cuda.is_available():
         # CPU: per-example causal SDPA beats sdpa's row-wide block mask. On GPUs the masked kernel
         # measured faster (many small per-example launches; docs/benchmarks.md `gpu`).
@@ -141,6 +147,7 @@ def train(
     from transformers import set_seed
 
     run_dir = Path(run_dir)
+    recipe = resolve_precision(recipe)
     if (
         recipe.train.method != "sft"
     ):  # DPO / ORPO on the same LoRA adapter (medlora.train.preference)

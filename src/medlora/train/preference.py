@@ -39,7 +39,13 @@ from medlora.data.format import (
 )
 from medlora.errors import TrainingError
 from medlora.io import write_json_atomic, write_text_atomic
-from medlora.train.arguments import lora_config, supported_arguments, training_kwargs
+from medlora.train.arguments import (
+    hold_frozen_weights_in_bf16,
+    lora_config,
+    resolve_precision,
+    supported_arguments,
+    training_kwargs,
+)
 from medlora.train.callbacks import (
     Checkpoints,
     MetricsJsonl,
@@ -99,6 +105,7 @@ def _build_model(
     from medlora.models import load_recipe_model
 
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
+    model = hold_frozen_weights_in_bf16(model, recipe)
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
@@ -213,6 +220,7 @@ def train_preference(
     import torch
     from transformers import set_seed
 
+    recipe = resolve_precision(recipe)
     t, d = recipe.train, recipe.data
     # Fail in one line before any model is loaded.
     _require_trl(t.method)

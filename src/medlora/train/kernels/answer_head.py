@@ -218,6 +218,9 @@ def _head_cross_entropy() -> Any:
                     continue
                 safe = torch.where(valid, chunk_targets, 0)
                 logits = buffer[: len(chunk)]
+                if weight.dtype != torch.float32 and chunk.dtype != weight.dtype:
+                    # bf16 frozen weights after a float32 norm (CPU bf16): the head's dtype leads.
+                    chunk = chunk.to(weight.dtype)
                 if chunk.dtype == torch.float32 and weight.dtype == torch.float32:
                     torch.mm(chunk, weight.t(), out=logits)
                 else:
@@ -232,7 +235,7 @@ def _head_cross_entropy() -> Any:
                 # d loss / d logits = softmax - one_hot(target), zero for ignored rows; in place.
                 probs = logits.div_(norm)
                 probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0
-                grad_logits = probs.mul_(valid[:, None]).to(hidden.dtype)
+                grad_logits = probs.mul_(valid[:, None]).to(chunk.dtype)
                 if needs_hidden:
                     grad_hidden[start : start + rows] = grad_logits @ weight
                 if needs_weight:
