@@ -109,6 +109,30 @@ def test_fused_head_loss_under_bf16_autocast(tiny_model_dir: Path) -> None:
         assert float(cosine) > 0.99, name
 
 
+def test_fused_head_with_bf16_weights_on_cpu_equals_float32(tiny_model_dir: Path) -> None:
+    """CPU bf16 training holds the frozen head in bf16; the head pads the answer count to a
+    multiple of 64 (fewer matmul shapes): same loss, and gradients for the real rows only."""
+    model, _ = load_model(str(tiny_model_dir))
+    weight = model.get_output_embeddings().weight.detach()
+    torch.manual_seed(0)
+    hidden = torch.randn(37, weight.shape[1])  # not a multiple of 64
+    targets = torch.randint(0, weight.shape[0], (37,))
+    targets[::5] = -100
+    fused = answer_loss._head_cross_entropy()
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        h = hidden.clone().requires_grad_()
+        loss = fused.apply(h, weight.to(dtype), targets)
+        loss.backward()
+        results.append((float(loss.detach()), h.grad))
+    (loss32, grad32), (loss16, grad16) = results
+    assert loss16 == pytest.approx(loss32, rel=2e-2)
+    assert grad16.shape == grad32.shape
+    assert (
+        float(torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), 0)) > 0.99
+    )
+
+
 # --- unlikelihood -------------------------------------------------------------------------------
 
 

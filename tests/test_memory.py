@@ -92,8 +92,9 @@ def _train(tmp_path: Path, name: str, model: Path, prepared: Path, overrides: li
     return json.loads((run_dir / "train_summary.json").read_text())
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_run_with_a_budget_stays_under_it_where_long_rows_would_not(
-    tmp_path: Path, tiny_tokenizer: object
+    tmp_path: Path, tiny_tokenizer: object, precision: str
 ) -> None:
     from helpers import tiny_records, write_prepared
 
@@ -103,6 +104,7 @@ def test_a_run_with_a_budget_stays_under_it_where_long_rows_would_not(
     common = [
         "train.packing=true", "train.max_steps=1", "train.eval_steps=0", "train.lr=1e-3",
         "data.max_seq_len=128", "data.system_prompt=null", "lora.target_modules=all-linear",
+        f"train.precision={precision}",  # CPU bf16: bf16 weights, padded row widths
     ]  # fmt: skip
     long_rows = _train(tmp_path, "long", model, prepared, [*common, "train.tokens_per_batch=4096"])
     # A budget the 4,096-token rows break: 80 % of their peak.

@@ -64,25 +64,3 @@ def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(
     assert recipe.train.precision == "auto"  # the caller's recipe is left as it was
     kwargs = training_kwargs(resolved, Path("run"), has_eval=False)
     assert kwargs["bf16"] is (expected == "bf16") and kwargs["fp16"] is False
-
-
-def test_auto_precision_stays_fp32_on_a_cpu_under_a_memory_budget(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import torch
-
-    from medlora import machine
-    from medlora.train.arguments import resolve_precision
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(machine, "cpu_flags", lambda: {"amx_bf16"})
-    recipe = recipe_from_dict(
-        {"model": {"name": "x"}},
-        [
-            "train.precision=auto",
-            "train.packing=true",
-            "train.tokens_per_batch=auto",
-            "train.max_memory_gb=2",
-        ],
-    )
-    assert resolve_precision(recipe).train.precision == "fp32"

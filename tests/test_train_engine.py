@@ -137,6 +137,33 @@ def test_packed_loss_and_gradients_equal_unpacked_per_example(
     assert bool(batched_runs) == (has_run and attention != "sdpa")
 
 
+def test_rows_padded_to_a_width_multiple_train_the_same_and_count_only_real_tokens(
+    tiny_model_dir: Path,
+) -> None:
+    # CPU bf16 pads packed rows to a few widths (data/pack.py row_width_multiple).
+    from medlora.train.trainer import TokenCounter
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    assert use_packed_attention(model)
+    model.eval()
+    examples, _ = format_records(tokenizer, tiny_records(3), None, 128)
+    rows = pack_rows(examples, budget=4096)
+    exact, padded = collate_packed(rows), collate_packed(rows, pad_to_multiple=64)
+    real = sum(len(e.input_ids) for e in examples)
+    assert exact["input_ids"].shape[1] == real
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] > real
+    with torch.no_grad():
+        exact_loss, exact_count, _ = answer_loss_sum(model, exact)
+        padded_loss, padded_count, _ = answer_loss_sum(model, padded)
+    assert padded_count == exact_count
+    assert float(padded_loss) == pytest.approx(float(exact_loss), rel=1e-5)
+    counters = TokenCounter(), TokenCounter()
+    counters[0].count(exact)
+    counters[1].count(padded)
+    assert counters[0].tokens_seen == counters[1].tokens_seen == real  # tokens/s: no padding
+    assert counters[0].answer_tokens_seen == counters[1].answer_tokens_seen
+
+
 def test_packed_attention_leaves_padded_batches_and_generation_unchanged(
     tiny_model_dir: Path,
 ) -> None:

@@ -20,8 +20,7 @@ logger = logging.getLogger(__name__)
 def resolve_precision(recipe: Recipe) -> Recipe:
     """The recipe with `train.precision: auto` replaced by what this machine runs best: bf16 where
     matmuls run natively in bf16 (a CUDA GPU that supports it, an AMX / AVX512-BF16 CPU), else
-    fp16 on a GPU and fp32 on a CPU; on a CPU with `train.max_memory_gb`, fp32 (the budget is
-    measured to hold there only). The run's recipe.yaml records the resolved value."""
+    fp16 on a GPU and fp32 on a CPU. The run's recipe.yaml records the resolved value."""
     if recipe.train.precision != "auto":
         return recipe
     if torch.cuda.is_available():
@@ -30,10 +29,6 @@ def resolve_precision(recipe: Recipe) -> Recipe:
         from medlora.machine import cpu_has_native_bf16
 
         chosen = "bf16" if cpu_has_native_bf16() else "fp32"
-        if chosen == "bf16" and recipe.train.max_memory_gb:
-            # Not yet measured to hold: at the peer's budget (bench/peer_recipe.py, 1.79 GB) a
-            # bf16 run's peak RSS grew step by step to 2.18 GB while its probe predicted 1.14.
-            chosen = "fp32"
     logger.info("train.precision auto: %s on this machine", chosen)
     train = recipe.train.model_copy(update={"precision": chosen})
     return recipe.model_copy(update={"train": train})

@@ -15,7 +15,7 @@ from typing import Any
 from medlora.config import Recipe
 from medlora.data.format import Example, format_records, pad_batch
 from medlora.data.mix import source_group, used_by_group
-from medlora.data.pack import collate_packed, pack_rows
+from medlora.data.pack import collate_packed, pack_rows, row_width_multiple
 from medlora.data.sample import sample_records
 from medlora.errors import TrainingError
 from medlora.io import write_json_atomic, write_text_atomic
@@ -66,9 +66,10 @@ def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> 
 
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
     model = hold_frozen_weights_in_bf16(model, recipe)
-    if recipe.train.packing and not torch.cuda.is_available():
+    if (recipe.train.packing or recipe.train.precision == "bf16") and not torch.cuda.is_available():
         # CPU: per-example causal SDPA beats sdpa's row-wide block mask. On GPUs the masked kernel
-        # measured faster (many small per-example launches; docs/benchmarks.md `gpu`).
+        # measured faster (many small per-example launches; docs/benchmarks.md `gpu`). CPU bf16:
+        # its attention backward runs in float32 (packed_attention._needs_float32).
         use_packed_attention(model)
     model = get_peft_model(model, lora_config(recipe))
     if not torch.cuda.is_available():
@@ -80,6 +81,16 @@ def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> 
     if recipe.train.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, tokenizer
+
+
+def packed_collator(recipe: Recipe, tokens_per_batch: int) -> Any:
+    """`collate_packed`, with row widths padded to a few sizes for CPU bf16 (row_width_multiple)."""
+    import torch
+
+    if recipe.train.precision == "bf16" and not torch.cuda.is_available():
+        multiple = row_width_multiple(tokens_per_batch)
+        return functools.partial(collate_packed, pad_to_multiple=multiple)
+    return collate_packed
 
 
 def fit_rows_to_budget(model: Any, examples: list[Example], recipe: Recipe) -> RowChoice:
@@ -95,9 +106,11 @@ def fit_rows_to_budget(model: Any, examples: list[Example], recipe: Recipe) -> R
     rng = torch.get_rng_state()
 
     def probe(tokens: int) -> int:
-        rows = pack_rows(examples, tokens, t.seed)
+        row_tokens = max(tokens, d.max_seq_len)  # shorter: the front of one max_seq_len row
+        rows = pack_rows(examples, row_tokens, t.seed)
         fullest = max(rows, key=lambda row: sum(len(p["input_ids"]) for p in row["parts"]))
-        batch = {k: v.to(device) for k, v in collate_packed([fullest]).items()}
+        collate = packed_collator(recipe, row_tokens)
+        batch = {k: v[:, :tokens].to(device) for k, v in collate([fullest]).items()}
         autocast = torch.autocast(
             device, dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16,
             enabled=t.precision != "fp32",
@@ -218,6 +231,7 @@ def train(
         pad_token_id=tokenizer.pad_token_id,
         eval_batch_size=recipe.eval.batch_size,
     )
+    run.trim_between_steps = t.max_memory_gb is not None and not torch.cuda.is_available()
     if t.max_memory_gb is not None and t.packing:
         # Validation batches hold at most a training row's tokens (forward only: less memory).
         rows_per_batch = max(1, int(tokens_per_batch) // d.max_seq_len)
@@ -230,7 +244,7 @@ def train(
         args=training_arguments(recipe, run_dir, bool(val_examples)),
         train_dataset=train_rows,
         eval_dataset=_as_rows(val_examples) if val_examples else None,
-        data_collator=collate_packed
+        data_collator=packed_collator(recipe, max(int(tokens_per_batch), d.max_seq_len))
         if t.packing
         else functools.partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
         callbacks=[

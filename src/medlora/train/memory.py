@@ -3,7 +3,8 @@
 `train.max_memory_gb` is the peak a run may reach: resident memory (RSS) of the process on CPU,
 torch's peak allocated memory on CUDA. With `train.tokens_per_batch: auto` the run measures, before
 its first step, the peak of a forward + backward pass on real packed rows of two lengths (the
-longer one only as long as a pessimistic estimate says fits, so probing stays within the budget),
+longer one only as long as a pessimistic slope, from a half row and a whole one, says fits, so
+probing stays within the budget),
 fits peak = fixed + per_token x tokens, and trains on the longest row (a multiple of `data.max_seq_len`,
 at most `AUTO_MAX_TOKENS`) whose predicted peak stays `HEADROOM` below the budget, then measures
 that row itself and steps down while it does not fit. When not even one
@@ -180,9 +181,14 @@ def _measure(
     the probes themselves stay within the budget. Returns (points, fixed, per_token)."""
     probe(step)  # first pass: weights paged in, one-time allocations (thread pools, kernels) made
     before = floor()
-    points = [(step, probe(step))]
-    # Everything above the floor charged to the row's tokens, then 1.5x: a pessimistic slope.
-    pessimistic = 1.5 * max(0.0, (points[0][1] - before) / step)
+    half, points = step // 2, [(step, probe(step))]
+    # What a token adds: the slope from a half row to a whole one (the per-pass constants, such
+    # as the fused head's buffer, cancel out), at least half of everything above the floor per
+    # token, then 1.5x: a pessimistic slope. Charging everything above the floor to the tokens
+    # kept bf16 runs at 256-token rows where 512 measured to fit with room to spare.
+    average = max(0.0, (points[0][1] - before) / step)
+    marginal = fit_line([(half, probe(half)), points[0]])[1] if half > 0 else average
+    pessimistic = 1.5 * max(marginal, 0.5 * average)
     longer = PROBE_ROWS * step
     while longer > step and points[0][1] + pessimistic * (longer - step) > HEADROOM * budget:
         longer //= 2

@@ -111,7 +111,11 @@ def _build_model(
     else:
         model = get_peft_model(model, lora_config(recipe))
     if not torch.cuda.is_available():
+        from medlora.train.kernels.packed_attention import use_packed_attention
         from medlora.train.kernels.rms_norm import use_fast_rms_norm
+
+        if recipe.train.precision == "bf16":  # attention backward in float32 (packed_attention)
+            use_packed_attention(model)
 
         use_fast_rms_norm(model)  # CPU: a frozen-weight norm in 3 + 4 passes instead of ~18
     if recipe.train.gradient_checkpointing:

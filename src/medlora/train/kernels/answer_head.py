@@ -211,7 +211,7 @@ def _head_cross_entropy() -> Any:
             rows = max(1, min(hidden.shape[0], CHUNK_ELEMENTS // weight.shape[0]))
             buffer = _logits_buffer(rows, weight.shape[0], hidden.device)
             for start in range(0, hidden.shape[0], rows):
-                chunk = hidden[start : start + rows]
+                chunk = hidden_chunk = hidden[start : start + rows]
                 chunk_targets = targets[start : start + rows]
                 valid = chunk_targets != IGNORE_INDEX
                 if not bool(valid.any()):
@@ -221,6 +221,14 @@ def _head_cross_entropy() -> Any:
                 if weight.dtype != torch.float32 and chunk.dtype != weight.dtype:
                     # bf16 frozen weights after a float32 norm (CPU bf16): the head's dtype leads.
                     chunk = chunk.to(weight.dtype)
+                if weight.dtype != torch.float32 and weight.device.type == "cpu":
+                    # CPU bf16 matmuls keep a kernel per shape (data/pack.py row_width_multiple):
+                    # pad the answer count to a multiple of 64 with ignored zero rows.
+                    width = -(-len(chunk) // 64) * 64
+                    chunk = torch.nn.functional.pad(chunk, (0, 0, 0, width - len(chunk)))
+                    valid = torch.nn.functional.pad(valid, (0, width - len(valid)))
+                    safe = torch.nn.functional.pad(safe, (0, width - len(safe)))
+                    logits = _logits_buffer(width, weight.shape[0], hidden.device)[:width]
                 if chunk.dtype == torch.float32 and weight.dtype == torch.float32:
                     torch.mm(chunk, weight.t(), out=logits)
                 else:
@@ -237,7 +245,7 @@ def _head_cross_entropy() -> Any:
                 probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0
                 grad_logits = probs.mul_(valid[:, None]).to(chunk.dtype)
                 if needs_hidden:
-                    grad_hidden[start : start + rows] = grad_logits @ weight
+                    grad_hidden[start : start + rows] = (grad_logits @ weight)[: len(hidden_chunk)]
                 if needs_weight:
                     grad_weight += (grad_logits.t() @ chunk).float()
             ctx.save_for_backward(grad_hidden, grad_weight)

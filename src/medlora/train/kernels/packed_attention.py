@@ -7,7 +7,9 @@ AttentionInterface: for a single packed row it runs causal SDPA once per example
 of flash-attention, with the kernels torch has everywhere); any other call (padded batches,
 generation with a KV cache) goes to the stock sdpa function unchanged.
 
-Used: CPU training with `train.packing` (on GPUs the masked kernel measured faster). Relies on
+Used: CPU training with `train.packing` or `train.precision: bf16` (on GPUs the masked kernel
+measured faster). On a CPU, attention that will be backpropagated runs in float32 even when the
+model runs in bf16 (`_float32_attention_on_cpu`). Relies on
 transformers' `AttentionInterface` / `AttentionMaskInterface` registration,
 `transformers.integrations.sdpa_attention.sdpa_attention_forward` and `masking_utils.sdpa_mask`
 (module paths that are not a stable API). Tested with transformers 5.24.0, torch 2.13.0.
@@ -35,6 +37,13 @@ def packed_sdpa_forward(
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _needs_float32(query, key, value):
+        with torch.autocast("cpu", enabled=False):
+            output, _ = packed_sdpa_forward(
+                module, query.float(), key.float(), value.float(), attention_mask,
+                dropout=dropout, scaling=scaling, **kwargs,
+            )  # fmt: skip
+        return output.to(query.dtype), None
     position_ids = kwargs.get("position_ids")
     single_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]
     if position_ids is None or not single_row or kwargs.get("past_key_values") is not None:
@@ -70,6 +79,27 @@ def packed_sdpa_forward(
         )
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _needs_float32(query: Any, key: Any, value: Any) -> bool:
+    """bf16 attention on a CPU, with a backward pass to come: run it in float32 instead.
+
+    torch 2.13's CPU flash-attention backward in bf16 keeps memory for every sequence length it
+    meets (freed memory is not the cause: malloc_trim does not return it; it looks like a
+    per-shape kernel cache). 72 distinct lengths of 40-253 tokens with SmolLM2's heads grew RSS by
+    420 MiB, and ran 4.4x slower than float32 (1.32 vs 0.30 s, AMX Xeon). Packed rows bring a new
+    length with nearly every example, so a bf16 run's RSS climbed step after step past
+    `train.max_memory_gb` (tests/test_packed_attention.py checks it stays flat). Forward-only
+    calls (evaluation, generation) grew ~0.3 MiB per length and stay in bf16.
+    """
+    import torch
+
+    return (
+        query.dtype == torch.bfloat16
+        and query.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad or value.requires_grad)
+    )
 
 
 def _attend_runs(
