@@ -385,12 +385,14 @@ def write_doc(
         + (", medlora at the peer's memory" if args.at_peer_memory else ""),
         "",
         f"Command: `python bench/peer_recipe.py --train {args.train} --val {args.val} "
-        f"--pairs {args.pairs}{' --at-peer-memory' if args.at_peer_memory else ''}` "
+        f"--pairs {args.pairs}{' --at-peer-memory' if args.at_peer_memory else ''}"
+        f"{'' if args.precision == 'fp32' else ' --precision ' + args.precision}` "
         f"({os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
         f"{THREADS} threads per run, runs one after another in separate processes).",
         f"Data: {args.train} training / {args.val} validation examples of MedQuAD "
         "(recipe `smollm2-135m-cpu`: chat template, answer-only labels, ≤256 tokens), the same for "
-        "all runs; model SmolLM2-135M-Instruct (fp32).",
+        "all runs; model SmolLM2-135M-Instruct (float32 weights; medlora-same holds its frozen "
+        "weights in bf16 when its precision is bf16).",
         "",
         "| run | setup | optimizer steps | tokens/s | answer tokens/s | tokens/s ÷ peer "
         "| ≈ GFLOP/s | final val loss | train s to peer's final val loss | ÷ peer's time "
