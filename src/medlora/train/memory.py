@@ -19,6 +19,7 @@ the pass. The reset also lowers `ru_maxrss`, so the peak from before it is kept 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -68,15 +69,23 @@ def peak_rss_bytes() -> int:
     return max(maxrss, _high_water_mark() or 0, _EARLIER_PEAK)
 
 
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim), so RSS counts live memory."""
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig: not for every step)."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass  # not glibc: RSS keeps the allocator's cache, and the probes are pessimistic
+        return None  # not glibc: RSS keeps the allocator's cache, and the probes are pessimistic
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim), so RSS counts live memory."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def current_rss_bytes() -> int:
