@@ -1,6 +1,6 @@
 """FrozenRMSNorm: the same output and input gradient as transformers' RMSNorm, switched in place
-into the CPU training model (class, weights and state dict kept; trainable or non-float32 norms
-left on the stock path)."""
+into the CPU training model (class, weights and state dict kept; trainable norms left on the stock
+path); bf16 inputs are normalized in float32 and saved in bf16."""
 
 from __future__ import annotations
 
@@ -46,6 +46,31 @@ def test_output_and_input_gradient_equal_the_stock_norm() -> None:
     from medlora.train.kernels.rms_norm import FrozenRMSNorm
 
     assert torch.autograd.gradcheck(lambda t: FrozenRMSNorm.apply(t, weight, 1e-5), (x64,))
+
+
+def test_bf16_input_matches_the_stock_norm_and_is_saved_in_bf16() -> None:
+    stock, fast = _norm_pair()
+    stock.to(torch.bfloat16)
+    fast.to(torch.bfloat16)
+    x = (torch.randn(2, 7, 48) * 3 + 0.5).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(2, 7, 48).to(torch.bfloat16)
+    saved: list[torch.dtype] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.shape == x.shape:
+            saved.append(tensor.dtype)
+        return tensor
+
+    expected = stock(x)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fast(x)
+    assert "FrozenRMSNorm" in type(out.grad_fn).__name__
+    assert saved == [torch.bfloat16]  # the stock norm keeps a float32 copy of the input
+    (got_grad,) = torch.autograd.grad(out, x, grad)
+    assert out.dtype == got_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
 
 
 def test_trainable_weight_bfloat16_and_no_grad_take_the_stock_path() -> None:

@@ -30,7 +30,11 @@ from typing import Any
 from medlora.data.format import IGNORE_INDEX
 from medlora.evaluate.loss import has_plain_head
 
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in float32): big GEMMs, bounded memory
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk on GPUs (128 MiB in float32): big GEMMs, bounded memory
+# On a CPU, chunks of 256 answer positions: with SmolLM2's 49k vocabulary the head plus its loss ran
+# 35 % faster in bf16 than with 682-row (2^25-logit) chunks and 9 % slower in float32, and the float32
+# logits scratch kept between steps shrinks from 128 to 48 MiB (multiple of 64: see `_head_rows`).
+CPU_CHUNK_ROWS = 256
 
 
 def answer_positions(labels: Any) -> tuple[Any, Any]:
@@ -191,6 +195,24 @@ def _logits_buffer(rows: int, vocab: int, device: Any) -> Any:
     return buffer
 
 
+def _round_up(count: int, multiple: int) -> int:
+    return -(-count // multiple) * multiple
+
+
+def _head_rows(positions: int, weight: Any) -> tuple[int, int]:
+    """Answer positions per chunk, and the multiple each chunk's row count is padded to.
+
+    CPU bf16 chunks are padded to multiples of 64 (one GEMM kernel per shape); the chunk size is a
+    multiple of 64 too, so only the last chunk of a step is padded.
+    """
+    import torch
+
+    if weight.device.type == "cpu":
+        rows = min(positions, CPU_CHUNK_ROWS, max(1, CHUNK_ELEMENTS // weight.shape[0]))
+        return max(1, rows), 64 if weight.dtype != torch.float32 else 1
+    return max(1, min(positions, CHUNK_ELEMENTS // weight.shape[0])), 1
+
+
 @functools.cache  # built on first use: importing this module does not import torch
 def _head_cross_entropy() -> Any:
     import torch
@@ -208,8 +230,8 @@ def _head_cross_entropy() -> Any:
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
-            rows = max(1, min(hidden.shape[0], CHUNK_ELEMENTS // weight.shape[0]))
-            buffer = _logits_buffer(rows, weight.shape[0], hidden.device)
+            rows, width_multiple = _head_rows(hidden.shape[0], weight)
+            buffer = _logits_buffer(_round_up(rows, width_multiple), weight.shape[0], hidden.device)
             for start in range(0, hidden.shape[0], rows):
                 chunk = hidden_chunk = hidden[start : start + rows]
                 chunk_targets = targets[start : start + rows]
@@ -221,14 +243,14 @@ def _head_cross_entropy() -> Any:
                 if weight.dtype != torch.float32 and chunk.dtype != weight.dtype:
                     # bf16 frozen weights after a float32 norm (CPU bf16): the head's dtype leads.
                     chunk = chunk.to(weight.dtype)
-                if weight.dtype != torch.float32 and weight.device.type == "cpu":
+                if width_multiple > 1:
                     # CPU bf16 matmuls keep a kernel per shape (data/pack.py row_width_multiple):
                     # pad the answer count to a multiple of 64 with ignored zero rows.
-                    width = -(-len(chunk) // 64) * 64
+                    width = _round_up(len(chunk), width_multiple)
                     chunk = torch.nn.functional.pad(chunk, (0, 0, 0, width - len(chunk)))
                     valid = torch.nn.functional.pad(valid, (0, width - len(valid)))
                     safe = torch.nn.functional.pad(safe, (0, width - len(safe)))
-                    logits = _logits_buffer(width, weight.shape[0], hidden.device)[:width]
+                    logits = buffer[:width]
                 if chunk.dtype == torch.float32 and weight.dtype == torch.float32:
                     torch.mm(chunk, weight.t(), out=logits)
                 else:

@@ -9,7 +9,8 @@ generation with a KV cache) goes to the stock sdpa function unchanged.
 
 Used: CPU training with `train.packing` or `train.precision: bf16` (on GPUs the masked kernel
 measured faster). On a CPU, attention that will be backpropagated runs in float32 even when the
-model runs in bf16 (`_float32_attention_on_cpu`). Relies on
+model runs in bf16 (`_needs_float32`), saving bf16 inputs and recomputing the float32 forward in
+the backward (`_float32_recomputed`). Relies on
 transformers' `AttentionInterface` / `AttentionMaskInterface` registration,
 `transformers.integrations.sdpa_attention.sdpa_attention_forward` and `masking_utils.sdpa_mask`
 (module paths that are not a stable API). Tested with transformers 5.24.0, torch 2.13.0.
@@ -17,6 +18,7 @@ transformers' `AttentionInterface` / `AttentionMaskInterface` registration,
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -38,12 +40,17 @@ def packed_sdpa_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if _needs_float32(query, key, value):
-        with torch.autocast("cpu", enabled=False):
-            output, _ = packed_sdpa_forward(
-                module, query.float(), key.float(), value.float(), attention_mask,
-                dropout=dropout, scaling=scaling, **kwargs,
-            )  # fmt: skip
-        return output.to(query.dtype), None
+
+        def attend(q: Any, k: Any, v: Any) -> Any:
+            with torch.autocast("cpu", enabled=False):
+                output, _ = packed_sdpa_forward(
+                    module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+                )
+            return output
+
+        if dropout and module.training:  # a recomputed forward would draw another mask
+            return attend(query.float(), key.float(), value.float()).to(query.dtype), None
+        return _float32_recomputed().apply(query, key, value, attend), None
     position_ids = kwargs.get("position_ids")
     single_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]
     if position_ids is None or not single_row or kwargs.get("past_key_values") is not None:
@@ -100,6 +107,48 @@ def _needs_float32(query: Any, key: Any, value: Any) -> bool:
         and torch.is_grad_enabled()
         and (query.requires_grad or key.requires_grad or value.requires_grad)
     )
+
+
+@functools.cache  # built on first use: importing this module does not import torch
+def _float32_recomputed() -> Any:
+    import torch
+
+    class _Float32Recomputed(torch.autograd.Function):
+        """`attend(q, k, v)` in float32 for bf16 inputs, saving the bf16 inputs only.
+
+        Autograd through a float32 SDPA keeps float32 copies of q, k, v plus the float32 output
+        (180 KB per token on SmolLM2, the largest item of a bf16 step's saved activations,
+        `bench/memory_breakdown.py`). This keeps the bf16 q, k, v (56 KB) and runs the float32
+        forward again inside the backward: exact (no dropout), for one more attention forward.
+        """
+
+        @staticmethod
+        def forward(ctx: Any, query: Any, key: Any, value: Any, attend: Any) -> Any:
+            ctx.save_for_backward(query, key, value)
+            ctx.attend = attend
+            return attend(query.float(), key.float(), value.float()).to(query.dtype)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> tuple[Any, ...]:
+            saved = ctx.saved_tensors
+            wanted = ctx.needs_input_grad[:3]
+            with torch.enable_grad():
+                wide = [
+                    t.detach().float().requires_grad_(need)
+                    for t, need in zip(saved, wanted, strict=True)
+                ]
+                output = ctx.attend(*wide)
+                inputs = [t for t, need in zip(wide, wanted, strict=True) if need]
+                grads = iter(torch.autograd.grad(output, inputs, grad.float()))
+            return (
+                *(
+                    next(grads).to(t.dtype) if need else None
+                    for t, need in zip(saved, wanted, strict=True)
+                ),
+                None,
+            )
+
+    return _Float32Recomputed
 
 
 def _attend_runs(

@@ -13,7 +13,8 @@ project's 2-core CPU, one SmolLM2 norm over a 1024-token row took 7.0 ms forward
 stock and 2.9 ms this way, and the whole training step about 2.5% less (interleaved A/B on the
 `engine-step` rows; the model has 61 norms). `use_fast_rms_norm` switches a
 model's norms to it in place: the module keeps its class (a subclass), weight and state dict.
-Norms with a trainable weight, or inputs that are not float32, take the stock forward.
+Norms with a trainable weight take the stock forward. bf16 inputs (CPU bf16 training) are normalized
+in float32 like the stock norm's, and saved in bf16 (see `FrozenRMSNorm`).
 
 Used: CPU training, SFT and preference (train/loop.py and train/preference.py `build_model`).
 Relies on transformers' RMSNorm modules by class name (`STOCK_NAMES`) and their `weight` /
@@ -33,26 +34,41 @@ STOCK_NAMES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
 
 
 class FrozenRMSNorm(torch.autograd.Function):
-    """y = weight * x * rsqrt(mean(x²) + eps), gradient for x only (the weight is frozen)."""
+    """y = weight * x * rsqrt(mean(x²) + eps), gradient for x only (the weight is frozen).
+
+    A bf16 (or fp16) input is normalized in float32 and rounded back before the weight, as the
+    stock norm does, but saved for the backward in its own dtype: the stock norm's autograd keeps
+    a float32 copy of every norm input, 2.3 KB per token per norm on SmolLM2 (a sixth of what a
+    bf16 step saves, `bench/memory_breakdown.py`); this keeps 1.15 KB.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        inverse_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        wide = _widened(x)
+        inverse_rms = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, inverse_rms)
-        return torch.mul(x, inverse_rms).mul_(weight)
+        if wide is x:
+            return torch.mul(x, inverse_rms).mul_(weight)
+        return weight * wide.mul_(inverse_rms).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         x, weight, inverse_rms = ctx.saved_tensors
-        weighted = grad * weight
+        wide = _widened(x)
+        weighted = (grad * weight).to(wide.dtype)
         # x · r³ · mean(w·dy·x), as one multiply-add onto r·(w·dy).
-        coefficient = torch.linalg.vecdot(weighted, x).unsqueeze(-1)
+        coefficient = torch.linalg.vecdot(weighted, wide).unsqueeze(-1)
         coefficient.mul_(inverse_rms.pow(3)).div_(-x.shape[-1])
-        return torch.addcmul(weighted.mul_(inverse_rms), x, coefficient), None, None
+        return torch.addcmul(weighted.mul_(inverse_rms), wide, coefficient).to(x.dtype), None, None
+
+
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision inputs (the stock norm's compute dtype); others as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def _fast_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
-    if self.weight.requires_grad or hidden_states.dtype != torch.float32:
+    if self.weight.requires_grad or not hidden_states.is_floating_point():
         return super(type(self), self).forward(hidden_states)
     if not torch.is_grad_enabled() or not hidden_states.requires_grad:
         return super(type(self), self).forward(hidden_states)
