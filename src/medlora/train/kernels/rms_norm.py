@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from medlora.train.kernels.class_swap import swap_forward
+
 # Norm classes whose forward is exactly `weight * (x * rsqrt(mean(x²) + variance_epsilon))`
 # computed in float32 (Gemma's `1 + weight` norm is not one of them).
 STOCK_NAMES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
@@ -75,23 +77,12 @@ def _fast_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     return FrozenRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
-_FAST_CLASSES: dict[type, type] = {}
+def _is_stock_norm(module: Any) -> bool:
+    return type(module).__name__ in STOCK_NAMES and isinstance(
+        getattr(module, "variance_epsilon", None), float
+    )
 
 
 def use_fast_rms_norm(model: Any) -> int:
     """Switch the model's stock RMSNorm modules to `FrozenRMSNorm`; returns how many switched."""
-    switched = 0
-    for module in model.modules():
-        cls = type(module)
-        if cls.__name__ not in STOCK_NAMES or not isinstance(
-            getattr(module, "variance_epsilon", None), float
-        ):
-            continue
-        fast = _FAST_CLASSES.get(cls)
-        if fast is None:
-            fast = _FAST_CLASSES[cls] = type(
-                f"Fast{cls.__name__}", (cls,), {"forward": _fast_forward}
-            )
-        module.__class__ = fast
-        switched += 1
-    return switched
+    return swap_forward(model, "Fast", _fast_forward, _is_stock_norm)

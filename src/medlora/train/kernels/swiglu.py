@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from medlora.train.kernels.class_swap import swap_forward
+
 # MLPs whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
 STOCK_NAMES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 SILU_NAMES = {"SiLUActivation", "SiLU"}
@@ -53,25 +55,14 @@ def _silu_mul_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.act_fn(gate) * up)
 
 
-_FAST_CLASSES: dict[type, type] = {}
+def _is_stock_silu_mlp(module: Any) -> bool:
+    return (
+        type(module).__name__ in STOCK_NAMES
+        and type(getattr(module, "act_fn", None)).__name__ in SILU_NAMES
+        and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+    )
 
 
 def use_silu_mul(model: Any) -> int:
     """Switch the model's stock SiLU-gated MLPs to `SiluMul`; returns how many switched."""
-    switched = 0
-    for module in model.modules():
-        cls = type(module)
-        if cls.__name__ not in STOCK_NAMES:
-            continue
-        if type(getattr(module, "act_fn", None)).__name__ not in SILU_NAMES:
-            continue
-        if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")):
-            continue
-        fast = _FAST_CLASSES.get(cls)
-        if fast is None:
-            fast = _FAST_CLASSES[cls] = type(
-                f"SiluMul{cls.__name__}", (cls,), {"forward": _silu_mul_forward}
-            )
-        module.__class__ = fast
-        switched += 1
-    return switched
+    return swap_forward(model, "SiluMul", _silu_mul_forward, _is_stock_silu_mlp)
