@@ -61,6 +61,8 @@ gpu-wheels:
 		--python-version $(GPU_PYTHON) --implementation cp \
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu_wheels \
 		pydantic pydantic-core typing-inspection annotated-types
+	# liger-kernel is pure Python over Triton (which the GPU image's torch brings): no dependencies.
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps -d .gpu_wheels liger-kernel==0.8.5
 	ls .gpu_wheels
 
 clean:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU training check on a lent machine (one H100/H200, no internet): the model card's plain HF
-# recipe vs medlora's train() on a random-init Llama-3.2-3B, same synthetic examples.
+# recipe vs medlora's train() on a random-init Llama-3.2-3B, same synthetic examples: unconstrained,
+# at the peer's peak memory, the same with train.kernels: liger, and QLoRA. About 5 minutes.
 #
 #   make gpu-wheels              # here, once: pydantic wheels into .gpu_wheels/ (the GPU image lacks it)
 #   bash bench/gpu_check.sh      # there, from the repository root, with .gpu_wheels carried along
@@ -39,6 +40,15 @@ if ! "$PY" -c "import pydantic" 2>/dev/null; then
     export PYTHONPATH="$PYTHONPATH:/tmp/gpu-site"
     "$PY" -c "import pydantic; print('pydantic', pydantic.VERSION, 'from .gpu_wheels')"
 fi
+
+# liger-kernel for the `train.kernels: liger` row, from the carried wheels when it is missing.
+if ! "$PY" -c "import liger_kernel" 2>/dev/null && ls .gpu_wheels/liger_kernel-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-site \
+        .gpu_wheels/liger_kernel-*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/gpu-site"
+fi
+"$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" \
+    2>/dev/null || echo "liger-kernel missing: its row is skipped"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1   # step bars would bury the table in the output tail

@@ -20,6 +20,14 @@ small BPE trained in-process (its ids are a subset of the model's 128256).
     q/v, lr 2e-5 linear), bf16 weights; grad accum 1 so that the time budget stops it finely.
     On a CPU (--device cpu) both stay fp32: transformers refuses bf16 there without use_cpu.
 
+(c) medlora at the peer's memory: (b) with `train.tokens_per_batch=auto` and `train.max_memory_gb`
+    set to the peer's measured peak (the issue's bar: faster at <= 1.0x the peer's memory).
+(d) the same with `train.kernels=liger` (liger-kernel's RMSNorm, RoPE, SwiGLU and fused linear
+    cross-entropy in place of medlora's fused head), skipped where liger-kernel is not installed.
+(e) QLoRA: (b) on the same weights saved and reloaded in 4-bit NF4 (`model.quantization=4bit`,
+    bitsandbytes), skipped where bitsandbytes is not installed.
+(c)-(e) are skipped on a CPU (no GPU peak to hold, no Triton, no bitsandbytes kernels).
+
 Each runs for a fixed number of optimizer steps or `--budget-s` seconds, whichever comes first
 (a Trainer callback; it also reaches the Trainer inside train()), and reports trained tokens/s
 (all tokens and answer tokens), train time and peak GPU memory (torch.cuda.max_memory_allocated).
@@ -150,7 +158,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         tiny=tiny,
         device=device,
         out=Path(args.out),
-        budget_s=pick(args.budget_s, 90.0, 20.0),
+        budget_s=pick(args.budget_s, 40.0, 20.0),  # five engines in under 5 minutes
         peer_steps=pick(args.peer_steps, 400, 3),
         medlora_steps=pick(args.medlora_steps, 150, 3),
         examples=pick(args.examples, 1200, 24),
@@ -468,7 +476,31 @@ def medlora_overrides(s: Settings) -> list[str]:
     ]
 
 
-def run_medlora(s: Settings, tokenizer: Any, prepared: Path, work: Path) -> dict:
+def saved_base(s: Settings, tokenizer: Any, work: Path) -> Path:
+    """The random-init model saved as a model folder once (QLoRA quantizes while loading)."""
+    import torch
+
+    folder = work / "base-bf16"
+    if not (folder / "config.json").is_file():
+        model = build_model(s, torch.bfloat16, tokenizer.pad_token_id)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        del model
+        reset_memory(s.device)
+    return folder
+
+
+def run_medlora(
+    s: Settings,
+    tokenizer: Any,
+    prepared: Path,
+    work: Path,
+    engine: str = "medlora train()",
+    extra: tuple[str, ...] = (),
+    model_folder: Path | None = None,
+) -> dict:
+    """medlora's train() with `medlora_overrides` plus `extra`; on the built model, or loaded by
+    train() itself from `model_folder` (QLoRA: quantized while loading)."""
     import torch
     import transformers.trainer as hf_trainer
 
@@ -476,35 +508,44 @@ def run_medlora(s: Settings, tokenizer: Any, prepared: Path, work: Path) -> dict
     from medlora.train import train
 
     reset_memory(s.device)
-    overrides = medlora_overrides(s)
-    recipe = recipe_from_dict({"model": {"name": "random-init-llama-3.2-3b"}}, overrides)
+    overrides = [*medlora_overrides(s), *extra]
+    name = str(model_folder) if model_folder else "random-init-llama-3.2-3b"
+    recipe = recipe_from_dict({"model": {"name": name}}, overrides)
     dtype = torch.bfloat16 if recipe.model.dtype == "bfloat16" else torch.float32
     start_gib = allocated_gib(s.device)
-    model = build_model(s, dtype, tokenizer.pad_token_id)
-    architecture = describe_model(model)
+    model = None if model_folder else build_model(s, dtype, tokenizer.pad_token_id)
     # train() takes no callbacks: the budget rides on the Trainer's default callback list.
     budget = time_budget_callback(s.budget_s)
     hf_trainer.DEFAULT_CALLBACKS.append(budget)
-    run_dir = work / "medlora-run"
+    run_dir = work / f"medlora-run-{len(list(work.glob('medlora-run-*')))}"
     start = time.perf_counter()
     try:
         result = train(
-            recipe, run_dir, prepared_dir=prepared, model_and_tokenizer=(model, tokenizer)
+            recipe,
+            run_dir,
+            prepared_dir=prepared,
+            model_and_tokenizer=None if model is None else (model, tokenizer),
         )
     finally:
         hf_trainer.DEFAULT_CALLBACKS.remove(budget)
+    architecture = describe_model(model) if model is not None else f"{name}, {extra}"
+    choice = getattr(result, "row_choice", None) or {}  # tokens_per_batch: auto
+    row_tokens = choice.get("tokens_per_batch", s.tokens_per_batch)
+    checkpointing = " (activation checkpointing)" if choice.get("gradient_checkpointing") else ""
+    # The built model carries the adapter after train(); QLoRA's is inside train(): not reported.
+    lora_params = model.named_parameters() if model is not None else iter(())
+    lora_dtypes = ",".join(sorted({str(p.dtype) for n, p in lora_params if "lora_" in n})) or "?"
     wall = time.perf_counter() - start
     # train_seconds (newer train()): time in training steps, evaluation excluded; else runtime_s.
     runtime = float(getattr(result, "train_seconds", 0.0) or result.runtime_s)
     tokens = int(round(float(result.tokens_per_s) * runtime))
     answer = int(getattr(result, "trained_tokens", 0))
     row = {
-        "engine": "medlora train()",
+        "engine": engine,
         "setup": f"{recipe.model.dtype} weights, {recipe.train.precision}, packing "
-        f"{s.tokens_per_batch} tokens/batch, accum 1",
-        "lora_dtype": ",".join(
-            sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n})
-        ),
+        f"{row_tokens} tokens/batch{checkpointing}, accum 1"
+        + (f", {' '.join(extra)}" if extra else ""),
+        "lora_dtype": lora_dtypes,
         "steps": result.steps,
         "tokens": tokens,
         "answer_tokens": answer,
@@ -525,6 +566,45 @@ def run_medlora(s: Settings, tokenizer: Any, prepared: Path, work: Path) -> dict
     del model
     reset_memory(s.device)
     return row
+
+
+def skipped(engine: str, why: str) -> dict[str, Any]:
+    return {"engine": engine, "skipped": why}
+
+
+def at_peer_memory(
+    s: Settings,
+    tokenizer: Any,
+    prepared: Path,
+    work: Path,
+    rows: list[dict[str, Any]],
+    extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """(c) / (d): medlora under a memory budget equal to the peer's measured peak."""
+    import importlib.util
+
+    engine = "medlora at the peer's memory" + (" + liger" if extra else "")
+    peer = rows[0] if rows else {}
+    if not s.device.startswith("cuda") or not peer.get("peak_gib"):
+        return skipped(engine, "needs CUDA and the peer's peak GPU memory")
+    if extra and importlib.util.find_spec("liger_kernel") is None:
+        return skipped(engine, "liger-kernel is not installed (pip install liger-kernel)")
+    budget = ("train.tokens_per_batch=auto", f"train.max_memory_gb={peer['peak_gib']}")
+    return run_medlora(s, tokenizer, prepared, work, engine, budget + extra)
+
+
+def qlora(s: Settings, tokenizer: Any, prepared: Path, work: Path) -> dict[str, Any]:
+    """(e): the same weights in 4-bit NF4, LoRA on top (medlora's QLoRA path)."""
+    import importlib.util
+
+    engine = "medlora QLoRA (4-bit NF4)"
+    if not s.device.startswith("cuda"):
+        return skipped(engine, "needs CUDA")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return skipped(engine, "bitsandbytes is not installed")
+    folder = saved_base(s, tokenizer, work)
+    extra = ("model.quantization=4bit",)
+    return run_medlora(s, tokenizer, prepared, work, engine, extra, model_folder=folder)
 
 
 # ---------------------------------------------------------------- report
@@ -576,6 +656,9 @@ def markdown(s: Settings, env: dict[str, str], data: dict[str, Any], rows: list[
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['engine']} | skipped: {r['skipped']} |" + " |" * 8)
+            continue
         if "error" in r:
             lines.append(f"| {r['engine']} | FAILED: {r['error'][:300]} |" + " |" * 8)
             continue
@@ -585,12 +668,15 @@ def markdown(s: Settings, env: dict[str, str], data: dict[str, Any], rows: list[
             f"| {_cell(r['answer_tokens_per_s'])} | {_cell(r['peak_gib'], 2)} "
             f"| {_cell(r['train_loss'], 4)} |"
         )
-    if len(rows) == 2 and all(r.get("tokens_per_s") for r in rows):
-        peer, ours = rows
+    peer = rows[0] if rows and rows[0].get("tokens_per_s") else None
+    for ours in rows[1:]:
+        if peer is None or not ours.get("tokens_per_s"):
+            continue
         lines += [
             "",
-            f"medlora ÷ peer: tokens/s {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x, answer "
-            f"tokens/s {ours['answer_tokens_per_s'] / max(peer['answer_tokens_per_s'], 1e-9):.2f}x"
+            f"{ours['engine']} ÷ peer: tokens/s {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x"
+            f", answer tokens/s "
+            f"{ours['answer_tokens_per_s'] / max(peer['answer_tokens_per_s'], 1e-9):.2f}x"
             + (
                 f", peak memory {ours['peak_gib'] / peer['peak_gib']:.2f}x"
                 if peer["peak_gib"] and ours["peak_gib"]
@@ -634,7 +720,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engines = (
             ("peer", lambda: run_peer(s, tokenizer, splits, work)),
             ("medlora", lambda: run_medlora(s, tokenizer, prepared, work)),
-        )
+            ("medlora at peer memory", lambda: at_peer_memory(s, tokenizer, prepared, work, rows)),
+            ("medlora + liger at peer memory",
+             lambda: at_peer_memory(s, tokenizer, prepared, work, rows, ("train.kernels=liger",))),
+            ("medlora QLoRA", lambda: qlora(s, tokenizer, prepared, work)),
+        )  # fmt: skip
         for name, run in engines:
             # One engine failing must not cost the other's numbers (device time is scarce).
             try:

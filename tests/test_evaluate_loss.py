@@ -142,3 +142,93 @@ def test_score_keeps_the_models_logit_softcapping_and_scaling(kind: str) -> None
             count += n
     assert scores["answer_tokens"] == count
     assert scores["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def _tiny_peft(tiny_model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """The tiny model with a LoRA adapter whose B is not zero (so it changes the answers)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model.to(dtype), config)
+    for param in model.parameters():
+        param.requires_grad_(False)  # loaded for evaluation, as load_with_adapter does
+    return model.eval(), tokenizer
+
+
+def test_merged_adapter_scores_like_the_adapter_and_restores_the_base(tiny_model_dir: Path) -> None:
+    """The tuned pass runs with the LoRA weights folded in (faster): same losses as the adapter
+    applied on the fly, and the base weights are back as they were afterwards."""
+    from medlora.evaluate.generate import adapter_merged
+    from medlora.evaluate.heldout import score_model
+
+    model, tokenizer = _tiny_peft(tiny_model_dir)
+    examples, _ = format_records(tokenizer, tiny_records(2), "Be brief.", 512)
+    before = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    unmerged = score_examples(model, examples, tokenizer.pad_token_id, 4)
+    with adapter_merged(model):
+        assert all(m.merged for m in model.modules() if hasattr(m, "lora_A") and m.lora_A)
+    scores = score_model(model, tokenizer, examples, 4, compare_base=True)
+    assert scores["loss"] == pytest.approx(unmerged["loss"], rel=1e-5)
+    assert scores["per_example_loss"] == pytest.approx(unmerged["per_example_loss"], rel=1e-5)
+    assert scores["base_loss"] != pytest.approx(scores["loss"], rel=1e-3)  # the adapter matters
+    assert not any(m.merged for m in model.modules() if hasattr(m, "lora_A") and m.lora_A)
+    for name, param in model.named_parameters():
+        if name in before:
+            torch.testing.assert_close(param, before[name], rtol=0, atol=1e-6)
+
+
+def test_bf16_or_trainable_adapters_are_never_merged(tiny_model_dir: Path) -> None:
+    """Unmerging bf16 weights would move the base by a bf16 step; a trained adapter keeps changing."""
+    from medlora.evaluate.generate import adapter_merged
+
+    model, _ = _tiny_peft(tiny_model_dir, torch.bfloat16)
+    with adapter_merged(model):
+        assert not any(m.merged for m in model.modules() if hasattr(m, "lora_A") and m.lora_A)
+    model, _ = _tiny_peft(tiny_model_dir)
+    next(p for n, p in model.named_parameters() if "lora_A" in n).requires_grad_(True)
+    with adapter_merged(model):
+        assert not any(m.merged for m in model.modules() if hasattr(m, "lora_A") and m.lora_A)
+
+
+def test_cpu_batches_hold_a_token_budget(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU a scoring batch stops at CPU_BATCH_TOKENS padded tokens; the losses do not move."""
+    from medlora.evaluate import loss as loss_module
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    examples, _ = format_records(tokenizer, tiny_records(3), "Be brief.", 512)
+    whole = score_examples(model, examples, tokenizer.pad_token_id, batch_size=64)
+    longest = max(len(e.input_ids) for e in examples)
+    monkeypatch.setattr(loss_module, "CPU_BATCH_TOKENS", 2 * longest)
+    seen: list[int] = []
+    forward = loss_module.answer_token_losses
+    monkeypatch.setattr(
+        loss_module,
+        "answer_token_losses",
+        lambda m, batch: seen.append(batch["input_ids"].numel()) or forward(m, batch),
+    )
+    capped = score_examples(model, examples, tokenizer.pad_token_id, batch_size=64)
+    assert max(seen) <= 2 * longest and len(seen) >= len(examples) // 2
+    assert capped["per_example_loss"] == pytest.approx(whole["per_example_loss"], rel=1e-5)
+
+
+def test_bf16_scoring_is_close_to_fp32_and_auto_follows_the_machine(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eval.precision bf16 runs the matmuls in bf16 (faster on AMX CPUs): a different number, close
+    to fp32's; auto is fp32 on a CPU without native bf16."""
+    from medlora import machine
+    from medlora.evaluate.loss import scoring_dtype
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    examples, _ = format_records(tokenizer, tiny_records(2), "Be brief.", 512)
+    fp32 = score_examples(model, examples, tokenizer.pad_token_id, 4)
+    bf16 = score_examples(model, examples, tokenizer.pad_token_id, 4, precision="bf16")
+    assert bf16["loss"] != fp32["loss"]
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=1e-2)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma"})
+    assert scoring_dtype("auto", "cpu") is None
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert scoring_dtype("auto", "cpu") == torch.bfloat16

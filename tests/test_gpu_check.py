@@ -32,7 +32,14 @@ def test_tiny_cpu_run_compares_both_engines(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
-    peer, medlora = summary["rows"]
+    peer, medlora, *gpu_only = summary["rows"]
+    # At the peer's memory, + liger, QLoRA: GPU-only rows, skipped with a reason on a CPU.
+    assert [row["engine"] for row in gpu_only] == [
+        "medlora at the peer's memory",
+        "medlora at the peer's memory + liger",
+        "medlora QLoRA (4-bit NF4)",
+    ]
+    assert all("CUDA" in row["skipped"] for row in gpu_only)
     for row in (peer, medlora):
         assert "error" not in row
         assert row["steps"] == 3 and row["tokens"] > row["answer_tokens"] > 0
@@ -40,5 +47,6 @@ def test_tiny_cpu_run_compares_both_engines(tmp_path: Path) -> None:
     assert medlora["engine"] == "medlora train()"
     assert "train.packing=true" in medlora["overrides"]
     table = (tmp_path / "gpu_check.md").read_text()
-    assert "| peer: HF Trainer + peft (model card) |" in table and "medlora ÷ peer" in table
+    assert "| peer: HF Trainer + peft (model card) |" in table
+    assert "medlora train() ÷ peer" in table and "| medlora QLoRA (4-bit NF4) | skipped" in table
     assert (tmp_path / "medlora_metrics.jsonl").is_file()

@@ -61,6 +61,12 @@ class TrainConfig(_Section):
         "probability of tokens the answer already wrote, against greedy loops; 0: off. "
         "Materializes the answer tokens' logits (no fused head).",
     )
+    kernels: Literal["medlora", "liger"] = Field(
+        "medlora",
+        description="Training kernels: medlora = its own (fused answer head; on CPU its norm, "
+        "SwiGLU and attention kernels); liger = liger-kernel's RMSNorm, RoPE, SwiGLU and fused "
+        "linear cross-entropy on a CUDA GPU (pip install liger-kernel).",
+    )
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"] = Field(
         "adamw_torch", description="Optimizer (transformers name)."
     )

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from medlora.data.sample import sample_records
 from medlora.errors import ConfigError, DataError
 from medlora.evaluate.benchmarks import KINDS, TASKS, load_benchmark
-from medlora.evaluate.generate import adapter_disabled
+from medlora.evaluate.generate import adapter_disabled, adapter_merged
 from medlora.evaluate.harness import score_items, task_units
 from medlora.results import BenchResult, TaskScores, write_result
 
@@ -104,11 +104,12 @@ def run_benchmarks(
         units = task_units(bench, items, shots)
         if progress:
             progress(f"{task}: {len(items)} questions, {shots}-shot")
-        rows = score_items(model, tokenizer, units, batch_size, chat, system_prompt)
         base_rows = None
-        if compare_base:
+        if compare_base:  # the base first, then the adapter folded in for speed
             with adapter_disabled(model):
                 base_rows = score_items(model, tokenizer, units, batch_size, chat, system_prompt)
+        with adapter_merged(model):
+            rows = score_items(model, tokenizer, units, batch_size, chat, system_prompt)
         summary = summarize(rows, base_rows, seed)
         summary.data = bench.report.source
         summary.skipped = bench.report.skipped

@@ -15,7 +15,7 @@ from medlora.data.sample import sample_records
 from medlora.data.sources import load_source
 from medlora.data.split import split_by_topic
 from medlora.errors import DataError
-from medlora.evaluate.generate import adapter_disabled
+from medlora.evaluate.generate import adapter_disabled, adapter_merged
 from medlora.evaluate.loss import score_examples
 from medlora.io import write_json_atomic
 from medlora.models import load_model, load_with_adapter
@@ -92,12 +92,21 @@ def score_model(
     examples: list[Example],
     batch_size: int,
     compare_base: bool,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Score the model (with its adapter) and, when asked, the same weights with it switched off."""
-    result = score_examples(model, examples, tokenizer.pad_token_id, batch_size)
+    """Score the model (with its adapter) and, when asked, the same weights with it switched off.
+
+    The base goes first, on the untouched weights; the adapter is then folded in for speed.
+    `precision`: the recipe's `eval.precision`.
+    """
+    pad = tokenizer.pad_token_id
+    base = None
     if compare_base:
         with adapter_disabled(model):
-            base = score_examples(model, examples, tokenizer.pad_token_id, batch_size)
+            base = score_examples(model, examples, pad, batch_size, precision=precision)
+    with adapter_merged(model):
+        result = score_examples(model, examples, pad, batch_size, precision=precision)
+    if base is not None:
         result["base_loss"] = base["loss"]
         result["base_perplexity"] = base["perplexity"]
         result["base_per_example_loss"] = base["per_example_loss"]
@@ -133,6 +142,7 @@ def evaluate_heldout(
         examples,
         batch_size or recipe.eval.batch_size,
         compare_base and adapter_dir is not None,
+        recipe.eval.precision,
     )
     result = {
         "model": model_spec,

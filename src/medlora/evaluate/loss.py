@@ -20,6 +20,12 @@ from typing import Any
 from medlora.data.format import IGNORE_INDEX, Example, pad_batch
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in float32)
+# Padded tokens per forward pass on a CPU (a GPU's batch is eval.batch_size alone). Past a couple of
+# thousand tokens a CPU forward gets slower per token (the activations leave the cache): 48 demo
+# test answers took 1.15-1.25x as long at 24 per batch (~4k tokens) as at 8 (~1.4k tokens), and
+# with this cap the demo can answer 50 questions per `generate` call (docs/benchmarks.md,
+# "demo-eval").
+CPU_BATCH_TOKENS = 2048
 # Families whose causal-LM forward is `logits = self.lm_head(hidden_states)` with nothing after it
 # (no soft-capping or logit scaling), checked in their transformers modeling files.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"})
@@ -92,24 +98,69 @@ def answer_token_losses(model: Any, batch: dict[str, Any]) -> tuple[float, int, 
     return float(token_losses.sum()), int(mask.sum()), (per_row / counts).tolist()
 
 
+def _batches(
+    examples: Sequence[Example], batch_size: int, max_tokens: int | None
+) -> list[list[int]]:
+    """Indices of `examples` in batches, longest first (similar lengths share a batch, so less
+    padding is computed), each at most `batch_size` examples and `max_tokens` padded tokens."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            current = batches[-1]
+            longest = len(examples[current[0]].input_ids)
+            fits = max_tokens is None or (len(current) + 1) * longest <= max_tokens
+            if len(current) < batch_size and fits:
+                current.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+def scoring_dtype(precision: str, device_type: str) -> Any:
+    """The autocast dtype of `eval.precision` on this device: bf16, or None (model.dtype).
+
+    auto is bf16 where it runs natively (an AMX / AVX512-BF16 CPU, a bf16 GPU). On the demo's 100
+    unseen-source answers (AMX Xeon, 2 threads) bf16 scored base and tuned in 37-39 s against
+    71-89 s in fp32, and moved both losses by under 0.01 %: the change -7.797 % read -7.804 %
+    (docs/benchmarks.md, "demo-eval").
+    """
+    import torch
+
+    if precision == "auto":
+        if device_type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            from medlora.machine import cpu_has_native_bf16
+
+            native = device_type == "cpu" and cpu_has_native_bf16()
+        precision = "bf16" if native else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def score_examples(
     model: Any,
     examples: Sequence[Example],
     pad_token_id: int,
     batch_size: int = 8,
     progress: Any = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Mean answer-token loss and perplexity of `model` on `examples` (token-weighted)."""
+    """Mean answer-token loss and perplexity of `model` on `examples` (token-weighted).
+
+    `precision`: `eval.precision` (fp32, bf16 or auto; see `scoring_dtype`).
+    """
     import torch
 
     model.eval()
     total, tokens, per_example = 0.0, 0, []
-    # Longest first: similar lengths share a batch, so less padding is computed.
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     losses_by_index: dict[int, float] = {}
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+    device_type = next(model.parameters()).device.type
+    on_cpu = device_type == "cpu"
+    dtype = scoring_dtype(precision, device_type)
+    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+    with torch.inference_mode(), autocast:
+        for chunk in _batches(examples, batch_size, CPU_BATCH_TOKENS if on_cpu else None):
             batch = pad_batch([examples[i] for i in chunk], pad_token_id)
             batch_sum, batch_tokens, rows = answer_token_losses(model, batch)
             total += batch_sum

@@ -217,19 +217,14 @@ def evaluate_answers(
     `base_predictions`, when given with `compare_base`, are the base's answers already generated
     for these records under these settings (a sweep reuses them across runs).
     """
-    from medlora.evaluate.generate import adapter_disabled, generate_answers
+    from medlora.evaluate.generate import adapter_disabled, adapter_merged, generate_answers
 
     settings = settings or GenerationConfig()
     generate = generate or generate_answers
     metrics = [m for m in metrics if m in METRICS]
     questions = [r.question for r in records]
     references = [r.answer for r in records]
-    tuned_label = "fine-tuned answers" if compare_base else "answers"
-    predictions = generate(
-        model, tokenizer, questions, system_prompt, settings, batch_size, tuned_label
-    )
-    scores = score_answers(predictions, references, metrics, questions)
-    base_scores = None
+    # The base goes first, on the untouched weights; the adapter is then folded in for speed.
     if not compare_base:
         base_predictions = None
     elif base_predictions is not None and len(base_predictions) != len(records):
@@ -239,6 +234,13 @@ def evaluate_answers(
             base_predictions = generate(
                 model, tokenizer, questions, system_prompt, settings, batch_size, "base answers"
             )
+    tuned_label = "fine-tuned answers" if compare_base else "answers"
+    with adapter_merged(model):
+        predictions = generate(
+            model, tokenizer, questions, system_prompt, settings, batch_size, tuned_label
+        )
+    scores = score_answers(predictions, references, metrics, questions)
+    base_scores = None
     if base_predictions is not None:
         base_scores = score_answers(base_predictions, references, metrics, questions)
     rows = []

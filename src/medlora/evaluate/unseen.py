@@ -54,7 +54,9 @@ def loss_base_vs_tuned(
     examples, _ = format_records(
         tokenizer, records, recipe.data.system_prompt, recipe.data.max_seq_len
     )
-    scores = score_model(model, tokenizer, examples, recipe.eval.batch_size, compare_base=True)
+    scores = score_model(
+        model, tokenizer, examples, recipe.eval.batch_size, True, recipe.eval.precision
+    )
     keys = ("loss", "base_loss", "perplexity", "base_perplexity", "answer_tokens")
     out = {key: scores[key] for key in keys}
     out["examples"] = len(examples)

@@ -69,17 +69,19 @@ def compare_answers(
     metrics: tuple[str, ...] = METRICS,
 ) -> CompareResult:
     """Tuned and base answers to the same questions, scored where a reference answer exists."""
-    from medlora.evaluate.generate import adapter_disabled, generate_answers
+    from medlora.evaluate.generate import adapter_disabled, adapter_merged, generate_answers
 
     settings = settings or GenerationConfig()
     max_new_tokens = settings.max_new_tokens
     questions = [r.question for r in records]
-    tuned = generate_answers(
-        model, tokenizer, questions, system_prompt, settings, batch_size, "fine-tuned answers"
-    )
+    # The base first, on the untouched weights; then the adapter folded in for speed.
     with adapter_disabled(model):
         base = generate_answers(
             model, tokenizer, questions, system_prompt, settings, batch_size, "base answers"
+        )
+    with adapter_merged(model):
+        tuned = generate_answers(
+            model, tokenizer, questions, system_prompt, settings, batch_size, "fine-tuned answers"
         )
     rows = [
         {"id": r.id, "question": r.question, "reference": r.answer, "base": b, "tuned": t}

@@ -115,7 +115,10 @@ def validation_loss(
     model = PeftModel.from_pretrained(model, run_dir)
     if recipe.model.quantization == "none" and torch.cuda.is_available():
         model.to("cuda")  # score where training ran
-    scored = score_examples(model, examples, tokenizer.pad_token_id, recipe.eval.batch_size)
+    e = recipe.eval
+    scored = score_examples(
+        model, examples, tokenizer.pad_token_id, e.batch_size, precision=e.precision
+    )
     return {k: scored[k] for k in ("loss", "perplexity", "examples", "answer_tokens")}
 
 

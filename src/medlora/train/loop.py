@@ -35,6 +35,7 @@ from medlora.train.callbacks import (
 )
 from medlora.train.charts import plot_training_charts
 from medlora.train.kernels.answer_head import answer_loss_sum
+from medlora.train.kernels.liger import check_liger, use_liger_kernels
 from medlora.train.kernels.packed_attention import use_packed_attention
 from medlora.train.memory import (
     PeakSampler,
@@ -64,8 +65,12 @@ def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> 
     import torch
     from peft import get_peft_model
 
+    if recipe.train.kernels == "liger":  # before loading: a CPU run stops with one line
+        check_liger("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
     model = hold_frozen_weights_in_bf16(model, recipe)
+    if recipe.train.kernels == "liger":
+        use_liger_kernels(model, "cuda")  # RMSNorm, RoPE, SwiGLU; the head below (answer_head)
     if (recipe.train.packing or recipe.train.precision == "bf16") and not torch.cuda.is_available():
         # CPU: per-example causal SDPA beats sdpa's row-wide block mask. On GPUs the masked kernel
         # measured faster (many small per-example launches; docs/benchmarks.md `gpu`). CPU bf16:
@@ -119,7 +124,9 @@ def fit_rows_to_budget(model: Any, examples: list[Example], recipe: Recipe) -> R
         )  # fmt: skip
         with PeakSampler(device) as peak:
             with autocast:
-                loss, count, _ = answer_loss_sum(model, batch, unlikelihood=t.unlikelihood_alpha)
+                loss, count, _ = answer_loss_sum(
+                    model, batch, unlikelihood=t.unlikelihood_alpha, kernels=t.kernels
+                )
             (loss / max(count, 1)).backward()
         model.zero_grad(set_to_none=True)
         return peak.peak
@@ -228,6 +235,7 @@ def train(
     run = RunState(
         stop_on_nan=t.stop_on_nan,
         unlikelihood=t.unlikelihood_alpha,
+        kernels=t.kernels,
         val_examples=val_examples,
         val_groups=[group_of[example.record_id] for example in val_examples],
         pad_token_id=tokenizer.pad_token_id,

@@ -103,9 +103,14 @@ def _build_model(
     from peft import PeftModel, get_peft_model
 
     from medlora.models import load_recipe_model
+    from medlora.train.kernels.liger import check_liger, use_liger_kernels
 
+    if recipe.train.kernels == "liger":  # before loading: a CPU run stops with one line
+        check_liger("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
     model = hold_frozen_weights_in_bf16(model, recipe)
+    if recipe.train.kernels == "liger":  # RMSNorm, RoPE, SwiGLU; TRL computes the loss itself
+        use_liger_kernels(model, "cuda")
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:

@@ -71,6 +71,7 @@ class RunState:
     stop_on_nan: bool = True
     # SFT only: the unlikelihood weight and the validation set scored by `evaluate`.
     unlikelihood: float = 0.0
+    kernels: str = "medlora"  # train.kernels: whose fused head computes the loss
     val_examples: list[Example] = field(default_factory=list)
     val_groups: list[str] = field(default_factory=list)  # the recipe source of each example
     pad_token_id: int = 0
@@ -136,7 +137,9 @@ class MedloraTrainer(TokenAndClockLogs, Trainer):
             # step by step, past a budget the probe (which trims first) had measured to hold.
             release_free_memory()
         unlikelihood = self.run.unlikelihood if model.training else 0.0
-        loss_sum, count, outputs = answer_loss_sum(model, inputs, unlikelihood=unlikelihood)
+        loss_sum, count, outputs = answer_loss_sum(
+            model, inputs, unlikelihood=unlikelihood, kernels=self.run.kernels
+        )
         if num_items_in_batch is not None:
             # Token-weighted over the whole optimizer step (all micro-batches, all processes),
             # so packing, padding and accumulation never change the objective.

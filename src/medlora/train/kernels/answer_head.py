@@ -49,13 +49,19 @@ def answer_positions(labels: Any) -> tuple[Any, Any]:
 
 
 def answer_loss_sum(
-    model: Any, batch: dict[str, Any], fused: bool | None = None, unlikelihood: float = 0.0
+    model: Any,
+    batch: dict[str, Any],
+    fused: bool | None = None,
+    unlikelihood: float = 0.0,
+    kernels: str = "medlora",
 ) -> tuple[Any, int, Any]:
     """Summed answer-token cross-entropy, the number of answer tokens, and the model outputs.
 
     `fused` (default: when the model is training) fuses the head with the loss where the model
     allows it; the returned outputs then carry hidden states, not logits, in `.logits`.
     `unlikelihood` > 0 adds that multiple of `unlikelihood_sum` (materialized logits, no fusing).
+    `kernels` (`train.kernels`): "liger" fuses the head with liger-kernel's fused linear
+    cross-entropy (train/kernels/liger.py), "medlora" with `_head_cross_entropy`.
     """
     import torch
     import torch.nn.functional as F
@@ -70,10 +76,13 @@ def answer_loss_sum(
         with head_bypassed(head):
             # use_cache=False: with a cache transformers skips the packed mask (see data/pack.py).
             outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-        hidden = outputs.logits
-        loss_sum = _head_cross_entropy().apply(
-            hidden.reshape(-1, hidden.shape[-1]), head[2].weight, targets.reshape(-1)
-        )
+        hidden = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+        if kernels == "liger":
+            from medlora.train.kernels.liger import liger_head_loss_sum
+
+            loss_sum = liger_head_loss_sum(hidden, head[2].weight, targets.reshape(-1))
+        else:
+            loss_sum = _head_cross_entropy().apply(hidden, head[2].weight, targets.reshape(-1))
         return loss_sum, count, outputs
     outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
     logits = outputs.logits.float()
