@@ -31,14 +31,15 @@ from medlora.results import DemoSummary, read_result  # noqa: E402
 
 
 def _overrides(run: Path) -> list[str]:
-    """`section.key=value` where the run's recipe differs from the bundled demo recipe."""
+    """`section.key=value` where the run's recipe differs from the bundled demo recipe (a value
+    the bundled recipe leaves to `auto` is what the run resolved it to, not an override)."""
     demo = load_recipe(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml").model_dump()
     used = load_recipe(run / "recipe.yaml").model_dump()
     return [
         f"{section}.{key}={value}"
         for section, values in used.items()
         for key, value in values.items()
-        if section != "output" and demo[section].get(key) != value
+        if section != "output" and demo[section].get(key) not in (value, "auto")
     ]
 
 

@@ -121,3 +121,22 @@ def test_liger_head_gives_medloras_loss_and_gradients(
     assert liger_grads.keys() == medlora_grads.keys() and liger_grads
     for name, grad in liger_grads.items():
         torch.testing.assert_close(grad, medlora_grads[name], rtol=1e-3, atol=5e-5)
+
+
+def test_the_real_liger_kernel_accepts_the_call_and_patches_the_model(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opt-in (needs liger-kernel and Triton, no GPU): liger's own patch takes medlora's keywords
+    and swaps the norms', the MLPs' and RoPE's code on a real model; nothing runs a kernel."""
+    liger = pytest.importorskip(
+        "liger_kernel.transformers", reason="opt-in: pip install liger-kernel"
+    )
+    from transformers.models.llama import modeling_llama
+
+    # liger swaps RoPE in transformers' module for the whole process: restored after the test.
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    model, _ = load_model(str(tiny_model_dir))
+    use_liger_kernels(model, "cuda")
+    assert model.model.norm.forward.__func__ is liger.LigerRMSNorm.forward
+    assert model.model.layers[0].mlp.forward.__func__ is liger.LigerSwiGLUMLP.forward
+    assert modeling_llama.apply_rotary_pos_emb is liger.liger_rotary_pos_emb

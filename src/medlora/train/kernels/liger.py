@@ -14,7 +14,9 @@ Liger's RoPE patch replaces `apply_rotary_pos_emb` in the family's transformers 
 for every model of that family in the process (a training process holds one). Liger's kernels are
 Triton on CUDA only: on a CPU the run stops with one line before loading anything heavy.
 `bench/gpu_check.sh` measures liger against medlora's own head (the `medlora-liger` row).
-Tested against the liger-kernel 0.8.5 API (read from its wheel; no GPU was lent to run it).
+Tested with liger-kernel 0.8.5 and Triton 3.9 on a CPU (tests/test_liger.py, opt-in): its patch
+takes these keywords and swaps the modules' code; its kernels themselves need a GPU and have
+not run here (no GPU was lent).
 """
 
 from __future__ import annotations
