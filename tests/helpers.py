@@ -1,8 +1,9 @@
-"""Small builders shared by tests (records and prepared split folders)."""
+"""Small builders shared by tests (records, prepared split folders, a LoRA on the tiny model)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from medlora.data.records import Record
 from medlora.io import write_jsonl_atomic
@@ -42,3 +43,17 @@ def write_prepared(
     for name, rows in (("train", train), ("validation", validation), ("test", test)):
         write_jsonl_atomic(folder / f"{name}.jsonl", [r.to_dict() for r in rows])
     return folder
+
+
+def lora_on_q_v(model: Any) -> Any:
+    """`model` with a rank-4 LoRA on q_proj/v_proj whose B is random, not zero: the adapter changes
+    the outputs and every LoRA weight gets a gradient."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_records
+from helpers import lora_on_q_v, tiny_records
 
 from medlora.data.format import format_records
 from medlora.data.pack import collate_packed, pack_rows
@@ -89,13 +89,8 @@ def test_heads_that_cannot_be_fused_keep_the_logits_path(tiny_model_dir: Path) -
 
 def test_fused_head_loss_under_bf16_autocast(tiny_model_dir: Path) -> None:
     """The mixed-precision path GPUs take (bf16 matmuls, float32 softmax), here on CPU."""
-    from peft import LoraConfig, get_peft_model
-
     model, tokenizer = load_model(str(tiny_model_dir))
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1)
+    model = lora_on_q_v(model)
     model.train()
     batch = _packed_batch(tokenizer)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_records
+from helpers import lora_on_q_v, tiny_records
 
 from medlora.config import recipe_from_dict
 from medlora.data.format import format_records
@@ -94,13 +94,8 @@ def test_liger_head_gives_medloras_loss_and_gradients(
     tiny_model_dir: Path, fake_liger: list[dict[str, Any]]
 ) -> None:
     """Same answer positions, same sum: only the kernel that multiplies the head changes."""
-    from peft import LoraConfig, get_peft_model
-
     model, tokenizer = load_model(str(tiny_model_dir))
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1)
+    model = lora_on_q_v(model)
     model.train()
     examples, _ = format_records(tokenizer, tiny_records(2), None, 128)
     batch = collate_packed(pack_rows(examples, budget=4096))
