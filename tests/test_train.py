@@ -211,3 +211,35 @@ def test_bf16_on_a_cpu_holds_the_frozen_base_in_bf16_and_trains_float32_lora(
     assert losses and all(loss == loss and loss < 100 for loss in losses)  # finite
     reloaded = load_with_adapter(str(tiny_model_dir), str(tmp_path / "out"))[0]
     assert {p.dtype for n, p in reloaded.named_parameters() if "lora_" in n} == {torch.float32}
+
+
+def test_loraplus_ratio_makes_the_b_matrices_learn_that_much_faster(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`train.loraplus_lr_ratio`: B starts at zero and Adam's first step moves each element by
+    about the learning rate, so after one step the largest B entry is ~lr without LoRA+ and
+    ~lr x ratio with it (A gets no gradient while B is zero)."""
+    records = tiny_records()
+    prepared = write_prepared(tmp_path / "prepared", records[:8], records[8:10], records[8:10])
+    lr = 1e-4
+    largest_b = {}
+    for ratio in ("null", "16"):
+        recipe = recipe_from_dict(
+            {"model": {"name": str(tiny_model_dir)}},
+            [
+                *FAST,
+                f"train.lr={lr}",
+                "train.max_steps=1",
+                "train.eval_steps=0",
+                "train.scheduler=constant",
+                f"train.loraplus_lr_ratio={ratio}",
+            ],
+        )
+        model, tokenizer = load_model(str(tiny_model_dir))
+        train(
+            recipe, tmp_path / ratio, prepared_dir=prepared, model_and_tokenizer=(model, tokenizer)
+        )
+        b = [p.detach().abs().max() for n, p in model.named_parameters() if "lora_B" in n]
+        largest_b[ratio] = float(torch.stack(b).max())
+    assert largest_b["null"] == pytest.approx(lr, rel=0.05)
+    assert largest_b["16"] == pytest.approx(16 * lr, rel=0.05)

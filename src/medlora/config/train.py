@@ -67,6 +67,13 @@ class TrainConfig(_Section):
         "SwiGLU and attention kernels); liger = liger-kernel's RMSNorm, RoPE, SwiGLU and fused "
         "linear cross-entropy on a CUDA GPU (pip install liger-kernel).",
     )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        ge=1,
+        allow_inf_nan=False,
+        description="LoRA+ (Hayou et al. 2024): the LoRA B matrices learn at lr x this ratio, A at "
+        "lr (peft's create_loraplus_optimizer; the paper suggests 16); null: one lr for all.",
+    )
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"] = Field(
         "adamw_torch", description="Optimizer (transformers name)."
     )

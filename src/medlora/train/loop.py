@@ -236,6 +236,7 @@ def train(
         stop_on_nan=t.stop_on_nan,
         unlikelihood=t.unlikelihood_alpha,
         kernels=t.kernels,
+        loraplus_lr_ratio=t.loraplus_lr_ratio,
         val_examples=val_examples,
         val_groups=[group_of[example.record_id] for example in val_examples],
         pad_token_id=tokenizer.pad_token_id,

@@ -69,7 +69,7 @@ from medlora.train.run_files import (
     save_run_files,
     train_result,
 )
-from medlora.train.trainer import NonFiniteLoss, RunState, TokenAndClockLogs
+from medlora.train.trainer import LoraPlusOptimizer, NonFiniteLoss, RunState, TokenAndClockLogs
 
 # ---------------------------------------------------------------------------------------------
 # Model, datasets, trainer
@@ -182,7 +182,7 @@ def _medlora_trainer(base: Any) -> Any:
     made here because TRL is imported only when a preference method is asked for."""
     import torch
 
-    class PreferenceTrainer(TokenAndClockLogs, base):  # type: ignore[misc, valid-type]
+    class PreferenceTrainer(LoraPlusOptimizer, TokenAndClockLogs, base):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, run: RunState, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.run = run
@@ -287,7 +287,7 @@ def train_preference(
     from datasets import Dataset
 
     config_cls, trainer_cls = _trl_classes(t.method)
-    run = RunState(stop_on_nan=t.stop_on_nan)
+    run = RunState(stop_on_nan=t.stop_on_nan, loraplus_lr_ratio=t.loraplus_lr_ratio)
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint = last_checkpoint(run_dir) if resume else None
     resume_from(checkpoint, run, metrics_path)

@@ -72,6 +72,7 @@ class RunState:
     # SFT only: the unlikelihood weight and the validation set scored by `evaluate`.
     unlikelihood: float = 0.0
     kernels: str = "medlora"  # train.kernels: whose fused head computes the loss
+    loraplus_lr_ratio: float | None = None  # train.loraplus_lr_ratio (LoraPlusOptimizer)
     val_examples: list[Example] = field(default_factory=list)
     val_groups: list[str] = field(default_factory=list)  # the recipe source of each example
     pad_token_id: int = 0
@@ -117,7 +118,34 @@ class TokenAndClockLogs:
         super().log(logs, start_time)  # type: ignore[misc]
 
 
-class MedloraTrainer(TokenAndClockLogs, Trainer):
+class LoraPlusOptimizer:
+    """Mixin for the Trainer subclasses: with `train.loraplus_lr_ratio`, the optimizer is peft's
+    LoRA+ one (B matrices at lr x ratio), built from the optimizer class and settings the
+    TrainingArguments name, so `train.optimizer`, the scheduler and checkpoints work unchanged."""
+
+    run: RunState
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        ratio = self.run.loraplus_lr_ratio
+        if ratio is None or self.optimizer is not None:  # type: ignore[attr-defined]
+            return super().create_optimizer(model)  # type: ignore[misc]
+        from peft.optimizers import create_loraplus_optimizer
+
+        model = self.model if model is None else model  # type: ignore[attr-defined]
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)  # type: ignore[attr-defined]
+        kwargs = {key: value for key, value in kwargs.items() if key != "lr"}
+        self.optimizer = create_loraplus_optimizer(
+            model,
+            optimizer_cls,
+            lr=self.args.learning_rate,  # type: ignore[attr-defined]
+            loraplus_lr_ratio=ratio,
+            loraplus_weight_decay=self.args.weight_decay,  # type: ignore[attr-defined]
+            **kwargs,
+        )
+        return self.optimizer
+
+
+class MedloraTrainer(LoraPlusOptimizer, TokenAndClockLogs, Trainer):
     """The HF Trainer with answer-only loss, token counting, NaN stop and exact evaluation."""
 
     def __init__(self, *args: Any, run: RunState, **kwargs: Any) -> None:
