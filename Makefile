@@ -16,15 +16,31 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Optional fast CPU engine (llama.cpp): compiles it from the PyPI sdist once (≈6 min on 2 cores) and
-# extracts llama.cpp's GGUF converter from the same sdist. Never part of `demo` or `test`.
+# Optional fast CPU engine (llama.cpp): compiles it from the PyPI sdist (≈6 min on 2 cores) and
+# extracts llama.cpp's GGUF converter from the same sdist. Never part of `demo`; CI runs it before
+# `test`. The wheel is kept in LLAMA_CACHE under a key of this CPU's flags (llama.cpp compiles for
+# the CPU it is built on), so the next `make fast` on the same kind of machine installs it at once.
 LLAMA_CPP_PYTHON ?= 0.3.36
-LLAMA_SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+LLAMA_CACHE ?= $(HOME)/.cache/medlora/llama-cpp-python
+LLAMA_SDIST := $(LLAMA_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+LLAMA_WHEELS := $(LLAMA_CACHE)/$(shell echo '$(CPU_FLAGS)' | md5sum | cut -c1-12)
+# llama.cpp's x86 features switched on one by one from this CPU's flags (cpuinfo name:GGML option)
+# instead of -march=native, to leave AMX out: on the reference VM, which advertises AMX, llama.cpp's
+# AMX kernels die with SIGILL at `tilezero` for every q8_0/q4 model (torch's AMX kernels run fine).
+LLAMA_FEATURES := sse4_2:SSE42 avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI \
+	avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+	$(foreach f,$(LLAMA_FEATURES),-DGGML_$(word 2,$(subst :, ,$(f)))=$(if $(filter $(word 1,$(subst :, ,$(f))),$(CPU_FLAGS)),ON,OFF))
 .PHONY: fast
 fast: $(STAMP)
 	test -f $(LLAMA_SDIST) || $(BIN)/pip download -q --no-deps --no-binary :all: \
-		llama-cpp-python==$(LLAMA_CPP_PYTHON) -d .cache/sdist
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice $(BIN)/pip install -q $(LLAMA_SDIST)
+		llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(LLAMA_CACHE)
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl > /dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice $(BIN)/pip wheel -q --no-deps $(LLAMA_SDIST) -w $(LLAMA_WHEELS)
+	$(BIN)/pip install -q --disable-pip-version-check $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	$(BIN)/pip install -q --disable-pip-version-check --force-reinstall --no-deps \
+		$(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 	$(BIN)/python -c "from medlora.export import install_llama_cpp_tools as f; print(f('$(LLAMA_SDIST)'))"
 
 # Optional real vLLM (PyPI's CPU build) in an environment of its own: vLLM pins its own torch and

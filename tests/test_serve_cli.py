@@ -161,6 +161,7 @@ def test_serve_command_hands_one_options_object(monkeypatch: pytest.MonkeyPatch)
     args += ["--max-prompt-tokens", "100", "--max-body-kb", "2", "--timeout", "5"]
     args += ["--no-disclaimer", "--no-emergency-notice", "--engine", "transformers"]
     args += ["--adapter", "cardio=runs/a", "--adapter", "runs/b", "--batching", "static"]
+    args += ["--llama-cpp-adapters", "merged"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (options,) = seen
@@ -171,6 +172,7 @@ def test_serve_command_hands_one_options_object(monkeypatch: pytest.MonkeyPatch)
         "transformers",
     )
     assert options.batching == "static" and not options.allow_adapter_updates
+    assert options.llama_cpp_adapters == "merged"
     assert options.n_ctx == 164
     base = ServedModel("base-model", None, None, GenerationConfig(max_new_tokens=300))
     served = Served(None, {"base-model": base}, "base-model", "base-model")  # type: ignore[arg-type]
@@ -180,3 +182,11 @@ def test_serve_command_hands_one_options_object(monkeypatch: pytest.MonkeyPatch)
     assert limits.safety.disclaimer is None and not limits.safety.emergency_notices
     default = server.ServeOptions("base-model").safety()
     assert default.disclaimer and default.emergency_notices
+
+
+def test_an_unknown_llama_cpp_adapters_mode_is_one_line_before_loading() -> None:
+    from medlora.errors import ConfigError
+    from medlora.serve.loader import build_engine
+
+    with pytest.raises(ConfigError, match="--llama-cpp-adapters both: use lora or merged"):
+        build_engine("no-such-model", llama_cpp_adapters="both")

@@ -133,3 +133,61 @@ def test_server_on_llama_cpp_side_by_side(smollm2_run: dict[str, Any]) -> None:
             assert reply.status_code == 200
             answers[name] = reply.json()["choices"][0]["message"]["content"]
     assert answers["run"] != answers[SMOLLM2_ALIAS]  # base (original Q4_1 GGUF) vs fine-tuned
+
+
+def test_gguf_answer_loss_equals_the_float_models_and_quantizing_raises_it(
+    tmp_path: Path, smollm2_run: dict[str, Any]
+) -> None:
+    """The f32 GGUF under llama.cpp scores the same answer loss as the merged float32 model under
+    torch (same ids, same positions); q4_K_M, a 4-bit type, scores a different (higher) one."""
+    from medlora.data.format import format_records
+    from medlora.evaluate.gguf_loss import gguf_answer_loss
+    from medlora.evaluate.loss import score_examples
+    from medlora.models import load_model
+
+    export = smollm2_run["export"]
+    model, tokenizer = load_model(str(export.out))
+    examples, _ = format_records(tokenizer, tiny_records()[:4], "Answer briefly.", 256)
+    torch_loss = score_examples(model, examples, tokenizer.pad_token_id)["loss"]
+    f32 = gguf_answer_loss(export.gguf, examples, threads=2)
+    assert f32["answer_tokens"] == sum(example.answer_tokens for example in examples)
+    assert f32["loss"] == pytest.approx(torch_loss, rel=2e-3)
+    q4 = export_run(smollm2_run["run"], tmp_path / "q4k", fmt="gguf", gguf_type="q4_K_M")
+    assert q4.gguf is not None
+    assert gguf_answer_loss(q4.gguf, examples, threads=2)["loss"] > torch_loss * 1.002
+
+
+def test_one_base_gguf_with_gguf_loras_answers_like_transformers_per_request(
+    smollm2_run: dict[str, Any],
+) -> None:
+    """The default llama.cpp serving: one f32 base GGUF, the adapter as a GGUF LoRA switched on and
+    off per request. Tuned and base greedy answers equal transformers' (merged model, and the base)
+    in an interleaved order, so switching leaves nothing behind."""
+    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.models import load_model
+    from medlora.serve.engine import Job, Sampling
+    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.loader import run_system_prompt
+    from medlora.serve.prompt import conversation_ids
+
+    run, export = smollm2_run["run"], smollm2_run["export"]
+    tuned_model, tokenizer = load_model(str(export.out))
+    base_model, _ = load_model(SMOLLM2_ALIAS)
+    system = run_system_prompt(run)
+    expected = {
+        "tuned": generate_answers(tuned_model, tokenizer, QUESTIONS, system, NEW_TOKENS, 1),
+        "base": generate_answers(base_model, tokenizer, QUESTIONS, system, NEW_TOKENS, 1),
+    }
+    assert expected["tuned"] != expected["base"]
+    lora = cached_gguf_lora(run, SMOLLM2_ALIAS)
+    assert lora.read_bytes()[:4] == b"GGUF" and lora.stat().st_size < 20 * 2**20
+    base = base_gguf(SMOLLM2_ALIAS, "f32", shipped=False)
+    engine = LlamaCppEngine.with_loras(base, {"tuned": lora, "base": None}, tokenizer, threads=2)
+    got: dict[str, list[str]] = {"tuned": [], "base": []}
+    for question in QUESTIONS:
+        for name in ("tuned", "base"):
+            ids = conversation_ids(tokenizer, [{"role": "user", "content": question}], system)
+            job = Job(name, ids, Sampling(max_new_tokens=NEW_TOKENS), sink=lambda event: None)
+            engine.run_batch([job])
+            got[name].append(job.text)
+    assert got == expected

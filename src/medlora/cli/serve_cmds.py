@@ -13,6 +13,7 @@ from medlora.cli.app import (
     console,
     user_errors,
 )
+from medlora.export.common import DEFAULT_GGUF_TYPE, GGUF_TYPE_HELP
 
 EngineOption = Annotated[
     str,
@@ -131,9 +132,17 @@ def serve_cmd(
         str,
         typer.Option(
             "--gguf-type",
-            help="llama.cpp weights: q8_0 | q4_0 (faster, answers differ more) | f16 | bf16 | f32.",
+            help=GGUF_TYPE_HELP,
         ),
-    ] = "q8_0",
+    ] = DEFAULT_GGUF_TYPE,
+    llama_cpp_adapters: Annotated[
+        str,
+        typer.Option(
+            "--llama-cpp-adapters",
+            help="llama.cpp: lora = one base GGUF plus each adapter as a GGUF LoRA, chosen per "
+            "request; merged = one merged GGUF per adapter.",
+        ),
+    ] = "lora",
     log_prompts: Annotated[
         bool, typer.Option("--log-prompts", help="Log prompts and answers.")
     ] = False,
@@ -192,6 +201,7 @@ def serve_cmd(
         timeout_s=timeout,
         threads=threads,
         gguf_type=gguf_type,
+        llama_cpp_adapters=llama_cpp_adapters,
         log_prompts=log_prompts,
         disclaimer=disclaimer,
         no_disclaimer=no_disclaimer,

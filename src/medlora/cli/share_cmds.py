@@ -13,6 +13,7 @@ from medlora.cli.app import (
     console,
     user_errors,
 )
+from medlora.export.common import DEFAULT_GGUF_TYPE, GGUF_TYPE_HELP
 
 
 @app.command("export")
@@ -26,9 +27,7 @@ def export_cmd(
     fmt: Annotated[
         str, typer.Option("--format", help="hf | gguf (llama.cpp; implies --merge).")
     ] = "hf",
-    gguf_type: Annotated[
-        str, typer.Option("--gguf-type", help="GGUF weights: q8_0 | q4_0 | f16 | bf16 | f32.")
-    ] = "q8_0",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help=GGUF_TYPE_HELP)] = DEFAULT_GGUF_TYPE,
     base: Annotated[
         str | None, typer.Option("--base", help="Base model spec (default: the run's).")
     ] = None,

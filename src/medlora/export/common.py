@@ -12,11 +12,18 @@ from medlora.errors import MedloraError
 logger = logging.getLogger(__name__)
 
 FORMATS = ("hf", "gguf")
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_K", "q5_K_M", "q5_0", "q4_K_M", "q4_0")
 # What llama.cpp's converter writes itself; the others are quantized from its f16 output by
-# llama.cpp's quantizer. q4_0 trades answer fidelity for speed: its weights are repacked for
-# AVX2/AVX-512 matmuls, ≈1.6× faster prefill than q8_0 on the 2-core reference machine.
+# llama.cpp's quantizer. What each costs in answer loss and gains in speed on the demo model:
+# `python bench/inference.py` (docs/benchmarks.md, "gguf-types").
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+# `--gguf-type`'s default for export, serve and chat: the fastest type whose answer loss on the
+# run's test answers is within 2 % of the float model's (`python bench/inference.py`, "gguf-types").
+DEFAULT_GGUF_TYPE = "q8_0"
+GGUF_TYPE_HELP = (
+    f"GGUF weights: {' | '.join(GGUF_TYPES)}; the default is the fastest within 2 % of the "
+    "float model's answer loss on the demo (docs/benchmarks.md, gguf-types)."
+)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 PROVENANCE = ("recipe.yaml", "train_summary.json", "eval.json", "data_card.json")
 TOKENIZER_FILES = (

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medlora.errors import ModelError
-from medlora.export.common import CONVERTER_TYPES, GGUF_TYPES, ExportError
+from medlora.export.common import CONVERTER_TYPES, DEFAULT_GGUF_TYPE, GGUF_TYPES, ExportError
 from medlora.models import cache_dir
 
 
@@ -51,7 +51,7 @@ def install_llama_cpp_tools(sdist: str | os.PathLike[str], dest: Path | None = N
     return dest
 
 
-def convert_to_gguf(hf_folder: Path, outfile: Path, outtype: str = "q8_0") -> Path:
+def convert_to_gguf(hf_folder: Path, outfile: Path, outtype: str = DEFAULT_GGUF_TYPE) -> Path:
     """Run llama.cpp's converter on a `save_pretrained` folder (subprocess: it is a script), then
     its quantizer for the types the converter does not write."""
     script = llama_cpp_tools_dir() / "convert_hf_to_gguf.py"
@@ -88,6 +88,26 @@ def convert_to_gguf(hf_folder: Path, outfile: Path, outtype: str = "q8_0") -> Pa
     return outfile
 
 
+def convert_lora_to_gguf(adapter_dir: Path, base_folder: Path, outfile: Path) -> Path:
+    """A PEFT adapter as a GGUF LoRA (llama.cpp's convert_lora_to_gguf.py, f32), which llama.cpp
+    applies on top of any GGUF of the same base: one base in memory serves every adapter."""
+    script = llama_cpp_tools_dir() / "convert_lora_to_gguf.py"
+    if not script.is_file():
+        raise ExportError(
+            f"GGUF LoRA conversion needs llama.cpp's converter ({script} is missing): run `make "
+            "fast`, or set MEDLORA_LLAMA_CPP_DIR to a llama.cpp checkout"
+        )
+    tmp = outfile.with_name(outfile.name + ".tmp")
+    command = [sys.executable, str(script), str(adapter_dir), "--base", str(base_folder)]
+    command += ["--outfile", str(tmp), "--outtype", "f32"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not tmp.is_file():
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ExportError(f"convert_lora_to_gguf.py failed on {adapter_dir}: {last[0]}")
+    os.replace(tmp, outfile)
+    return outfile
+
+
 def _llama_cpp_for(gguf_type: str) -> Any:
     try:
         import llama_cpp
@@ -107,7 +127,7 @@ def quantize_gguf(source: Path, target: Path, gguf_type: str) -> Path:
 
     llama_cpp = _llama_cpp_for(gguf_type)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[gguf_type]
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}")
     params.nthread = default_threads()
     # llama.cpp logs every tensor it quantizes; keep its errors only.
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
@@ -129,15 +149,16 @@ def adapter_fingerprint(run_dir: Path, base: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def base_gguf(spec: str, gguf_type: str = "q8_0") -> Path:
-    """A GGUF for a base model spec: the file itself for .gguf specs and the alias, else converted."""
+def base_gguf(spec: str, gguf_type: str = DEFAULT_GGUF_TYPE, shipped: bool = True) -> Path:
+    """A GGUF for a base model spec: the file itself for .gguf specs and the alias (`shipped`),
+    else the model's float folder converted to `gguf_type` once into the cache."""
     from medlora.models import local_folder, resolve
 
     source = resolve(spec)
-    if source.kind in ("alias", "gguf"):
+    if shipped and source.kind in ("alias", "gguf"):
         return Path(source.location) / str(source.gguf_file)
     found = sorted(Path(source.location).glob("*.gguf")) if source.kind == "dir" else []
-    if found:
+    if shipped and found:
         return found[0]
     folder = Path(local_folder(spec))
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]

@@ -26,13 +26,14 @@ from medlora.evaluate.generate import run_generation_settings
 from medlora.export.card import copy_card_files, model_card
 from medlora.export.common import (
     ADAPTER_FILES,
+    DEFAULT_GGUF_TYPE,
     FORMATS,
     PROVENANCE,
     TOKENIZER_FILES,
     ExportError,
     ExportResult,
 )
-from medlora.export.gguf import adapter_fingerprint, convert_to_gguf
+from medlora.export.gguf import adapter_fingerprint, convert_lora_to_gguf, convert_to_gguf
 from medlora.export.merge import (
     _generation_config,
     _save_tokenizer,
@@ -50,7 +51,7 @@ def export_run(
     *,
     merge: bool = False,
     fmt: str = "hf",
-    gguf_type: str = "q8_0",
+    gguf_type: str = DEFAULT_GGUF_TYPE,
     base: str | None = None,
 ) -> ExportResult:
     """Export a run: adapter only, merged model, or merged model + GGUF (which implies --merge)."""
@@ -105,7 +106,7 @@ def export_run(
 
 
 def cached_gguf(
-    run_dir: str | os.PathLike[str], base: str | None = None, gguf_type: str = "q8_0"
+    run_dir: str | os.PathLike[str], base: str | None = None, gguf_type: str = DEFAULT_GGUF_TYPE
 ) -> Path:
     """The run merged and converted to GGUF once into the cache; later calls reuse it."""
     run = Path(run_dir)
@@ -119,3 +120,18 @@ def cached_gguf(
     if not (folder / "model.gguf").is_file():
         export_run(run, folder, fmt="gguf", gguf_type=gguf_type, base=spec)
     return folder / "model.gguf"
+
+
+def cached_gguf_lora(run_dir: str | os.PathLike[str], base: str | None = None) -> Path:
+    """The run's adapter as a GGUF LoRA, converted once into the cache; later calls reuse it."""
+    from medlora.models import local_folder
+
+    run = Path(run_dir)
+    check_run(run)
+    spec = base or run_base_spec(run)
+    name = f"{run.resolve().name}-lora-{adapter_fingerprint(run, spec)}"
+    target = cache_dir() / "exports" / name / "adapter.gguf"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        convert_lora_to_gguf(run, Path(local_folder(spec)), target)
+    return target

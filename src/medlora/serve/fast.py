@@ -4,8 +4,16 @@ Optional (`pip install -e '.[fast]'` / `make fast`). Prompts are tokenized by th
 tokenizer and handed to llama.cpp as token ids, so the chat template is the run's exact one, and
 tokens are decoded by the same `Detokenizer` as the transformers engine.
 
+Two ways to serve adapters (`LlamaCppEngine.with_loras` / `LlamaCppEngine(ggufs)`):
+- one base GGUF in memory plus each adapter as a GGUF LoRA, switched per request (the default);
+- one merged GGUF per served model (`--llama-cpp-adapters merged`).
+
 One sequence at a time (`max_batch = 1`): llama-cpp-python's `Llama` holds one KV cache. Each job
 starts from an empty cache, so an answer never depends on which request came before it.
+
+Switching LoRA adapters uses llama-cpp-python's low-level `llama_adapter_lora_init` /
+`llama_set_adapters_lora` on the `Llama` object's private `_model.model` and `_ctx.ctx` handles
+(tested with llama-cpp-python 0.3.36): its public API takes one adapter at load time only.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medlora.errors import ModelError
 from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
 from medlora.serve.engine import Job, RowTracker
@@ -44,7 +53,10 @@ class LlamaCppEngine:
         threads: int | None = None,
         n_ctx: int = 2048,
         flash_attn: bool = True,
+        loras: dict[str, Path | None] | None = None,
     ) -> None:
+        """`ggufs`: one GGUF per served model. With `loras` (served name -> GGUF LoRA, None for
+        the base itself), `ggufs` holds the one base GGUF that every adapter is applied to."""
         from llama_cpp import Llama
 
         self.threads = threads or default_threads()
@@ -65,8 +77,50 @@ class LlamaCppEngine:
             )
             for name, path in ggufs.items()
         }
+        # Served name -> (the Llama that answers it, its LoRA adapter handle or None).
+        self._routes: dict[str, tuple[Any, Any]] = {n: (llm, None) for n, llm in self._llms.items()}
+        self._adapters: list[Any] = []
+        if loras is not None:
+            (base,) = self._llms.values()
+            self._routes = {
+                name: (base, self._load_lora(base, path)) for name, path in loras.items()
+            }
+            self.paths.update({name: path for name, path in loras.items() if path is not None})
         for llm in self._llms.values():
             self._warm(llm)
+
+    @classmethod
+    def with_loras(
+        cls, base: Path, loras: dict[str, Path | None], tokenizer: Any, **kwargs: Any
+    ) -> LlamaCppEngine:
+        return cls({"base": base}, tokenizer, loras=loras, **kwargs)
+
+    def _load_lora(self, llm: Any, path: Path | None) -> Any:
+        if path is None:
+            return None
+        import llama_cpp
+
+        adapter = llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode())
+        if not adapter:
+            raise ModelError(f"llama.cpp could not load the GGUF LoRA {path} onto its base")
+        self._adapters.append(adapter)
+        return adapter
+
+    @staticmethod
+    def _use(llm: Any, adapter: Any) -> None:
+        """Apply `adapter` (None: no adapter) to `llm`'s context for the next request."""
+        import ctypes
+
+        import llama_cpp
+
+        if adapter is None:
+            status = llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None)
+        else:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            status = llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, scales)
+        if status != 0:
+            raise ModelError(f"llama.cpp could not switch LoRA adapters (status {status})")
 
     def _warm(self, llm: Any) -> None:
         """Prefill a short prompt and decode two tokens at load time, so the first request does not
@@ -80,19 +134,20 @@ class LlamaCppEngine:
 
     @property
     def models(self) -> list[str]:
-        return list(self._llms)
+        return list(self._routes)
 
     def run_batch(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
             self._run(job)
 
     def _run(self, job: Job) -> None:
-        llm = self._llms[job.model]
+        llm, adapter = self._routes[job.model]
         sampling = job.sampling
         row = RowTracker(job, self.tokenizer, self.stops)
         if job.cancelled.is_set():
             row.finish("cancelled")
             return
+        self._use(llm, adapter)
         llm.reset()  # no prefix reuse: the same prompt always gets the same computation
         if sampling.seed is not None:
             llm.set_seed(sampling.seed)

@@ -24,6 +24,7 @@ import yaml
 from medlora.config import DEFAULT_SYSTEM_PROMPT
 from medlora.errors import ConfigError, MedloraError
 from medlora.evaluate.generate import run_generation_settings
+from medlora.export.common import DEFAULT_GGUF_TYPE
 from medlora.serve.adapters import (
     BASE_ADAPTER,
     ModelSet,
@@ -221,18 +222,28 @@ def _build_llama_cpp(
     threads: int | None,
     n_ctx: int,
     gguf_type: str,
+    adapters_as: str,
 ) -> Served:
-    from medlora.export import base_gguf, cached_gguf
+    """`adapters_as`: "lora" = one base GGUF of `gguf_type` plus each adapter as a GGUF LoRA;
+    "merged" = each adapter merged into its own GGUF (the base: its shipped GGUF when it has one)."""
+    from medlora.export import base_gguf, cached_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
     from medlora.serve.fast import LlamaCppEngine
 
     models = _catalog(named, base_id, load_tokenizer(spec), with_base, prompt)
-    ggufs = {
-        name: cached_gguf(m.run, spec, gguf_type) if m.run else base_gguf(spec, gguf_type)
-        for name, m in models.items()
-    }
     first = next(iter(models.values()))
-    fast = LlamaCppEngine(ggufs, first.tokenizer, threads=threads, n_ctx=n_ctx)
+    if adapters_as == "lora":
+        loras = {
+            name: cached_gguf_lora(m.run, spec) if m.run else None for name, m in models.items()
+        }
+        base = base_gguf(spec, gguf_type, shipped=False)
+        fast = LlamaCppEngine.with_loras(base, loras, first.tokenizer, threads=threads, n_ctx=n_ctx)
+    else:
+        ggufs = {
+            name: cached_gguf(m.run, spec, gguf_type) if m.run else base_gguf(spec, gguf_type)
+            for name, m in models.items()
+        }
+        fast = LlamaCppEngine(ggufs, first.tokenizer, threads=threads, n_ctx=n_ctx)
     return Served(fast, models, first.id, base_id)
 
 
@@ -245,12 +256,13 @@ def build_engine(
     max_batch: int = 8,
     threads: int | None = None,
     n_ctx: int = 2048,
-    gguf_type: str = "q8_0",
+    gguf_type: str = DEFAULT_GGUF_TYPE,
     system_prompt: Any = _UNSET,
     name: str | None = None,
     device: str | None = None,
     batching: str = "continuous",
     max_lora_rank: int = 64,
+    llama_cpp_adapters: str = "lora",
 ) -> Served:
     """Load the weights once and return the engine with the served model names."""
     import torch
@@ -261,6 +273,8 @@ def build_engine(
         raise ConfigError(
             f"--engine {engine}: use one of auto, transformers, llama.cpp (vllm: see serve --help)"
         )
+    if llama_cpp_adapters not in ("lora", "merged"):
+        raise ConfigError(f"--llama-cpp-adapters {llama_cpp_adapters}: use lora or merged")
     if batching not in BATCHING:
         raise ConfigError(f"--batching {batching}: use one of {', '.join(BATCHING)}")
     from medlora.export import GGUF_TYPES
@@ -277,7 +291,15 @@ def build_engine(
     if _want_llama_cpp(engine, spec):
         try:
             return _build_llama_cpp(
-                spec, named, base_id, with_base, system_prompt, threads, n_ctx, gguf_type
+                spec,
+                named,
+                base_id,
+                with_base,
+                system_prompt,
+                threads,
+                n_ctx,
+                gguf_type,
+                llama_cpp_adapters,
             )
         except MedloraError as error:
             if engine != "auto":

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medlora.errors import ConfigError
+from medlora.export.common import DEFAULT_GGUF_TYPE
 from medlora.serve.adapters import adapter_rank
 from medlora.serve.app import Limits, create_app
 from medlora.serve.loader import (
@@ -53,7 +54,8 @@ class ServeOptions:
     max_batch: int = 8  # requests per batch
     timeout_s: float = 120.0  # seconds before a request gets 504
     threads: int | None = None  # CPU threads (None: OMP_NUM_THREADS, else physical cores)
-    gguf_type: str = "q8_0"  # llama.cpp weights
+    gguf_type: str = DEFAULT_GGUF_TYPE  # llama.cpp weights
+    llama_cpp_adapters: str = "lora"  # lora: one base GGUF + GGUF LoRAs; merged: a GGUF each
     log_prompts: bool = False
     disclaimer: str | None = None  # None: the default disclaimer
     no_disclaimer: bool = False
@@ -114,6 +116,7 @@ def load_served(options: ServeOptions) -> Served:
         threads=options.threads,
         n_ctx=options.n_ctx,
         gguf_type=options.gguf_type,
+        llama_cpp_adapters=options.llama_cpp_adapters,
     )
 
 
