@@ -39,6 +39,7 @@ fast: $(STAMP)
 	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl > /dev/null 2>&1 || \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice $(BIN)/pip wheel -q --no-deps $(LLAMA_SDIST) -w $(LLAMA_WHEELS)
 	$(BIN)/pip install -q --disable-pip-version-check $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	# Again without deps and forced: pip skips a wheel of a version already installed (an older build).
 	$(BIN)/pip install -q --disable-pip-version-check --force-reinstall --no-deps \
 		$(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 	$(BIN)/python -c "from medlora.export import install_llama_cpp_tools as f; print(f('$(LLAMA_SDIST)'))"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 
-def test_examples(run: Path, tokenizer: Any, limit: int) -> list[Any]:
+def heldout_examples(run: Path, tokenizer: Any, limit: int) -> list[Any]:
     """`limit` test-split answers of the run (its prepared data, else its recipe's sources),
     tokenized as the run trained: the examples every GGUF type is scored on."""
     from medlora.data.format import format_records

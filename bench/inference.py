@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _gguf_types import gguf_type_table, test_examples  # noqa: E402
+from _gguf_types import gguf_type_table, heldout_examples  # noqa: E402
 from _markdown import update_section  # noqa: E402
 from _shared import QUESTIONS, SPEC, default_run  # noqa: E402
 
@@ -231,7 +231,7 @@ def main() -> None:
 
         lora = cached_gguf_lora(run, SPEC)
 
-        examples = test_examples(run, tokenizer, args.loss_examples)
+        examples = heldout_examples(run, tokenizer, args.loss_examples)
         losses["float32"] = score_examples(merged, examples, tokenizer.pad_token_id)["loss"]
         print(f"float32 answer loss on {len(examples)} test answers: {losses['float32']:.4f}")
         for gguf_type in args.gguf_types.split(","):
