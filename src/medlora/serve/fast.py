@@ -79,13 +79,11 @@ class LlamaCppEngine:
         }
         # Served name -> (the Llama that answers it, its LoRA adapter handle or None).
         self._routes: dict[str, tuple[Any, Any]] = {n: (llm, None) for n, llm in self._llms.items()}
-        self._adapters: list[Any] = []
         if loras is not None:
             (base,) = self._llms.values()
             self._routes = {
                 name: (base, self._load_lora(base, path)) for name, path in loras.items()
             }
-            self.paths.update({name: path for name, path in loras.items() if path is not None})
         for llm in self._llms.values():
             self._warm(llm)
 
@@ -103,7 +101,6 @@ class LlamaCppEngine:
         adapter = llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode())
         if not adapter:
             raise ModelError(f"llama.cpp could not load the GGUF LoRA {path} onto its base")
-        self._adapters.append(adapter)
         return adapter
 
     @staticmethod
