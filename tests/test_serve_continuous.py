@@ -119,10 +119,10 @@ def test_sampling_with_a_seed_repeats_and_logprobs_are_the_models(served: Served
     assert len(first.logprobs) == len(first.completion_ids)
     entry = first.logprobs[0]
     assert entry.token_id == first.completion_ids[0] and len(entry.top) == 3
-    with torch.inference_mode():
-        logits = served.model_set.model(  # type: ignore[union-attr]
-            input_ids=torch.tensor([first.prompt_ids]), adapter_names=["a"]
-        ).logits[0, -1]
+    model_set = served.model_set
+    assert model_set is not None
+    with torch.inference_mode(), model_set.rows(["a"]):
+        logits = model_set.model(input_ids=torch.tensor([first.prompt_ids])).logits[0, -1]
     expected = torch.log_softmax(logits.float(), dim=-1)
     assert entry.logprob == pytest.approx(float(expected[entry.token_id]), abs=1e-4)
     best = int(torch.argmax(expected))

@@ -15,6 +15,7 @@ serving what it served before.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,9 @@ from typing import Any
 
 from medlora.config import GenerationConfig
 from medlora.errors import ConfigError
+from medlora.serve.stacked_lora import StackedLora, unsupported
+
+logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -192,21 +196,25 @@ class ModelSet:
     """One base model in memory with LoRA adapters loaded on it by name.
 
     Every forward/generate call runs inside `rows(adapters)`, one adapter name per batch row.
-    PEFT's own way (`model(..., adapter_names=...)`) walks all modules to add and remove hooks on
-    every call: 25-45 ms per decode step on SmolLM2-135M here, a third of the step. So each LoRA
-    layer gets one pre-forward hook when it is created, which hands it the current rows' names;
-    the layer's forward then runs PEFT's own mixed-batch path (`LoraLayer._mixed_batch_forward`),
-    so the arithmetic is PEFT's. Relies on PEFT internals: LoRA layers' `forward(x, adapter_names=)`
-    keyword (peft 0.21). Loading and unloading happen in the engine's thread between decode steps
-    (the scheduler runs them there), so no forward pass ever sees an adapter half-loaded.
+    Mixed batches use `StackedLora` (serve/stacked_lora.py: all adapters of a layer in two matrix
+    products, a forward hook per LoRA layer) when every adapter is a plain LoRA; otherwise PEFT's
+    own mixed-batch path (`LoraLayer._mixed_batch_forward`), with the rows' names handed to each
+    layer by a pre-forward hook rather than PEFT's `model(..., adapter_names=...)`, which walks all
+    modules to add and remove hooks on every call (25-45 ms per decode step on SmolLM2-135M here).
+    Relies on PEFT internals: LoRA layers' `forward(x, adapter_names=)` keyword (peft 0.21).
+    Loading and unloading happen in the engine's thread between decode steps (the scheduler runs
+    them there), so no forward pass ever sees an adapter half-loaded.
     """
 
     def __init__(self, base: Any) -> None:
         self.model = base  # becomes a PeftModel once an adapter is loaded
+        self.stack_adapters = True  # False: always PEFT's path (bench/mixed_lora.py compares)
         self.base = base
         self.loaded: set[str] = set()
-        self._names: list[str] | None = None  # the running batch's adapter per row
-        self._hooks: dict[int, Any] = {}  # id(LoRA layer) → its hook handle
+        self._names: list[str] | None = None  # the running batch's adapter per row (PEFT path)
+        self._hooks: dict[int, Any] = {}  # id(LoRA layer) → its two hook handles
+        self.stacked = StackedLora()
+        self.uses_stacked = False  # False: PEFT's mixed-batch path (a variant such as DoRA)
 
     @property
     def is_peft(self) -> bool:
@@ -230,17 +238,20 @@ class ModelSet:
         self.model.eval()
         self.loaded.add(name)
         self._hook_lora_layers()
+        self._restack()
 
     def unload(self, name: str) -> None:
         self._forget(name)
+        self._restack()
 
     def _forget(self, name: str) -> None:
         self.loaded.discard(name)
         if self.is_peft and name in getattr(self.model, "peft_config", {}):
             if len(self.model.peft_config) == 1:
                 # PEFT keeps at least one adapter: drop the wrapper and its layers instead.
-                for handle in self._hooks.values():
-                    handle.remove()
+                for handles in self._hooks.values():
+                    for handle in handles:
+                        handle.remove()
                 self._hooks.clear()
                 self.model = self.model.unload()
                 self.base = self.model
@@ -250,20 +261,49 @@ class ModelSet:
     @contextmanager
     def rows(self, adapters: list[str]) -> Iterator[None]:
         """Forward passes inside use `adapters[i]` for batch row i (BASE_ADAPTER: none)."""
-        self._names = list(adapters) if self.is_peft else None
+        if self.uses_stacked:
+            self.stacked.start(adapters)
+        else:
+            self._names = list(adapters) if self.is_peft else None
         try:
             yield
         finally:
             self._names = None
+            self.stacked.stop()
 
-    def _hook_lora_layers(self) -> None:
+    def _lora_layers(self) -> list[Any]:
         from peft.tuners.lora import LoraLayer
 
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer) and id(module) not in self._hooks:
-                self._hooks[id(module)] = module.register_forward_pre_hook(
-                    self._pass_names, with_kwargs=True
+        if not self.is_peft:
+            return []
+        return [module for module in self.model.modules() if isinstance(module, LoraLayer)]
+
+    def _hook_lora_layers(self) -> None:
+        for module in self._lora_layers():
+            if id(module) not in self._hooks:
+                self._hooks[id(module)] = (
+                    module.register_forward_pre_hook(self._pass_names, with_kwargs=True),
+                    module.register_forward_hook(self.stacked.add_update),
                 )
+
+    def use_stacking(self, on: bool) -> None:
+        """Stack the adapters (the default) or always take PEFT's mixed-batch path."""
+        self.stack_adapters = on
+        self._restack()
+
+    def _restack(self) -> None:
+        """After a load or unload: stack the adapters, or fall back to PEFT's path."""
+        layers = self._lora_layers()
+        reason = unsupported(layers, self.loaded) if layers else "no LoRA layer"
+        if not self.stack_adapters:
+            reason = "stacking turned off"
+        self.uses_stacked = reason is None
+        if self.uses_stacked:
+            self.stacked.build(layers, self.loaded)
+            return
+        self.stacked.clear()
+        if layers:
+            logger.info("mixed-adapter batches use PEFT's path: %s", reason)
 
     def _pass_names(self, module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if self._names is not None:
