@@ -191,3 +191,88 @@ def test_one_base_gguf_with_gguf_loras_answers_like_transformers_per_request(
             engine.run_batch([job])
             got[name].append(job.text)
     assert got == expected
+
+
+def test_hot_load_and_unload_on_llama_cpp_loras(
+    tmp_path: Path, smollm2_run: dict[str, Any]
+) -> None:
+    """vLLM's load/unload routes on the llama.cpp engine: the folder is checked and converted to a
+    GGUF LoRA, then switched in between requests; a request in flight finishes with the answer it
+    gets alone; each bad folder is a clean 4xx and the server keeps serving."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from serve_support import foreign_adapter, variant_adapter
+
+    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.serve.app import Limits, create_app
+    from medlora.serve.engine import Job, Sampling
+    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.loader import build_engine, run_system_prompt
+    from medlora.serve.prompt import conversation_ids
+
+    run = smollm2_run["run"]
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    store.mkdir()
+    second = variant_adapter(run, store / "second", seed=1)
+    foreign_adapter(run, store / "foreign")
+    variant_adapter(run, outside / "elsewhere", seed=2)
+    os.symlink(outside / "elsewhere", store / "sneaky")
+    (store / "notes").mkdir()
+    (store / "notes" / "readme.txt").write_text("not an adapter")
+
+    # What "second" must answer: an engine that had it from the start (same f32 base GGUF).
+    served = build_engine(SMOLLM2_ALIAS, run, engine="llama.cpp", gguf_type="f32")
+    tokenizer = served.tokenizer
+    system = run_system_prompt(run)
+    ids = conversation_ids(tokenizer, [{"role": "user", "content": QUESTIONS[1]}], system)
+    reference = LlamaCppEngine.with_loras(
+        base_gguf(SMOLLM2_ALIAS, "f32", shipped=False),
+        {"second": cached_gguf_lora(second, SMOLLM2_ALIAS)},
+        tokenizer,
+        threads=2,
+    )
+    expected = Job("second", ids, Sampling(max_new_tokens=NEW_TOKENS), sink=lambda event: None)
+    reference.run_batch([expected])
+
+    key = {"Authorization": "Bearer k"}
+    limits = Limits(api_key="k", allow_adapter_updates=True, adapter_root=store)
+
+    def ask(model: str, tokens: int = NEW_TOKENS) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[1]}]}
+        body["max_tokens"] = tokens
+        return httpx.post(f"{url}/v1/chat/completions", json=body, headers=key, timeout=300)
+
+    def load(name: str, path: str | Path) -> httpx.Response:
+        body = {"lora_name": name, "lora_path": str(path)}
+        return httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=key, timeout=300)
+
+    with ServerThread(create_app(served, limits)) as server:
+        url = server.url
+        alone = ask("run", 64).json()["choices"][0]["message"]["content"]
+        with ThreadPoolExecutor(2) as pool:
+            in_flight = pool.submit(ask, "run", 64)
+            loaded = load("second", "second")
+            assert loaded.status_code == 200, loaded.text
+            assert in_flight.result().json()["choices"][0]["message"]["content"] == alone
+        models = httpx.get(f"{url}/v1/models", headers=key).json()["data"]
+        assert {m["id"]: m["parent"] for m in models}["second"] == SMOLLM2_ALIAS
+        answer = ask("second").json()["choices"][0]["message"]["content"]
+        assert answer.startswith(expected.text) and expected.text
+        cases = {
+            "outside the root": (load("x1", outside / "elsewhere"), 403, "path_not_allowed"),
+            "symlink escape": (load("x2", "sneaky"), 403, "path_not_allowed"),
+            "missing folder": (load("x3", "no-such-run"), 404, "adapter_not_found"),
+            "not an adapter": (load("x4", "notes"), 400, "not_an_adapter"),
+            "another base": (load("x5", "foreign"), 400, "incompatible_adapter"),
+        }
+        for what, (reply, status, code) in cases.items():
+            assert reply.status_code == status, (what, reply.text)
+            assert reply.json()["error"]["code"] == code, what
+        unloaded = httpx.post(
+            f"{url}/v1/unload_lora_adapter", json={"lora_name": "second"}, headers=key, timeout=60
+        )
+        assert unloaded.status_code == 200
+        assert ask("second").status_code == 404
+        assert ask("run", 64).json()["choices"][0]["message"]["content"] == alone

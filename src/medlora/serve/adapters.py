@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from medlora.config import GenerationConfig
 from medlora.errors import ConfigError
@@ -192,6 +192,22 @@ class ServedModel:
         return self.parent is not None
 
 
+class AdapterHost(Protocol):
+    """Where hot-loaded adapters go: `ModelSet` (transformers) or `fast.GgufLoraHost` (llama.cpp).
+
+    `prepare` runs off the engine's thread (slow work: a conversion); `load` and `unload` run in it,
+    between decode steps. `base` is a PyTorch module with the base's layers, for `check_shapes`."""
+
+    @property
+    def base(self) -> Any: ...
+
+    def prepare(self, folder: Path) -> Path: ...
+
+    def load(self, name: str, prepared: Path) -> None: ...
+
+    def unload(self, name: str) -> None: ...
+
+
 class ModelSet:
     """One base model in memory with LoRA adapters loaded on it by name.
 
@@ -219,6 +235,9 @@ class ModelSet:
     @property
     def is_peft(self) -> bool:
         return self.model is not self.base
+
+    def prepare(self, folder: Path) -> Path:
+        return folder  # PEFT loads the folder itself
 
     def load(self, name: str, folder: Path) -> None:
         from peft import PeftModel

@@ -5,8 +5,11 @@
 
 Both need the API key and a server started with `--allow-adapter-updates`; PATH must lie under
 `--adapter-root` once symlinks are resolved. The folder passes `check_adapter_dir` (an adapter, within
-the rank limit, the base's layer shapes) before PEFT touches the model, and the load itself runs in
-the engine's thread between decode steps, so requests in flight continue undisturbed. An unloaded
+the rank limit, the base's layer shapes) before the engine touches it; slow preparation (llama.cpp:
+the conversion to a GGUF LoRA) runs off the engine's thread, and the load itself runs in the
+engine's thread between decode steps (llama.cpp: between requests), so requests in flight continue
+undisturbed. Works on the transformers engine (`ModelSet`) and on llama.cpp serving GGUF LoRAs on
+one base (`fast.GgufLoraHost`); merged GGUFs (`--llama-cpp-adapters merged`) are refused. An unloaded
 name stops being served at once; its adapter is freed when its last running request has finished.
 """
 
@@ -40,10 +43,11 @@ def add_adapter_routes(
                 "--adapter-root DIR",
                 "adapter_updates_disabled",
             )
-        if served.model_set is None:
+        if served.adapter_host is None:
             raise APIError(
                 400,
-                f"hot loading needs the transformers engine; this server runs {served.engine.name}",
+                f"hot loading needs the transformers engine or llama.cpp with GGUF LoRAs; this "
+                f"server runs {served.engine.name} with merged GGUFs (--llama-cpp-adapters merged)",
                 "unsupported_engine",
             )
 
@@ -53,8 +57,8 @@ def add_adapter_routes(
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_key)])
     async def load_adapter(body: LoadAdapter) -> dict[str, Any]:
         allowed()
-        model_set = served.model_set
-        assert model_set is not None and limits.adapter_root is not None
+        host = served.adapter_host
+        assert host is not None and limits.adapter_root is not None
         async with lock:
             try:
                 name = check_name(body.lora_name)
@@ -64,14 +68,16 @@ def add_adapter_routes(
                         "adapter_exists",
                     )
                 folder = resolve_under(limits.adapter_root, body.lora_path)
-                check_adapter_dir(folder, max_rank=served.max_lora_rank, base_model=model_set.base)
+                base = await asyncio.to_thread(lambda: host.base)
+                check_adapter_dir(folder, max_rank=served.max_lora_rank, base_model=base)
                 known = list(
                     {id(m.tokenizer): m.tokenizer for m in served.models.values()}.values()
                 )
                 entry = await asyncio.to_thread(
                     adapter_model, name, folder, served.base_id, known, served.tokenizer
                 )
-                await asyncio.wrap_future(scheduler.call(lambda: model_set.load(name, folder)))
+                prepared = await asyncio.to_thread(host.prepare, folder)  # e.g. GGUF conversion
+                await asyncio.wrap_future(scheduler.call(lambda: host.load(name, prepared)))
             except AdapterError as error:
                 raise refused(error) from None
             served.models[name] = entry
@@ -80,8 +86,8 @@ def add_adapter_routes(
     @app.post("/v1/unload_lora_adapter", dependencies=[Depends(require_key)])
     async def unload_adapter(body: UnloadAdapter) -> dict[str, Any]:
         allowed()
-        model_set = served.model_set
-        assert model_set is not None
+        host = served.adapter_host
+        assert host is not None
         async with lock:
             entry = served.models.get(body.lora_name)
             if entry is None or not entry.is_adapter:
@@ -95,7 +101,7 @@ def add_adapter_routes(
             in_use = getattr(served.engine, "in_use", lambda adapter: False)
             while in_use(entry.adapter) or scheduler.waiting_for(entry.id):
                 await asyncio.sleep(UNLOAD_POLL_S)
-            await asyncio.wrap_future(scheduler.call(lambda: model_set.unload(entry.adapter)))
+            await asyncio.wrap_future(scheduler.call(lambda: host.unload(entry.adapter)))
         if served.default_model == entry.id:
             served.default_model = next(iter(served.models), served.base_id)
         return {"object": "lora_adapter", "id": entry.id, "loaded": False}

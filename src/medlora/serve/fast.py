@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medlora.errors import ModelError
+from medlora.errors import MedloraError, ModelError
 from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
+from medlora.serve.adapters import AdapterError
 from medlora.serve.engine import Job, RowTracker
 
 
@@ -79,10 +80,12 @@ class LlamaCppEngine:
         }
         # Served name -> (the Llama that answers it, its LoRA adapter handle or None).
         self._routes: dict[str, tuple[Any, Any]] = {n: (llm, None) for n, llm in self._llms.items()}
+        self.lora_base: Any = None  # the one base Llama that GGUF LoRAs apply to (lora mode)
         if loras is not None:
-            (base,) = self._llms.values()
+            (self.lora_base,) = self._llms.values()
             self._routes = {
-                name: (base, self._load_lora(base, path)) for name, path in loras.items()
+                name: (self.lora_base, self._load_lora(self.lora_base, path))
+                for name, path in loras.items()
             }
         for llm in self._llms.values():
             self._warm(llm)
@@ -102,6 +105,21 @@ class LlamaCppEngine:
         if not adapter:
             raise ModelError(f"llama.cpp could not load the GGUF LoRA {path} onto its base")
         return adapter
+
+    def add_lora(self, name: str, path: Path) -> None:
+        """Serve `name` as the GGUF LoRA `path` on the base (runs in the engine's thread)."""
+        if self.lora_base is None:
+            raise ModelError("adapters can be added only when serving GGUF LoRAs on one base")
+        self._routes[name] = (self.lora_base, self._load_lora(self.lora_base, path))
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving `name` and free its adapter (runs in the engine's thread, between jobs)."""
+        import llama_cpp
+
+        llm, adapter = self._routes.pop(name)
+        if adapter is not None:
+            self._use(llm, None)  # the context must not keep a pointer to the freed adapter
+            llama_cpp.llama_adapter_lora_free(adapter)
 
     @staticmethod
     def _use(llm: Any, adapter: Any) -> None:
@@ -162,3 +180,48 @@ class LlamaCppEngine:
             if row.push(int(token)):
                 break
         row.finish("length")
+
+
+class GgufLoraHost:
+    """Hot load and unload for the llama.cpp engine serving GGUF LoRAs on one base GGUF.
+
+    The same three steps as the transformers engine's `ModelSet`: `prepare` (off the engine's
+    thread: here the conversion to a GGUF LoRA, cached like every other), then `load` / `unload` in
+    the engine's thread between requests. `base` is the base model's layer structure on PyTorch's
+    meta device, no weights: `check_shapes` refuses an adapter of another base before conversion.
+    """
+
+    def __init__(self, engine: LlamaCppEngine, spec: str) -> None:
+        self.engine = engine
+        self.spec = spec
+        self._base: Any = None
+
+    @property
+    def base(self) -> Any:
+        if self._base is None:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            from medlora.models import local_folder
+
+            config = AutoConfig.from_pretrained(local_folder(self.spec))
+            with torch.device("meta"):
+                self._base = AutoModelForCausalLM.from_config(config)
+        return self._base
+
+    def prepare(self, folder: Path) -> Path:
+        from medlora.export import cached_gguf_lora
+
+        try:
+            return cached_gguf_lora(folder, self.spec)
+        except MedloraError as error:
+            raise AdapterError(str(error), "incompatible_adapter") from None
+
+    def load(self, name: str, gguf: Path) -> None:
+        try:
+            self.engine.add_lora(name, gguf)
+        except ModelError as error:
+            raise AdapterError(str(error), "incompatible_adapter") from None
+
+    def unload(self, name: str) -> None:
+        self.engine.remove_lora(name)

@@ -27,6 +27,7 @@ from medlora.evaluate.generate import run_generation_settings
 from medlora.export.common import DEFAULT_GGUF_TYPE
 from medlora.serve.adapters import (
     BASE_ADAPTER,
+    AdapterHost,
     ModelSet,
     ServedModel,
     check_adapter_dir,
@@ -52,8 +53,13 @@ class Served:
     models: dict[str, ServedModel]
     default_model: str
     base_id: str
-    model_set: ModelSet | None = None  # transformers: where hot-loaded adapters go
+    model_set: ModelSet | None = None  # transformers: the base and its adapters
     max_lora_rank: int = 64
+    adapter_host: AdapterHost | None = None  # where hot-loaded adapters go (default: model_set)
+
+    def __post_init__(self) -> None:
+        if self.adapter_host is None:
+            self.adapter_host = self.model_set
 
     @property
     def tokenizer(self) -> Any:
@@ -223,12 +229,13 @@ def _build_llama_cpp(
     n_ctx: int,
     gguf_type: str,
     adapters_as: str,
+    max_lora_rank: int,
 ) -> Served:
     """`adapters_as`: "lora" = one base GGUF of `gguf_type` plus each adapter as a GGUF LoRA;
     "merged" = each adapter merged into its own GGUF (the base: its shipped GGUF when it has one)."""
     from medlora.export import base_gguf, cached_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
-    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.fast import GgufLoraHost, LlamaCppEngine
 
     models = _catalog(named, base_id, load_tokenizer(spec), with_base, prompt)
     first = next(iter(models.values()))
@@ -238,13 +245,15 @@ def _build_llama_cpp(
         }
         base = base_gguf(spec, gguf_type, shipped=False)
         fast = LlamaCppEngine.with_loras(base, loras, first.tokenizer, threads=threads, n_ctx=n_ctx)
+        host = GgufLoraHost(fast, spec)
+        return Served(fast, models, first.id, base_id, None, max_lora_rank, host)
     else:
         ggufs = {
             name: cached_gguf(m.run, spec, gguf_type) if m.run else base_gguf(spec, gguf_type)
             for name, m in models.items()
         }
         fast = LlamaCppEngine(ggufs, first.tokenizer, threads=threads, n_ctx=n_ctx)
-    return Served(fast, models, first.id, base_id)
+    return Served(fast, models, first.id, base_id, None, max_lora_rank)
 
 
 def build_engine(
@@ -300,6 +309,7 @@ def build_engine(
                 n_ctx,
                 gguf_type,
                 llama_cpp_adapters,
+                max_lora_rank,
             )
         except MedloraError as error:
             if engine != "auto":
