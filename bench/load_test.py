@@ -1,6 +1,7 @@
 """Load test: many clients, adapters mixed at random, continuous vs static batching, on one server.
 
-    python bench/load_test.py [--adapter NAME=RUN_DIR ...] [--clients 32] [--requests 4]
+    python bench/load_test.py [--engine transformers|llama.cpp] [--adapter NAME=RUN_DIR ...]
+                              [--clients 32] [--requests 4]
                               [--long-tokens 64] [--short-tokens 8] [--short-share 0.25]
                               [--batchings continuous,static] [--max-batch 8] [--threads N]
 
@@ -12,7 +13,9 @@
    adapters and the base, a `--short-share` of them short (`--short-tokens`) among long ones.
    Every answer must equal its single-request answer. Reports errors, lost requests, p50/p95
    latency, the p50 of the short requests (queued behind long ones), completion tokens/s.
-Writes the `serve-load` section of docs/benchmarks.md; ratios are between servers of the same run.
+With `--engine llama.cpp` (one request at a time) step 2 runs once, as "single". Writes the
+`serve-load` (or `serve-load-llama.cpp`) section of docs/benchmarks.md; ratios are between servers
+of the same run.
 Traffic goes to 127.0.0.1 only and every loop is bounded.
 """
 
@@ -50,7 +53,7 @@ def free_port() -> int:
 def start_server(
     adapters: list[str], extra: list[str], port: int, args: argparse.Namespace
 ) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "medlora", "serve", SPEC, "--engine", "transformers"]
+    command = [sys.executable, "-m", "medlora", "serve", SPEC, "--engine", args.engine]
     for adapter in adapters:
         command += ["--adapter", adapter]
     command += ["--port", str(port), "--max-queue", "512", "--timeout", "1800"]
@@ -178,7 +181,8 @@ def bench_batching(
 ) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_server(adapters, ["--batching", batching], port, args)
+    extra = ["--batching", batching] if args.engine == "transformers" else []
+    process = start_server(adapters, extra, port, args)
     try:
         reference = singles(url, {r for requests in load for r in requests})
         before = rss(url)
@@ -223,7 +227,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapter", action="append", default=None, help="NAME=RUN_DIR")
-    parser.add_argument("--batchings", default="continuous,static")
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "llama.cpp"])
+    parser.add_argument(
+        "--batchings", default="continuous,static", help="transformers only (llama.cpp: single)"
+    )
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--long-tokens", type=int, default=64)
@@ -241,7 +248,8 @@ def main() -> None:
     every = memory_of(adapters, [], args)
     print(f"memory: one adapter {one:.0f} MB, {len(adapters)} adapters + base {every:.0f} MB")
     load = plan([*names, SPEC], args)
-    rows = [bench_batching(adapters, b, load, args) for b in args.batchings.split(",")]
+    batchings = args.batchings.split(",") if args.engine == "transformers" else ["single"]
+    rows = [bench_batching(adapters, b, load, args) for b in batchings]
 
     table = [
         "| batching | requests | errors | lost | answers = single-request answer | p50 latency (s) "
@@ -265,11 +273,17 @@ def main() -> None:
             f"- short requests' p50 latency, continuous ÷ static: **{c['short_p50'] / s['short_p50']:.2f}×**",
         ]
     cpu = "AVX-512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "AVX2"
-    body = f"""## Serving under load: {len(adapters)} adapters and their base on one server (CPU)
+    engine = "" if args.engine == "transformers" else f" --engine {args.engine}"
+    served = (
+        "every adapter"
+        if args.engine == "transformers"
+        else "one q8_0 base GGUF, every adapter a GGUF LoRA, one request at a time"
+    )
+    body = f"""## Serving under load: {len(adapters)} adapters and their base on one server ({args.engine}, CPU)
 
-Command: `python bench/load_test.py {" ".join("--adapter " + a for a in adapters)} --clients {args.clients} --requests {args.requests} --long-tokens {args.long_tokens} --short-tokens {args.short_tokens} --short-share {args.short_share} --max-batch {args.max_batch} --threads {args.threads}`
-({os.cpu_count()} CPU cores, {platform.machine()} with {cpu}; `medlora serve {SPEC} --engine transformers`
-with every adapter on 127.0.0.1; each request picks one of {len(names) + 1} models ({", ".join(names)}, base) and
+Command: `python bench/load_test.py{engine} {" ".join("--adapter " + a for a in adapters)} --clients {args.clients} --requests {args.requests} --long-tokens {args.long_tokens} --short-tokens {args.short_tokens} --short-share {args.short_share} --max-batch {args.max_batch} --threads {args.threads}`
+({os.cpu_count()} CPU cores, {platform.machine()} with {cpu}; `medlora serve {SPEC} --engine {args.engine}`
+with {served} on 127.0.0.1; each request picks one of {len(names) + 1} models ({", ".join(names)}, base) and
 a question at random (seed {args.seed}), {args.short_share:.0%} of them short ({args.short_tokens} new tokens) among
 long ones ({args.long_tokens}); greedy; latency = request sent → whole answer received, queueing included).
 
@@ -284,7 +298,9 @@ Every answer is compared with the same request (model, question, length) sent al
 server before the load.
 """
     print(body)
-    update_section("serve-load", body)
+    update_section(
+        "serve-load" if args.engine == "transformers" else f"serve-load-{args.engine}", body
+    )
 
 
 if __name__ == "__main__":
