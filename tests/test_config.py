@@ -88,3 +88,13 @@ def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
     path.write_text(recipe.to_yaml())
     assert load_recipe(path) == recipe
     assert Recipe().lora.r != 32
+
+
+def test_eva_init_is_for_sft_runs_only() -> None:
+    assert recipe_from_dict({}, ["lora.init=eva"]).lora.init == "eva"
+    with pytest.raises(ConfigError) as caught:
+        recipe_from_dict(
+            {}, ["lora.init=eva", "train.method=dpo", "train.preference_data=jsonl:pairs.jsonl"]
+        )
+    message = str(caught.value)
+    assert "lora.init=eva" in message and "train.method=sft" in message and "\n" not in message

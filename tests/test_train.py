@@ -243,3 +243,36 @@ def test_loraplus_ratio_makes_the_b_matrices_learn_that_much_faster(
         largest_b[ratio] = float(torch.stack(b).max())
     assert largest_b["null"] == pytest.approx(lr, rel=0.05)
     assert largest_b["16"] == pytest.approx(16 * lr, rel=0.05)
+
+
+def test_eva_init_starts_a_from_the_answers_layer_inputs_and_the_model_at_its_base(
+    tiny_model_dir: Path,
+) -> None:
+    """`lora.init: eva`: every A becomes orthonormal singular vectors of its layer's inputs (PEFT's
+    default A is random, not orthonormal) and B stays zero, so the first step starts from the base."""
+    import functools
+
+    from medlora.data.format import format_records, pad_batch
+    from medlora.train.loop import build_model, initialize_eva
+
+    recipe = recipe_from_dict({"model": {"name": str(tiny_model_dir)}}, [*FAST, "lora.init=eva"])
+    model, tokenizer = build_model(recipe, load_model(str(tiny_model_dir)))
+    examples, _ = format_records(tokenizer, tiny_records()[:8], None, 256)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    ids = torch.tensor([examples[0].input_ids])
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+
+    def orthonormal(layer: Any) -> bool:
+        a = layer.lora_A["default"].weight.detach()
+        return torch.allclose(a @ a.T, torch.eye(a.shape[0]), atol=1e-4)
+
+    assert not any(orthonormal(layer) for layer in layers)
+    initialize_eva(model, rows, functools.partial(pad_batch, pad_token_id=tokenizer.pad_token_id))
+    assert layers and all(orthonormal(layer) for layer in layers)
+    assert all(not layer.lora_B["default"].weight.any() for layer in layers)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, base, atol=1e-5)

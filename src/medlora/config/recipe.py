@@ -45,6 +45,15 @@ class Recipe(_Section):
                 data = {**data, "eval": evaluation, "generation": generation}
         return data
 
+    @model_validator(mode="after")
+    def _eva_for_sft(self) -> Recipe:
+        if self.lora.init == "eva" and self.train.method != "sft":
+            raise ValueError(
+                f"lora.init=eva: measured for train.method=sft only, not {self.train.method}; "
+                "use lora.init=default (or start from an SFT run with train.init_adapter)"
+            )
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 

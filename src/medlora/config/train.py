@@ -22,6 +22,19 @@ class LoraConfig(_Section):
         description="Module names to adapt, or 'all-linear'.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    init: Literal["default", "eva"] = Field(
+        "default",
+        description=(
+            "How A starts (B starts at 0 either way, so training starts from the base model): "
+            "default (PEFT's random A) or eva (A from the SVD of each layer's inputs on the "
+            "training answers, PEFT's EVA; SFT only)."
+        ),
+    )
+    eva_rho: float = Field(
+        1.0,
+        ge=1.0,
+        description="eva: a layer may take up to rho × r ranks (the total stays layers × r).",
+    )
 
     @field_validator("target_modules")
     @classmethod

@@ -131,9 +131,10 @@ def training_arguments(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
 
 def lora_config(recipe: Recipe) -> Any:
     """The recipe's `lora:` section as peft's `LoraConfig` (SFT and preference runs)."""
-    from peft import LoraConfig
+    from peft import EvaConfig, LoraConfig
 
     lora = recipe.lora
+    eva = lora.init == "eva"
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -141,4 +142,6 @@ def lora_config(recipe: Recipe) -> Any:
         target_modules=lora.target_modules,
         bias=lora.bias,
         task_type="CAUSAL_LM",
+        init_lora_weights="eva" if eva else True,
+        eva_config=EvaConfig(rho=lora.eva_rho) if eva else None,
     )

@@ -90,6 +90,21 @@ def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> 
     return model, tokenizer
 
 
+def initialize_eva(model: Any, rows: list[dict[str, Any]], collate: Any) -> None:
+    """EVA (Paischer et al. 2024, PEFT's `initialize_lora_eva_weights`): each LoRA A becomes the top
+    right-singular vectors of its layer's inputs on the training answers (label-masked tokens),
+    taken batch by batch until they settle. B stays 0, so training starts from the base model."""
+    import torch
+    from peft import initialize_lora_eva_weights
+
+    from torch.utils.data import DataLoader
+
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # PEFT moves each batch to it
+    batches = DataLoader(rows, batch_size=1, collate_fn=collate)  # PEFT cycles it until settled
+    with torch.no_grad():
+        initialize_lora_eva_weights(model, batches, show_progress_bar=True)
+
+
 def packed_collator(recipe: Recipe, tokens_per_batch: int) -> Any:
     """`collate_packed`, with row widths padded to a few sizes for CPU bf16 (row_width_multiple)."""
     import torch
@@ -220,6 +235,14 @@ def train(
         if t.packing
         else _as_rows(train_examples)
     )
+    collator = (
+        packed_collator(recipe, max(int(tokens_per_batch), d.max_seq_len))
+        if t.packing
+        else functools.partial(pad_batch, pad_token_id=tokenizer.pad_token_id)
+    )
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if recipe.lora.init == "eva" and checkpoint is None:  # a resumed run loads its trained A, B
+        initialize_eva(model, train_rows, collator)
     card["format"] = {"train": train_stats.to_dict(), "validation": val_stats.to_dict()}
     card["used"] = {"train": len(train_examples), "validation": len(val_examples)}
     card["used"].update(used_by_group(train_records, train_examples, mix_stats, val_records))
@@ -248,16 +271,13 @@ def train(
         rows_per_batch = max(1, int(tokens_per_batch) // d.max_seq_len)
         run.eval_batch_size = min(recipe.eval.batch_size, rows_per_batch)
     metrics_path = run_dir / "metrics.jsonl"
-    checkpoint = last_checkpoint(run_dir) if resume else None
     resume_from(checkpoint, run, metrics_path)
     trainer = MedloraTrainer(
         model=model,
         args=training_arguments(recipe, run_dir, bool(val_examples)),
         train_dataset=train_rows,
         eval_dataset=_as_rows(val_examples) if val_examples else None,
-        data_collator=packed_collator(recipe, max(int(tokens_per_batch), d.max_seq_len))
-        if t.packing
-        else functools.partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator,
         callbacks=[
             MetricsJsonl(metrics_path),
             Checkpoints(run, t.keep_best),
