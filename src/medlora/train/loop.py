@@ -96,7 +96,6 @@ def initialize_eva(model: Any, rows: list[dict[str, Any]], collate: Any) -> None
     taken batch by batch until they settle. B stays 0, so training starts from the base model."""
     import torch
     from peft import initialize_lora_eva_weights
-
     from torch.utils.data import DataLoader
 
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # PEFT moves each batch to it
