@@ -13,7 +13,7 @@
    adapters and the base, a `--short-share` of them short (`--short-tokens`) among long ones.
    Every answer must equal its single-request answer. Reports errors, lost requests, p50/p95
    latency, the p50 of the short requests (queued behind long ones), completion tokens/s.
-With `--engine llama.cpp` (one request at a time) step 2 runs once, as "single". Writes the
+With `--engine llama.cpp`, static batching is its one-request-at-a-time engine. Writes the
 `serve-load` (or `serve-load-llama.cpp`) section of docs/benchmarks.md; ratios are between servers
 of the same run.
 Traffic goes to 127.0.0.1 only and every loop is bounded.
@@ -181,8 +181,7 @@ def bench_batching(
 ) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    extra = ["--batching", batching] if args.engine == "transformers" else []
-    process = start_server(adapters, extra, port, args)
+    process = start_server(adapters, ["--batching", batching], port, args)
     try:
         reference = singles(url, {r for requests in load for r in requests})
         before = rss(url)
@@ -228,9 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapter", action="append", default=None, help="NAME=RUN_DIR")
     parser.add_argument("--engine", default="transformers", choices=["transformers", "llama.cpp"])
-    parser.add_argument(
-        "--batchings", default="continuous,static", help="transformers only (llama.cpp: single)"
-    )
+    parser.add_argument("--batchings", default="continuous,static")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--long-tokens", type=int, default=64)
@@ -248,8 +245,7 @@ def main() -> None:
     every = memory_of(adapters, [], args)
     print(f"memory: one adapter {one:.0f} MB, {len(adapters)} adapters + base {every:.0f} MB")
     load = plan([*names, SPEC], args)
-    batchings = args.batchings.split(",") if args.engine == "transformers" else ["single"]
-    rows = [bench_batching(adapters, b, load, args) for b in batchings]
+    rows = [bench_batching(adapters, b, load, args) for b in args.batchings.split(",")]
 
     table = [
         "| batching | requests | errors | lost | answers = single-request answer | p50 latency (s) "
@@ -277,7 +273,7 @@ def main() -> None:
     served = (
         "every adapter"
         if args.engine == "transformers"
-        else "one q8_0 base GGUF, every adapter a GGUF LoRA, one request at a time"
+        else "one q8_0 base GGUF and every adapter as a GGUF LoRA (static: one request at a time)"
     )
     body = f"""## Serving under load: {len(adapters)} adapters and their base on one server ({args.engine}, CPU)
 

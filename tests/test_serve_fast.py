@@ -276,3 +276,59 @@ def test_hot_load_and_unload_on_llama_cpp_loras(
         assert unloaded.status_code == 200
         assert ask("second").status_code == 404
         assert ask("run", 64).json()["choices"][0]["message"]["content"] == alone
+
+
+def test_continuous_llama_cpp_mixes_adapters_and_answers_as_the_one_request_engine(
+    smollm2_run: dict[str, Any],
+) -> None:
+    """Continuous batching on llama.cpp (opt-in): tuned and base requests join and leave one
+    running batch (each model its own context on the one base); a short request finishes while long
+    ones still run. The base's greedy answers equal the one-request engine's (q8_0: integer dot
+    products); the adapter's begin the same, and may part later (float LoRA products are not
+    batch-invariant in llama.cpp, the reason it is opt-in)."""
+    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.models import load_tokenizer
+    from medlora.serve.engine import Job, Sampling
+    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.fast_continuous import LlamaCppContinuous
+    from medlora.serve.prompt import conversation_ids
+
+    tokenizer = load_tokenizer(SMOLLM2_ALIAS)
+    loras = {"tuned": cached_gguf_lora(smollm2_run["run"], SMOLLM2_ALIAS), "base": None}
+    base = base_gguf(SMOLLM2_ALIAS, "q8_0", shipped=False)
+    questions = [*QUESTIONS, "What causes anemia?"]
+    plan = [(q, m, 4 if i == 2 else NEW_TOKENS) for i, (q, m) in
+            enumerate((q, m) for q in questions for m in ("tuned", "base"))]  # fmt: skip
+
+    def jobs() -> list[Job]:
+        return [
+            Job(m, conversation_ids(tokenizer, [{"role": "user", "content": q}], None),
+                Sampling(max_new_tokens=n), sink=lambda event: None)
+            for q, m, n in plan
+        ]  # fmt: skip
+
+    single = LlamaCppEngine.with_loras(base, loras, tokenizer, threads=2)
+    expected = []
+    for job in jobs():
+        single.run_batch([job])
+        expected.append(job.completion_ids)
+    engine = LlamaCppContinuous(base, loras, tokenizer, threads=2, max_batch=4)
+    running = jobs()
+    for job in running[:3]:
+        engine.admit(job)
+    engine.step()
+    for job in running[3:]:  # they join while the first ones run
+        engine.admit(job)
+    short = running[2]
+    while short.finish_reason is None:
+        engine.step()
+    assert any(job.finish_reason is None for job in running)  # long ones still running
+    while engine.active:
+        engine.step()
+    for job, alone in zip(running, expected, strict=True):
+        assert job.finish_reason in ("stop", "length") and job.text
+        if job.model == "base":
+            assert job.completion_ids == alone
+        else:
+            assert job.completion_ids[:4] == alone[:4]
+    assert expected[0] != expected[1]  # the adapter changes the answer

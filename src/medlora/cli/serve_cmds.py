@@ -99,10 +99,11 @@ def serve_cmd(
         str,
         typer.Option(
             "--batching",
-            help="transformers engine: continuous (requests join and leave between tokens) | "
-            "static (one batch at a time).",
+            help="auto (continuous on transformers, one request at a time on llama.cpp) | "
+            "continuous (requests join and leave between tokens; on llama.cpp with GGUF LoRAs an "
+            "adapter's greedy answers then vary slightly with the traffic) | static.",
         ),
-    ] = "continuous",
+    ] = "auto",
     api_key: Annotated[
         str | None,
         typer.Option("--api-key", envvar="MEDLORA_API_KEY", help="Require Bearer KEY on /v1."),

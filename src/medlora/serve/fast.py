@@ -31,6 +31,22 @@ from medlora.serve.adapters import AdapterError
 from medlora.serve.engine import Job, RowTracker
 
 
+def set_lora(ctx: Any, adapter: Any) -> None:
+    """Apply the LoRA `adapter` (None: none) to the llama.cpp context `ctx` at scale 1."""
+    import ctypes
+
+    import llama_cpp
+
+    if adapter is None:
+        status = llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+    else:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(1.0)
+        status = llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales)
+    if status != 0:
+        raise ModelError(f"llama.cpp could not switch LoRA adapters (status {status})")
+
+
 def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
@@ -38,7 +54,7 @@ def llama_cpp_available() -> bool:
 # Prompt tokens per llama_decode call: any prompt up to 512 tokens (the 200-token benchmark question
 # included) is prefilled in one batch, one set of matmuls over all its tokens.
 PREFILL_BATCH = 512
-_WARM_PROMPT = "What are the symptoms of asthma? " * 4
+WARM_PROMPT = "What are the symptoms of asthma? " * 4
 
 
 class LlamaCppEngine:
@@ -124,23 +140,12 @@ class LlamaCppEngine:
     @staticmethod
     def _use(llm: Any, adapter: Any) -> None:
         """Apply `adapter` (None: no adapter) to `llm`'s context for the next request."""
-        import ctypes
-
-        import llama_cpp
-
-        if adapter is None:
-            status = llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None)
-        else:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
-            scales = (ctypes.c_float * 1)(1.0)
-            status = llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, scales)
-        if status != 0:
-            raise ModelError(f"llama.cpp could not switch LoRA adapters (status {status})")
+        set_lora(llm._ctx.ctx, adapter)
 
     def _warm(self, llm: Any) -> None:
         """Prefill a short prompt and decode two tokens at load time, so the first request does not
         pay for faulting in the memory-mapped weights and the first use of each kernel."""
-        prompt = self.tokenizer.encode(_WARM_PROMPT, add_special_tokens=False) or [0]
+        prompt = self.tokenizer.encode(WARM_PROMPT, add_special_tokens=False) or [0]
         llm.reset()
         tokens = llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, reset=True)
         list(itertools.islice(tokens, 2))
@@ -191,7 +196,8 @@ class GgufLoraHost:
     meta device, no weights: `check_shapes` refuses an adapter of another base before conversion.
     """
 
-    def __init__(self, engine: LlamaCppEngine, spec: str) -> None:
+    def __init__(self, engine: Any, spec: str) -> None:
+        """`engine`: LlamaCppEngine with LoRAs, or fast_continuous.LlamaCppContinuous."""
         self.engine = engine
         self.spec = spec
         self._base: Any = None

@@ -38,7 +38,7 @@ from medlora.serve.adapters import (
 from medlora.serve.engine import Engine, Sampling
 
 ENGINES = ("auto", "transformers", "llama.cpp", "vllm")
-BATCHING = ("continuous", "static")
+BATCHING = ("auto", "continuous", "static")
 logger = logging.getLogger(__name__)
 _UNSET = object()
 
@@ -230,9 +230,14 @@ def _build_llama_cpp(
     gguf_type: str,
     adapters_as: str,
     max_lora_rank: int,
+    batching: str,
+    max_batch: int,
 ) -> Served:
-    """`adapters_as`: "lora" = one base GGUF of `gguf_type` plus each adapter as a GGUF LoRA;
-    "merged" = each adapter merged into its own GGUF (the base: its shipped GGUF when it has one)."""
+    """`adapters_as`: "lora" = one base GGUF of `gguf_type` plus each adapter as a GGUF LoRA, one
+    request at a time, or batched continuously with `batching` "continuous" (opt-in: an adapter's
+    greedy answers then depend a little on what runs beside them, see serve/fast_continuous.py);
+    "merged" = each adapter merged into its own GGUF (the base: its shipped GGUF when it has one),
+    one request at a time."""
     from medlora.export import base_gguf, cached_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
     from medlora.serve.fast import GgufLoraHost, LlamaCppEngine
@@ -244,7 +249,14 @@ def _build_llama_cpp(
             name: cached_gguf_lora(m.run, spec) if m.run else None for name, m in models.items()
         }
         base = base_gguf(spec, gguf_type, shipped=False)
-        fast = LlamaCppEngine.with_loras(base, loras, first.tokenizer, threads=threads, n_ctx=n_ctx)
+        if batching == "continuous":
+            from medlora.serve.fast_continuous import LlamaCppContinuous
+
+            fast = LlamaCppContinuous(base, loras, first.tokenizer, threads, n_ctx, max_batch)
+        else:  # one request at a time: the baseline bench/load_test.py measures against
+            fast = LlamaCppEngine.with_loras(
+                base, loras, first.tokenizer, threads=threads, n_ctx=n_ctx
+            )
         host = GgufLoraHost(fast, spec)
         return Served(fast, models, first.id, base_id, None, max_lora_rank, host)
     else:
@@ -269,7 +281,7 @@ def build_engine(
     system_prompt: Any = _UNSET,
     name: str | None = None,
     device: str | None = None,
-    batching: str = "continuous",
+    batching: str = "auto",
     max_lora_rank: int = 64,
     llama_cpp_adapters: str = "lora",
 ) -> Served:
@@ -310,6 +322,8 @@ def build_engine(
                 gguf_type,
                 llama_cpp_adapters,
                 max_lora_rank,
+                batching,
+                max_batch,
             )
         except MedloraError as error:
             if engine != "auto":
@@ -326,7 +340,7 @@ def build_engine(
         model_set.load(adapter, folder)
     models = _catalog(named, base_id, base_tokenizer, with_base, system_prompt)
     first = next(iter(models.values()))
-    hf = transformers_engine(model_set, first.tokenizer, max_batch, batching)
+    hf = transformers_engine(model_set, first.tokenizer, max_batch, batching)  # auto: continuous
     return Served(hf, models, first.id, base_id, model_set, max_lora_rank)
 
 
@@ -335,7 +349,7 @@ def transformers_engine(model_set: ModelSet, tokenizer: Any, max_batch: int, bat
     from medlora.serve.continuous import ContinuousEngine, NotContinuous
     from medlora.serve.engine import StaticEngine
 
-    if batching == "continuous":
+    if batching in ("auto", "continuous"):
         try:
             return ContinuousEngine(model_set, tokenizer, max_batch=max_batch)
         except NotContinuous as reason:

@@ -38,7 +38,7 @@ class ServeOptions:
     spec: str  # base model: alias, folder, .gguf or Hub id
     adapters: tuple[str, ...] = ()  # `[NAME=]RUN_DIR` values of --adapter
     engine: str = "auto"  # auto | transformers | llama.cpp | vllm
-    batching: str = "continuous"  # continuous | static (transformers engine)
+    batching: str = "auto"  # auto | continuous | static (auto: continuous on transformers only)
     with_base: bool = True  # also serve the untouched base, side by side
     allow_adapter_updates: bool = False  # hot load/unload through the API
     adapter_root: Path | None = None  # where hot-loaded adapters may come from
