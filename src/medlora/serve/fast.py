@@ -9,7 +9,8 @@ Two ways to serve adapters (`LlamaCppEngine.with_loras` / `LlamaCppEngine(ggufs)
 - one merged GGUF per served model (`--llama-cpp-adapters merged`).
 
 One sequence at a time (`max_batch = 1`): llama-cpp-python's `Llama` holds one KV cache. Each job
-starts from an empty cache, so an answer never depends on which request came before it.
+starts from an empty cache, so an answer never depends on which request came before it. Many
+sequences at once, opt-in: serve/fast_continuous.py.
 
 Switching LoRA adapters uses llama-cpp-python's low-level `llama_adapter_lora_init` /
 `llama_set_adapters_lora` on the `Llama` object's private `_model.model` and `_ctx.ctx` handles

@@ -293,11 +293,17 @@ class LlamaCppContinuous:
             if not job.sampling.greedy:
                 row.rng = np.random.default_rng(job.sampling.seed)
             ids = job.prompt_ids
-            for start in range(0, len(ids), PREFILL_BATCH):
-                chunk = ids[start : start + PREFILL_BATCH]
-                last = start + len(chunk) == len(ids)
-                self._decode(context, [(token, start + i, seq, last and i == len(chunk) - 1)
-                                       for i, token in enumerate(chunk)])  # fmt: skip
+            try:
+                for start in range(0, len(ids), PREFILL_BATCH):
+                    chunk = ids[start : start + PREFILL_BATCH]
+                    last = start + len(chunk) == len(ids)
+                    self._decode(context, [(token, start + i, seq, last and i == len(chunk) - 1)
+                                           for i, token in enumerate(chunk)])  # fmt: skip
+            except Exception as error:  # give the sequence and its cells back, end the request
+                job.fail(f"generation failed: {type(error).__name__}")
+                self.rows.append(row)
+                self._end(row)
+                raise
             self.rows.append(row)
             if self._take(row, self._logits(context, (len(ids) - 1) % PREFILL_BATCH)):
                 self._end(row)
