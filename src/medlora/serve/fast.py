@@ -32,6 +32,18 @@ from medlora.serve.adapters import AdapterError
 from medlora.serve.engine import Job, RowTracker
 
 
+def load_lora(model: Any, path: Path | None) -> Any:
+    """The GGUF LoRA `path` loaded onto the llama.cpp model `model` (None: no adapter)."""
+    if path is None:
+        return None
+    import llama_cpp
+
+    adapter = llama_cpp.llama_adapter_lora_init(model, str(path).encode())
+    if not adapter:
+        raise ModelError(f"llama.cpp could not load the GGUF LoRA {path} onto its base")
+    return adapter
+
+
 def set_lora(ctx: Any, adapter: Any) -> None:
     """Apply the LoRA `adapter` (None: none) to the llama.cpp context `ctx` at scale 1."""
     import ctypes
@@ -114,14 +126,7 @@ class LlamaCppEngine:
         return cls({"base": base}, tokenizer, loras=loras, **kwargs)
 
     def _load_lora(self, llm: Any, path: Path | None) -> Any:
-        if path is None:
-            return None
-        import llama_cpp
-
-        adapter = llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode())
-        if not adapter:
-            raise ModelError(f"llama.cpp could not load the GGUF LoRA {path} onto its base")
-        return adapter
+        return load_lora(llm._model.model, path)
 
     def add_lora(self, name: str, path: Path) -> None:
         """Serve `name` as the GGUF LoRA `path` on the base (runs in the engine's thread)."""

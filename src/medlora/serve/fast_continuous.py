@@ -41,7 +41,7 @@ from medlora.errors import ModelError
 from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
 from medlora.serve.engine import Job, RowTracker
-from medlora.serve.fast import PREFILL_BATCH, WARM_PROMPT, set_lora
+from medlora.serve.fast import PREFILL_BATCH, WARM_PROMPT, load_lora, set_lora
 
 
 @dataclass
@@ -199,15 +199,7 @@ class LlamaCppContinuous:
 
     def add_lora(self, name: str, path: Path | None) -> None:
         """Serve `name` as the GGUF LoRA `path` (None: the base); in the engine's thread."""
-        import llama_cpp
-
-        if path is None:
-            self._adapters[name] = None
-            return
-        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
-        if not adapter:
-            raise ModelError(f"llama.cpp could not load the GGUF LoRA {path} onto its base")
-        self._adapters[name] = adapter
+        self._adapters[name] = load_lora(self._model, path)
 
     def remove_lora(self, name: str) -> None:
         """Stop serving `name`: free its context, then its adapter (no request of it runs)."""
