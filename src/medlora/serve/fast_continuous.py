@@ -193,10 +193,6 @@ class LlamaCppContinuous:
 
     # --- adapters ------------------------------------------------------------------------------
 
-    @property
-    def models(self) -> list[str]:
-        return list(self._adapters)
-
     def add_lora(self, name: str, path: Path | None) -> None:
         """Serve `name` as the GGUF LoRA `path` (None: the base); in the engine's thread."""
         self._adapters[name] = load_lora(self._model, path)
