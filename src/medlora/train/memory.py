@@ -27,7 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 AUTO_MAX_TOKENS = 8192
-HEADROOM = 0.9  # predicted peak <= 90 % of the budget: optimizer state, evaluation, allocator slack
+# Predicted (and probed) peak <= 85 % of the budget, for what the probes do not see: optimizer
+# state, the validation pass, allocator slack. At 90 % the budget test failed 2 of ~31 CI runs, the
+# run's peak 14 % above its chosen row's probe; 1 / 0.85 leaves 17.6 %. The bench's choices
+# (docs/benchmarks.md, "memory-budget": 512 rows under 4 GiB, 256 under 2.5) are the same at 0.85.
+HEADROOM = 0.85
 GIB = 1024**3
 PROBE_ROWS = 4  # the longer probe row: up to 4 x max_seq_len tokens, where the budget allows
 
