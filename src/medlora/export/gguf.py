@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from medlora.errors import ModelError
 from medlora.export.common import CONVERTER_TYPES, DEFAULT_GGUF_TYPE, GGUF_TYPES, ExportError
+from medlora.export.lora_pad import pad_lora_rank
 from medlora.models import cache_dir
 
 
@@ -90,7 +92,10 @@ def convert_to_gguf(hf_folder: Path, outfile: Path, outtype: str = DEFAULT_GGUF_
 
 def convert_lora_to_gguf(adapter_dir: Path, base_folder: Path, outfile: Path) -> Path:
     """A PEFT adapter as a GGUF LoRA (llama.cpp's convert_lora_to_gguf.py, f32), which llama.cpp
-    applies on top of any GGUF of the same base: one base in memory serves every adapter."""
+    applies on top of any GGUF of the same base: one base in memory serves every adapter.
+
+    A rank that is a multiple of 4 is written as rank + 1 with a zero component, the same update:
+    llama.cpp then applies it batch-invariantly (export/lora_pad.py)."""
     script = llama_cpp_tools_dir() / "convert_lora_to_gguf.py"
     if not script.is_file():
         raise ExportError(
@@ -98,14 +103,22 @@ def convert_lora_to_gguf(adapter_dir: Path, base_folder: Path, outfile: Path) ->
             "fast`, or set MEDLORA_LLAMA_CPP_DIR to a llama.cpp checkout"
         )
     tmp = outfile.with_name(outfile.name + ".tmp")
-    command = [sys.executable, str(script), str(adapter_dir), "--base", str(base_folder)]
-    command += ["--outfile", str(tmp), "--outtype", "f32"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(dir=outfile.parent, prefix=".padded-") as padded:
+        source = Path(padded) if pad_lora_rank(adapter_dir, Path(padded)) else adapter_dir
+        done = _run_lora_converter(script, source, base_folder, tmp)
     if done.returncode != 0 or not tmp.is_file():
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ExportError(f"convert_lora_to_gguf.py failed on {adapter_dir}: {last[0]}")
     os.replace(tmp, outfile)
     return outfile
+
+
+def _run_lora_converter(
+    script: Path, adapter_dir: Path, base_folder: Path, outfile: Path
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(script), str(adapter_dir), "--base", str(base_folder)]
+    command += ["--outfile", str(outfile), "--outtype", "f32"]
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 def _llama_cpp_for(gguf_type: str) -> Any:

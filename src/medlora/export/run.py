@@ -129,7 +129,8 @@ def cached_gguf_lora(run_dir: str | os.PathLike[str], base: str | None = None) -
     run = Path(run_dir)
     check_run(run)
     spec = base or run_base_spec(run)
-    name = f"{run.resolve().name}-lora-{adapter_fingerprint(run, spec)}"
+    # "lora-padded": ranks padded for batch invariance (export/lora_pad.py); earlier caches differ.
+    name = f"{run.resolve().name}-lora-padded-{adapter_fingerprint(run, spec)}"
     target = cache_dir() / "exports" / name / "adapter.gguf"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -17,11 +17,31 @@ Tokens are picked here from llama.cpp's logits, with transformers' rules: repeti
 the prompt and the answer (`RepetitionPenaltyLogitsProcessor`), `no_repeat_ngram_size`, then
 greedy, or temperature and top-p sampling with a per-request seed.
 
-Not batch-invariant with adapters, so opt-in (`--batching continuous`; `auto` keeps llama.cpp at
-one request at a time): the base model's rows give the same greedy answers alone or in a batch
-(q8_0 weights: integer dot products), but llama.cpp's float LoRA products are not: on SmolLM2 q8_0
-with the demo adapter, 7-8 of 16 answers of a 16-row batch differed from the same requests alone
-after 10-45 tokens (also with A in q8_0, and with llama.cpp built without its llamafile GEMMs).
+Opt-in (`--batching continuous`; `auto` keeps llama.cpp at one request at a time), because a
+greedy answer can still part from the same request's answer alone. Two causes were measured
+(docs/benchmarks.md, "serve-load-llama.cpp"):
+- LoRA products, fixed: llama.cpp multiplies a float LoRA A by a batch with its llamafile GEMM and
+  by one row with its dot product, which sum in different orders. The GGUF LoRA's rank is now
+  padded off a multiple of 4 (export/lora_pad.py), which keeps both on the dot product: on q8_0,
+  q5_0 and q4_0 bases each row's logits are then bit-identical alone and in a batch. K-quant bases
+  (q4_K_M, q5_K_M, q6_K) stay batch-variant in their own kernels, adapter or not.
+- Freed cache cells, fixed: when a row ends, llama.cpp's cache search (`find_slot`, restarting
+  at cell 0 when enough cells before its head are free) put the next token of a row still running
+  into the freed cells, before its earlier tokens; attention then summed that row's cells in
+  another order than alone, and an 8-bit rounding of the activations could flip a later token.
+  A finished row's cells are therefore handed to a placeholder sequence (`retired_seq`) instead of
+  freed, so no cell below a running row is ever empty, and freed all at once when the context has
+  no running row. Retired cells count against `n_ctx` until then, so under unbroken traffic a
+  context now and then admits nothing until its running rows finish. Measured under 32 clients
+  (docs/benchmarks.md, "serve-load-llama.cpp"): every answer equal to the same request alone,
+  where freed cells gave 52 of 128, for fewer tokens/s than with freed cells (a second context per
+  model, to admit while the first drains, was measured and gave no more tokens/s for +190 MB).
+- Attention paths: llama.cpp attends over 512+ cells with one row in a split kernel that sums in
+  another order than its many-row kernel. A row alone with few cells takes the many-row kernel's
+  order, so a step with one row beside retired cells gets a throwaway second token (`step`).
+  Still different from alone: a request whose own prompt + answer pass 256 tokens (alone, it
+  reaches the split kernel itself) and a prompt of 64+ tokens prefilled beside other rows' cells
+  (llama.cpp's tiled kernel then tiles its cells differently than alone).
 
 Each context has `n_ctx` cache cells, shared by its running requests (llama.cpp allocates and
 clears them when the context is made). A request is admitted when its prompt plus
@@ -51,7 +71,8 @@ class ModelContext:
     ctx: Any
     memory: Any
     free_seqs: list[int]
-    cells_used: int = 0
+    cells_used: int = 0  # reserved by running rows: prompt + max_new_tokens each
+    retired: int = 0  # still held by finished rows, under the engine's retired_seq
 
 
 @dataclass
@@ -121,6 +142,7 @@ class LlamaCppContinuous:
         self.tokenizer = tokenizer
         self.stops = set(stop_token_ids(tokenizer))
         self.max_batch = max_batch
+        self.retired_seq = max_batch  # the placeholder sequence of finished rows' cells
         self.n_ctx = n_ctx
         self.threads = threads or default_threads()
         self._model = llama_cpp.llama_model_load_from_file(
@@ -158,8 +180,8 @@ class LlamaCppContinuous:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx
         params.n_batch = params.n_ubatch = PREFILL_BATCH
-        params.n_seq_max = self.max_batch
-        params.n_outputs_max = self.max_batch  # logits kept: one per row, not per prompt token
+        params.n_seq_max = self.max_batch + 1  # the last id holds finished rows' cells
+        params.n_outputs_max = params.n_seq_max  # logits kept: one per row, not per prompt token
         params.n_threads = params.n_threads_batch = self.threads
         params.flash_attn_type = 1  # fused attention, as the one-sequence engine
         params.kv_unified = True  # one pool of cells for the context's sequences
@@ -231,14 +253,29 @@ class LlamaCppContinuous:
 
     def step(self) -> None:
         """One decode step for every running row: one llama_decode per model in use."""
+        import llama_cpp
+
         self._start_waiting()
-        groups: dict[str, list[Sequence]] = {}
+        groups: dict[int, list[Sequence]] = {}
         for row in self.rows:
-            groups.setdefault(row.job.model, []).append(row)
+            groups.setdefault(id(row.context), []).append(row)
         finished = []
         for rows in groups.values():
             context = rows[0].context
-            self._decode(context, [(r.next_token, len(r.ids) - 1, r.seq, True) for r in rows])
+            items = [(r.next_token, len(r.ids) - 1, r.seq, True) for r in rows]
+            # One row beside retired cells: llama.cpp would attend over 512+ cells with its split
+            # path, which one row alone (fewer cells) does not take. A throwaway token of the
+            # retired sequence, last in the batch (the top cell, freed at once), keeps the step on
+            # the path of many rows, which sums like one row alone.
+            spare = (
+                len(rows) == 1 and context.retired > 0 and context.retired + len(rows[0].ids) >= 256
+            )
+            if spare:
+                spare_pos = llama_cpp.llama_memory_seq_pos_max(context.memory, self.retired_seq) + 1
+                items.append((rows[0].next_token, spare_pos, self.retired_seq, False))
+            self._decode(context, items)
+            if spare:
+                llama_cpp.llama_memory_seq_rm(context.memory, self.retired_seq, spare_pos, -1)
             for index, row in enumerate(rows):
                 if self._take(row, self._logits(context, index)):
                     finished.append(row)
@@ -271,7 +308,7 @@ class LlamaCppContinuous:
                 continue
             context = self._context(job.model)
             cells = len(job.prompt_ids) + job.sampling.max_new_tokens
-            if not context.free_seqs or context.cells_used + cells > self.n_ctx:
+            if not context.free_seqs or context.cells_used + context.retired + cells > self.n_ctx:
                 continue
             self.waiting.remove(job)
             tracker = RowTracker(job, self.tokenizer, self.stops)
@@ -307,9 +344,17 @@ class LlamaCppContinuous:
         import llama_cpp
 
         self.rows.remove(row)
-        llama_cpp.llama_memory_seq_rm(row.context.memory, row.seq, -1, -1)
-        row.context.free_seqs.append(row.seq)
-        row.context.cells_used -= row.cells
+        context = row.context
+        if any(other.context is context for other in self.rows):
+            # Keep the cells occupied (see the module's docstring): no hole below a running row.
+            llama_cpp.llama_memory_seq_cp(context.memory, row.seq, self.retired_seq, -1, -1)
+            context.retired += len(row.ids)
+        else:  # nothing runs in this context any more: every cell can go
+            llama_cpp.llama_memory_seq_rm(context.memory, self.retired_seq, -1, -1)
+            context.retired = 0
+        llama_cpp.llama_memory_seq_rm(context.memory, row.seq, -1, -1)
+        context.free_seqs.append(row.seq)
+        context.cells_used -= row.cells
         row.tracker.finish("length")  # no-op when it already ended (stop, cancelled)
 
     # --- llama.cpp -----------------------------------------------------------------------------

@@ -234,8 +234,9 @@ def _build_llama_cpp(
     max_batch: int,
 ) -> Served:
     """`adapters_as`: "lora" = one base GGUF of `gguf_type` plus each adapter as a GGUF LoRA, one
-    request at a time, or batched continuously with `batching` "continuous" (opt-in: an adapter's
-    greedy answers then depend a little on what runs beside them, see serve/fast_continuous.py);
+    request at a time, or batched continuously with `batching` "continuous" (opt-in: a greedy
+    answer can then part from the same request alone after another row ends, see
+    serve/fast_continuous.py);
     "merged" = each adapter merged into its own GGUF (the base: its shipped GGUF when it has one),
     one request at a time."""
     from medlora.export import base_gguf, cached_gguf, cached_gguf_lora
