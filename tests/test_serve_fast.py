@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers import tiny_records, write_prepared
 from serve_support import ServerThread
@@ -329,3 +330,67 @@ def test_continuous_llama_cpp_mixes_adapters_and_answers_as_the_one_request_engi
         assert job.finish_reason in ("stop", "length") and job.text
         assert job.completion_ids == alone
     assert expected[0] != expected[1]  # the adapter changes the answer
+
+
+def test_continuous_llama_cpp_answers_long_requests_as_alone(smollm2_run: dict[str, Any]) -> None:
+    """Prompts of 64+ tokens prefilled beside other rows' cells, and rows whose prompt + answer
+    pass 256 cells, left alone or beside retired cells: llama.cpp's attention would take its tiled
+    or split kernels, which sum unlike the plain one. Each greedy answer, and the logits of each of
+    its tokens bit for bit (read through the engine's `_take`), equals the same request's alone."""
+    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.models import load_tokenizer
+    from medlora.serve.engine import Job, Sampling
+    from medlora.serve.fast_continuous import SPLIT_ATTENTION_CELLS, LlamaCppContinuous
+    from medlora.serve.prompt import conversation_ids
+
+    tokenizer = load_tokenizer(SMOLLM2_ALIAS)
+    loras = {"tuned": cached_gguf_lora(smollm2_run["run"], SMOLLM2_ALIAS), "base": None}
+    base = base_gguf(SMOLLM2_ALIAS, "q8_0", shipped=False)
+    case = (
+        "A 67-year-old woman has had swollen ankles, shortness of breath when lying flat and a "
+        "dry cough at night for three weeks. She takes medicine for high blood pressure and type 2 "
+        "diabetes, and she gained four pounds this week. "
+    )
+    long_question = case * 4 + "What could cause this, and which tests would a doctor order?"
+    plan = [  # (question, model, max_new_tokens): short ones first, so long prompts join them
+        (QUESTIONS[0], "tuned", 4), (QUESTIONS[1], "base", NEW_TOKENS),
+        (long_question, "tuned", 64), (long_question, "base", 64), (QUESTIONS[0], "tuned", 48),
+    ]  # fmt: skip
+
+    def jobs() -> list[Job]:
+        return [
+            Job(m, conversation_ids(tokenizer, [{"role": "user", "content": q}], None),
+                Sampling(max_new_tokens=n), sink=lambda event: None)
+            for q, m, n in plan
+        ]  # fmt: skip
+
+    engine = LlamaCppContinuous(base, loras, tokenizer, threads=2, max_batch=4)
+    logits: dict[int, list[np.ndarray]] = {}  # per job, the logits each of its tokens came from
+    take = engine._take
+
+    def recording_take(row: Any, row_logits: np.ndarray) -> bool:
+        logits.setdefault(id(row.job), []).append(np.array(row_logits))
+        return take(row, row_logits)
+
+    engine._take = recording_take  # type: ignore[method-assign]
+    alone = jobs()
+    for job in alone:
+        engine.run_batch([job])
+    for long in alone[2:4]:  # several prefill pieces; alone past 256 cells (the split kernel's)
+        assert len(long.prompt_ids) > 3 * 63
+        assert len(long.prompt_ids) + len(long.completion_ids) > SPLIT_ATTENTION_CELLS
+    running = jobs()
+    for job in running[:2]:
+        engine.admit(job)
+    engine.step()
+    for job in running[2:]:  # prefilled beside the running rows' cells
+        engine.admit(job)
+    while engine.active:
+        engine.step()
+    for job, single in zip(running, alone, strict=True):
+        assert job.finish_reason in ("stop", "length") and job.text
+        assert job.completion_ids == single.completion_ids
+        # bit for bit: a kernel that sums in another order shows here before it flips a token
+        together, by_itself = logits[id(job)], logits[id(single)]
+        assert len(together) == len(by_itself)
+        assert all(np.array_equal(a, b) for a, b in zip(together, by_itself, strict=True))

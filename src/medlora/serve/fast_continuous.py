@@ -1,9 +1,9 @@
 """Continuous batching on llama.cpp: one base GGUF, GGUF LoRAs, many requests decoded together.
 
 The same scheduler contract as the transformers engine's (serve/continuous.py: `admit`, `step`,
-`active`): each request is its own llama.cpp sequence; a new request is prefilled alone, then joins
-the decode steps; a finished one leaves at once and its cache cells are freed. llama.cpp applies
-LoRA adapters per context, not per sequence, and switching a context's adapters makes it re-plan
+`active`): each request is its own llama.cpp sequence; a new request is prefilled, then joins the
+decode steps; a finished one leaves at once (its cache cells are retired, see below). llama.cpp
+applies LoRA adapters per context, not per sequence, and switching a context's adapters re-plans
 its compute graph (measured: 4 models mixed in one context decoded at 0.75x one model's speed), so
 each served model gets its own context (created at its first request) on the one model in memory:
 a decode step runs one `llama_decode` per model in use, over that model's rows.
@@ -17,9 +17,10 @@ Tokens are picked here from llama.cpp's logits, with transformers' rules: repeti
 the prompt and the answer (`RepetitionPenaltyLogitsProcessor`), `no_repeat_ngram_size`, then
 greedy, or temperature and top-p sampling with a per-request seed.
 
-Opt-in (`--batching continuous`; `auto` keeps llama.cpp at one request at a time), because a
-greedy answer can still part from the same request's answer alone. Two causes were measured
-(docs/benchmarks.md, "serve-load-llama.cpp"):
+Opt-in (`--batching continuous`; `auto` keeps llama.cpp at one request at a time): it pays off
+under many users, while one user is served a little slower by it (below) in ~1.2x the memory, and
+K-quant bases are not batch-invariant. Three causes made a greedy answer part from the same
+request's answer alone, each measured and fixed (docs/benchmarks.md, "serve-load-llama.cpp"):
 - LoRA products, fixed: llama.cpp multiplies a float LoRA A by a batch with its llamafile GEMM and
   by one row with its dot product, which sum in different orders. The GGUF LoRA's rank is now
   padded off a multiple of 4 (export/lora_pad.py), which keeps both on the dot product: on q8_0,
@@ -36,12 +37,17 @@ greedy answer can still part from the same request's answer alone. Two causes we
   (docs/benchmarks.md, "serve-load-llama.cpp"): every answer equal to the same request alone,
   where freed cells gave 52 of 128, for fewer tokens/s than with freed cells (a second context per
   model, to admit while the first drains, was measured and gave no more tokens/s for +190 MB).
-- Attention paths: llama.cpp attends over 512+ cells with one row in a split kernel that sums in
-  another order than its many-row kernel. A row alone with few cells takes the many-row kernel's
-  order, so a step with one row beside retired cells gets a throwaway second token (`step`).
-  Still different from alone: a request whose own prompt + answer pass 256 tokens (alone, it
-  reaches the split kernel itself) and a prompt of 64+ tokens prefilled beside other rows' cells
-  (llama.cpp's tiled kernel then tiles its cells differently than alone).
+- Attention paths (ggml-cpu's `ggml_compute_forward_flash_attn_ext_f16`, llama-cpp-python
+  0.3.36): its plain kernel gives each query row all of the context's cells in order and skips the
+  masked ones, so a row's sum is the same whoever else holds cells. Two other kernels are not: one
+  query row over 512+ cells takes a split kernel (partial sums per thread), and 64+ query rows
+  (`GGML_FA_TILE_Q`) a tiled one (masked cells inside its tiles). Both are kept off, alone and in
+  company alike: a step with one row over 256+ cells gets a throwaway second token (`step`), and
+  prompts are prefilled in chunks of 2 to 63 tokens (`prefill_chunks`). `max_batch` stays under 63
+  for the same reason. Measured on one request alone (`bench/llama_cpp_plain_attention.py`, SmolLM2
+  q8_0 + LoRA, 2 AVX2 cores): a 247-token prompt's first token takes 1.17x as long as in one piece,
+  and a lone row past 256 cells decodes at 0.64x with the spare token (44.8 against 70.2 tokens/s);
+  rows in company take neither kernel anyway.
 
 Each context has `n_ctx` cache cells, shared by its running requests (llama.cpp allocates and
 clears them when the context is made). A request is admitted when its prompt plus
@@ -62,6 +68,21 @@ from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
 from medlora.serve.engine import Job, RowTracker
 from medlora.serve.fast import PREFILL_BATCH, WARM_PROMPT, load_lora, set_lora
+
+# ggml-cpu's flash attention tiles 64+ query rows (GGML_FA_TILE_Q in ggml-cpu/common.h, 0.3.36)
+# and splits one query row's cells across threads from 512 cells (256 rounded up by llama.cpp's
+# cache padding); see the module's docstring.
+TILED_ATTENTION_ROWS = 64
+SPLIT_ATTENTION_CELLS = 256
+
+
+def prefill_chunks(n: int) -> list[tuple[int, int]]:
+    """(start, end) of the pieces a prompt of `n` tokens is prefilled in: as few as keep each under
+    TILED_ATTENTION_ROWS tokens, of near-equal length, so none is a single token (one query row
+    would take the split kernel beside other rows' cells) unless the prompt is."""
+    pieces = -(-n // (TILED_ATTENTION_ROWS - 1))
+    bounds = [round(i * n / pieces) for i in range(pieces + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 @dataclass
@@ -141,6 +162,8 @@ class LlamaCppContinuous:
         set_verbose(False)  # llama.cpp's info and debug lines (as Llama(verbose=False) does)
         self.tokenizer = tokenizer
         self.stops = set(stop_token_ids(tokenizer))
+        if not 0 < max_batch < TILED_ATTENTION_ROWS - 1:  # rows + the spare token, untiled
+            raise ModelError(f"max_batch must be 1 to {TILED_ATTENTION_ROWS - 2} on llama.cpp")
         self.max_batch = max_batch
         self.retired_seq = max_batch  # the placeholder sequence of finished rows' cells
         self.n_ctx = n_ctx
@@ -263,13 +286,11 @@ class LlamaCppContinuous:
         for rows in groups.values():
             context = rows[0].context
             items = [(r.next_token, len(r.ids) - 1, r.seq, True) for r in rows]
-            # One row beside retired cells: llama.cpp would attend over 512+ cells with its split
-            # path, which one row alone (fewer cells) does not take. A throwaway token of the
-            # retired sequence, last in the batch (the top cell, freed at once), keeps the step on
-            # the path of many rows, which sums like one row alone.
-            spare = (
-                len(rows) == 1 and context.retired > 0 and context.retired + len(rows[0].ids) >= 256
-            )
+            # One row over 256+ cells (its own or retired ones): llama.cpp would attend with its
+            # split kernel, whose sums depend on how many cells there are. A throwaway token of
+            # the retired sequence, last in the batch (the top cell, freed at once), keeps the
+            # step on the plain kernel, which sums a row's cells alike alone and in company.
+            spare = len(rows) == 1 and context.retired + len(rows[0].ids) >= SPLIT_ATTENTION_CELLS
             if spare:
                 spare_pos = llama_cpp.llama_memory_seq_pos_max(context.memory, self.retired_seq) + 1
                 items.append((rows[0].next_token, spare_pos, self.retired_seq, False))
@@ -319,18 +340,16 @@ class LlamaCppContinuous:
                 row.rng = np.random.default_rng(job.sampling.seed)
             ids = job.prompt_ids
             try:
-                for start in range(0, len(ids), PREFILL_BATCH):
-                    chunk = ids[start : start + PREFILL_BATCH]
-                    last = start + len(chunk) == len(ids)
-                    self._decode(context, [(token, start + i, seq, last and i == len(chunk) - 1)
-                                           for i, token in enumerate(chunk)])  # fmt: skip
+                for start, end in prefill_chunks(len(ids)):
+                    self._decode(context, [(ids[i], i, seq, i == len(ids) - 1)
+                                           for i in range(start, end)])  # fmt: skip
             except Exception as error:  # give the sequence and its cells back, end the request
                 job.fail(f"generation failed: {type(error).__name__}")
                 self.rows.append(row)
                 self._end(row)
                 raise
             self.rows.append(row)
-            if self._take(row, self._logits(context, (len(ids) - 1) % PREFILL_BATCH)):
+            if self._take(row, self._logits(context, end - 1 - start)):  # the last piece's last
                 self._end(row)
 
     def _take(self, row: Sequence, logits: np.ndarray) -> bool:
