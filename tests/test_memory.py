@@ -99,20 +99,15 @@ def test_a_run_with_a_budget_stays_under_it_where_long_rows_would_not(
     from helpers import tiny_records, write_prepared
 
     model = _wide_model(tmp_path / "wide", tiny_tokenizer)
-    records = tiny_records(60)  # 300 short examples: long rows fill up
+    records = tiny_records(60)  # 300 short examples: rows of 4,096 tokens fill up
     prepared = write_prepared(tmp_path / "prepared", records, records[:4], records[:4])
     common = [
         "train.packing=true", "train.max_steps=1", "train.eval_steps=0", "train.lr=1e-3",
         "data.max_seq_len=128", "data.system_prompt=null", "lora.target_modules=all-linear",
         f"train.precision={precision}",  # CPU bf16: bf16 weights, padded row widths
     ]  # fmt: skip
-    # Rows long enough that activations dominate; bf16 on a CPU without native bf16 (AVX2) runs
-    # ~4x slower than fp32, so its rows are half as long (the suite's time, not the behaviour).
-    row_tokens = 2048 if precision == "fp32" else 1024
-    long_rows = _train(
-        tmp_path, "long", model, prepared, [*common, f"train.tokens_per_batch={row_tokens}"]
-    )
-    # A budget the long rows break: 80 % of their peak.
+    long_rows = _train(tmp_path, "long", model, prepared, [*common, "train.tokens_per_batch=4096"])
+    # A budget the 4,096-token rows break: 80 % of their peak.
     budget_gb = round(0.8 * long_rows["peak_rss_mb"] / 1024, 3)
     fitted = _train(
         tmp_path,
@@ -122,5 +117,5 @@ def test_a_run_with_a_budget_stays_under_it_where_long_rows_would_not(
         [*common, "train.tokens_per_batch=auto", f"train.max_memory_gb={budget_gb}"],
     )
     assert long_rows["peak_rss_mb"] / 1024 > budget_gb
-    assert fitted["row_choice"]["tokens_per_batch"] < row_tokens
+    assert fitted["row_choice"]["tokens_per_batch"] < 4096
     assert fitted["peak_rss_mb"] / 1024 <= budget_gb
