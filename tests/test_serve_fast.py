@@ -35,6 +35,18 @@ QUESTIONS = ["What are the symptoms of asthma?", "How is diabetes treated?"]
 NEW_TOKENS = 24
 
 
+def planned_jobs(tokenizer: Any, plan: list[tuple[str, str, int]]) -> list[Any]:
+    """Fresh greedy jobs for (question, served model, max_new_tokens), with no system prompt."""
+    from medlora.serve.engine import Job, Sampling
+    from medlora.serve.prompt import conversation_ids
+
+    return [
+        Job(m, conversation_ids(tokenizer, [{"role": "user", "content": q}], None),
+            Sampling(max_new_tokens=n), sink=lambda event: None)
+        for q, m, n in plan
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def smollm2_run(tmp_path_factory: pytest.TempPathFactory, smollm2_cache: Path) -> dict[str, Any]:
     """A real 4-step SmolLM2 run (its adapter changes the answers) and its f32 GGUF export."""
@@ -289,10 +301,9 @@ def test_continuous_llama_cpp_mixes_adapters_and_answers_as_the_one_request_engi
     idle (serve/fast_continuous.py) keep each row's logits the same as alone."""
     from medlora.export import base_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
-    from medlora.serve.engine import Job, Sampling
+    from medlora.serve.engine import Job
     from medlora.serve.fast import LlamaCppEngine
     from medlora.serve.fast_continuous import LlamaCppContinuous
-    from medlora.serve.prompt import conversation_ids
 
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
     loras = {"tuned": cached_gguf_lora(smollm2_run["run"], SMOLLM2_ALIAS), "base": None}
@@ -302,11 +313,7 @@ def test_continuous_llama_cpp_mixes_adapters_and_answers_as_the_one_request_engi
             enumerate((q, m) for q in questions for m in ("tuned", "base"))]  # fmt: skip
 
     def jobs() -> list[Job]:
-        return [
-            Job(m, conversation_ids(tokenizer, [{"role": "user", "content": q}], None),
-                Sampling(max_new_tokens=n), sink=lambda event: None)
-            for q, m, n in plan
-        ]  # fmt: skip
+        return planned_jobs(tokenizer, plan)
 
     single = LlamaCppEngine.with_loras(base, loras, tokenizer, threads=2)
     expected = []
@@ -339,9 +346,8 @@ def test_continuous_llama_cpp_answers_long_requests_as_alone(smollm2_run: dict[s
     its tokens bit for bit (read through the engine's `_take`), equals the same request's alone."""
     from medlora.export import base_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
-    from medlora.serve.engine import Job, Sampling
+    from medlora.serve.engine import Job
     from medlora.serve.fast_continuous import SPLIT_ATTENTION_CELLS, LlamaCppContinuous
-    from medlora.serve.prompt import conversation_ids
 
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
     loras = {"tuned": cached_gguf_lora(smollm2_run["run"], SMOLLM2_ALIAS), "base": None}
@@ -358,11 +364,7 @@ def test_continuous_llama_cpp_answers_long_requests_as_alone(smollm2_run: dict[s
     ]  # fmt: skip
 
     def jobs() -> list[Job]:
-        return [
-            Job(m, conversation_ids(tokenizer, [{"role": "user", "content": q}], None),
-                Sampling(max_new_tokens=n), sink=lambda event: None)
-            for q, m, n in plan
-        ]  # fmt: skip
+        return planned_jobs(tokenizer, plan)
 
     engine = LlamaCppContinuous(base, loras, tokenizer, threads=2, max_batch=4)
     logits: dict[int, list[np.ndarray]] = {}  # per job, the logits each of its tokens came from
