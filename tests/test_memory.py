@@ -60,12 +60,15 @@ def test_auto_rows_need_a_budget_and_packing() -> None:
 
 
 def _wide_model(folder: Path, tokenizer: object) -> Path:
-    """A tiny Llama with a wide MLP: activations, not weights, dominate a long row's memory."""
+    """A tiny Llama with a narrow residual and a wide MLP: activations (per token ~ the MLP's
+    width), not weights, dominate a long row's memory. Hidden 64 x 8,192 has hidden 128 x 4,096's
+    weights, so 2,048-token rows peak near where 4,096-token rows did, in half the matmul work:
+    an AVX2 CPU emulates bf16, and this test's bf16 case took 230 s with the wider residual."""
     from conftest import build_tiny_llama
 
     model = build_tiny_llama(
         len(tokenizer),  # type: ignore[arg-type]
-        hidden_size=128, intermediate_size=4096, num_hidden_layers=4, max_position_embeddings=1024,
+        hidden_size=64, intermediate_size=8192, num_hidden_layers=4, max_position_embeddings=1024,
     )  # fmt: skip
     model.config.pad_token_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
     model.save_pretrained(folder)  # type: ignore[attr-defined]
@@ -92,6 +95,9 @@ def _train(tmp_path: Path, name: str, model: Path, prepared: Path, overrides: li
     return json.loads((run_dir / "train_summary.json").read_text())
 
 
+LONG_ROW = 2048  # tokens per row of the run without a budget
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_run_with_a_budget_stays_under_it_where_long_rows_would_not(
     tmp_path: Path, tiny_tokenizer: object, precision: str
@@ -99,15 +105,19 @@ def test_a_run_with_a_budget_stays_under_it_where_long_rows_would_not(
     from helpers import tiny_records, write_prepared
 
     model = _wide_model(tmp_path / "wide", tiny_tokenizer)
-    records = tiny_records(60)  # 300 short examples: rows of 4,096 tokens fill up
+    records = tiny_records(30)  # 150 short examples: a row of LONG_ROW tokens fills up
     prepared = write_prepared(tmp_path / "prepared", records, records[:4], records[:4])
     common = [
-        "train.packing=true", "train.max_steps=1", "train.eval_steps=0", "train.lr=1e-3",
+        # One row per step: the peak is one row's, and the card's grad_accum 4 would do it 4 times.
+        "train.packing=true", "train.max_steps=1", "train.grad_accum=1", "train.eval_steps=0",
+        "train.lr=1e-3",
         "data.max_seq_len=128", "data.system_prompt=null", "lora.target_modules=all-linear",
         f"train.precision={precision}",  # CPU bf16: bf16 weights, padded row widths
     ]  # fmt: skip
-    long_rows = _train(tmp_path, "long", model, prepared, [*common, "train.tokens_per_batch=4096"])
-    # A budget the 4,096-token rows break: 80 % of their peak.
+    long_rows = _train(
+        tmp_path, "long", model, prepared, [*common, f"train.tokens_per_batch={LONG_ROW}"]
+    )
+    # A budget the long rows break: 80 % of their peak.
     budget_gb = round(0.8 * long_rows["peak_rss_mb"] / 1024, 3)
     fitted = _train(
         tmp_path,
@@ -117,5 +127,5 @@ def test_a_run_with_a_budget_stays_under_it_where_long_rows_would_not(
         [*common, "train.tokens_per_batch=auto", f"train.max_memory_gb={budget_gb}"],
     )
     assert long_rows["peak_rss_mb"] / 1024 > budget_gb
-    assert fitted["row_choice"]["tokens_per_batch"] < 4096
+    assert fitted["row_choice"]["tokens_per_batch"] < LONG_ROW
     assert fitted["peak_rss_mb"] / 1024 <= budget_gb
