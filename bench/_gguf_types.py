@@ -65,18 +65,22 @@ def gguf_type_table(
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in types:
-        mark = " **(chosen)**" if t == chosen else ""
+        mark = " **(fastest within 2 %)**" if t == chosen else ""
         lines.append(
             f"| {t}{mark} | {change(losses[t])} | {merged[t]['tps']:.1f} | "
             f"{change(losses[t + ' + LoRA'])} | {lora[t]['tps']:.1f} | "
             f"{lora[t]['tps'] / merged[t]['tps']:.2f} | {lora[t]['tps'] / snippet_tps:.2f} | "
             f"{lora[t]['ttft']:.3f} |"
         )
+    from medlora.export.common import DEFAULT_GGUF_TYPE
+
     lines += [
         "",
         f"Fastest type (base + LoRA) within 2 % of the float model's loss, decode speeds within "
-        f"{SPEED_TIE:.0%} counted as a tie that goes to the lower loss: **{chosen or 'none'}** "
-        "(`--gguf-type`'s default is `medlora.export.common.DEFAULT_GGUF_TYPE`).",
+        f"{SPEED_TIE:.0%} counted as a tie that goes to the lower loss: **{chosen or 'none'}**. "
+        f"`--gguf-type`'s default is {DEFAULT_GGUF_TYPE} (`medlora.export.common.DEFAULT_GGUF_TYPE`"
+        "): it answers alike alone and in llama.cpp's continuous batches (the "
+        "K-quants do not); give the fastest one for one-user serving.",
         "",
     ]
     return "\n".join(lines)
