@@ -62,8 +62,8 @@ def test_auto_rows_need_a_budget_and_packing() -> None:
 def _wide_model(folder: Path, tokenizer: object) -> Path:
     """A tiny Llama with a narrow residual and a wide MLP: activations (per token ~ the MLP's
     width), not weights, dominate a long row's memory. Hidden 64 x 8,192 has hidden 128 x 4,096's
-    weights, so 2,048-token rows peak near where 4,096-token rows did, in half the matmul work:
-    an AVX2 CPU emulates bf16, and this test's bf16 case took 230 s with the wider residual."""
+    weights, so 2,048-token rows peak near where 4,096-token rows did, in half the matmul work
+    (an AVX2 CPU emulates bf16; most of the bf16 case's cut from 230 s came from grad_accum=1)."""
     from conftest import build_tiny_llama
 
     model = build_tiny_llama(
