@@ -22,18 +22,25 @@ def _packed_batch(tokenizer: Any) -> dict[str, Any]:
     return collate_packed(pack_rows(examples, budget=4096))
 
 
-def _loss_and_grads(model: Any, batch: dict[str, Any], fused: bool) -> tuple[float, dict[str, Any]]:
+def _loss_and_grads(
+    model: Any, batch: dict[str, Any], fused: bool, unlikelihood: float = 0.0
+) -> tuple[float, dict[str, Any]]:
     model.zero_grad()
-    total, _, _ = answer_loss_sum(model, batch, fused=fused)
+    total, _, _ = answer_loss_sum(model, batch, fused=fused, unlikelihood=unlikelihood)
     total.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return float(total.detach()), grads
 
 
+@pytest.mark.parametrize("unlikelihood", [0.0, 0.7])
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 @pytest.mark.parametrize("chunk_rows", [None, 3])
 def test_fused_head_loss_equals_materialised_logits(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, adapter: str, chunk_rows: int | None
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    adapter: str,
+    chunk_rows: int | None,
+    unlikelihood: float,
 ) -> None:
     model, tokenizer = load_model(str(tiny_model_dir))
     if adapter == "lora":
@@ -50,8 +57,10 @@ def test_fused_head_loss_equals_materialised_logits(
     batch = _packed_batch(tokenizer)
     assert output_head(model) is not None
 
-    plain_loss, plain_grads = _loss_and_grads(model, batch, fused=False)
-    fused_loss, fused_grads = _loss_and_grads(model, batch, fused=True)
+    plain_loss, plain_grads = _loss_and_grads(model, batch, False, unlikelihood)
+    fused_loss, fused_grads = _loss_and_grads(model, batch, True, unlikelihood)
+    if unlikelihood:  # the answers repeat tokens: the term is there, on both paths
+        assert plain_loss > _loss_and_grads(model, batch, False)[0] + 1.0
 
     assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
     assert plain_grads.keys() == fused_grads.keys() and plain_grads
@@ -104,20 +113,25 @@ def test_fused_head_loss_under_bf16_autocast(tiny_model_dir: Path) -> None:
         assert float(cosine) > 0.99, name
 
 
-def test_fused_head_with_bf16_weights_on_cpu_equals_float32(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("unlikelihood", [0.0, 0.7])
+def test_fused_head_with_bf16_weights_on_cpu_equals_float32(
+    tiny_model_dir: Path, unlikelihood: float
+) -> None:
     """CPU bf16 training holds the frozen head in bf16; the head pads the answer count to a
     multiple of 64 (fewer matmul shapes): same loss, and gradients for the real rows only."""
     model, _ = load_model(str(tiny_model_dir))
     weight = model.get_output_embeddings().weight.detach()
     torch.manual_seed(0)
     hidden = torch.randn(37, weight.shape[1])  # not a multiple of 64
-    targets = torch.randint(0, weight.shape[0], (37,))
+    targets = torch.randint(0, 12, (37,))  # few distinct tokens: unlikelihood has candidates
     targets[::5] = -100
+    ids, mask = answer_loss.unlikelihood_candidates(targets[None], torch.arange(37))
+    assert int(mask.sum()) > 10
     fused = answer_loss._head_cross_entropy()
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         h = hidden.clone().requires_grad_()
-        loss = fused.apply(h, weight.to(dtype), targets)
+        loss = fused.apply(h, weight.to(dtype), targets, ids, mask, unlikelihood)
         loss.backward()
         results.append((float(loss.detach()), h.grad))
     (loss32, grad32), (loss16, grad16) = results

@@ -35,6 +35,8 @@ CHUNK_ELEMENTS = 1 << 25  # logits per chunk on GPUs (128 MiB in float32): big G
 # 35 % faster in bf16 than with 682-row (2^25-logit) chunks and 9 % slower in float32, and the float32
 # logits scratch kept between steps shrinks from 128 to 48 MiB (multiple of 64: see `_head_rows`).
 CPU_CHUNK_ROWS = 256
+# Unlikelihood's p(candidate) is clamped here, so -log(1 - p) stays finite.
+UL_MAX_PROB = 1 - 1e-5
 
 
 def answer_positions(labels: Any) -> tuple[Any, Any]:
@@ -59,7 +61,8 @@ def answer_loss_sum(
 
     `fused` (default: when the model is training) fuses the head with the loss where the model
     allows it; the returned outputs then carry hidden states, not logits, in `.logits`.
-    `unlikelihood` > 0 adds that multiple of `unlikelihood_sum` (materialized logits, no fusing).
+    `unlikelihood` > 0 adds that multiple of the unlikelihood term (`unlikelihood_sum`), inside
+    the fused head where there is one.
     `kernels` (`train.kernels`): "liger" fuses the head with liger-kernel's fused linear
     cross-entropy (train/kernels/liger.py), "medlora" with `_head_cross_entropy`.
     """
@@ -69,20 +72,25 @@ def answer_loss_sum(
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     keep, targets = answer_positions(batch["labels"])
     count = int((targets != IGNORE_INDEX).sum())
-    if unlikelihood > 0:
-        fused = False
     head = output_head(model) if (model.training if fused is None else fused) else None
     if head is not None:
         with head_bypassed(head):
             # use_cache=False: with a cache transformers skips the packed mask (see data/pack.py).
             outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
         hidden = outputs.logits.reshape(-1, outputs.logits.shape[-1])
-        if kernels == "liger":
+        flat_targets = targets.reshape(-1)
+        if unlikelihood > 0:
+            # liger's fused loss has no unlikelihood term: medlora's carries it.
+            ids, mask = unlikelihood_candidates(targets, keep)
+            loss_sum = _head_cross_entropy().apply(
+                hidden, head[2].weight, flat_targets, ids, mask, unlikelihood
+            )
+        elif kernels == "liger":
             from medlora.train.kernels.liger import liger_head_loss_sum
 
-            loss_sum = liger_head_loss_sum(hidden, head[2].weight, targets.reshape(-1))
+            loss_sum = liger_head_loss_sum(hidden, head[2].weight, flat_targets)
         else:
-            loss_sum = _head_cross_entropy().apply(hidden, head[2].weight, targets.reshape(-1))
+            loss_sum = _head_cross_entropy().apply(hidden, head[2].weight, flat_targets)
         return loss_sum, count, outputs
     outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
     logits = outputs.logits.float()
@@ -103,21 +111,22 @@ def answer_loss_sum(
     return loss_sum, count, outputs
 
 
-def unlikelihood_sum(log_probs: Any, targets: Any, keep: Any) -> Any:
-    """Token-level unlikelihood (Welleck et al., ICLR 2020), summed over answer tokens.
+def unlikelihood_candidates(targets: Any, keep: Any) -> tuple[Any, Any]:
+    """Each answer position's unlikelihood candidates: (token ids, mask), both [rows * kept, K].
 
     At each answer position the candidates are the distinct tokens already written earlier in the
-    same answer, minus the target; the term is -log(1 - p(candidate)) summed over them. It lowers
-    the probability of copying what the answer already said, the source of greedy loops.
-    `log_probs` [rows, kept, vocab] (log-softmax of the logits), `targets` [rows, kept] (-100
+    same answer, minus the target (Welleck et al., ICLR 2020). `targets` [rows, kept] (-100
     off-answer), `keep` the kept positions: a gap between kept positions (a prompt) starts another
-    answer of a packed row. Needs the whole log-softmax, so the head is not fused: on the CPU demo
-    a training step takes ~1.15x as long (docs/benchmarks.md, sweep-train.unlikelihood_alpha).
+    answer of a packed row. Row-major like `targets.reshape(-1)`; K is the most answer tokens of a
+    row, and a masked-off slot's id is 0.
     """
     import torch
 
-    total = log_probs.new_zeros(())
-    for row in range(targets.shape[0]):
+    rows, kept = targets.shape
+    width = max(1, int((targets != IGNORE_INDEX).sum(dim=1).max()) if rows else 1)
+    ids = torch.zeros(rows, kept, width, dtype=torch.long, device=targets.device)
+    mask = torch.zeros(rows, kept, width, dtype=torch.bool, device=targets.device)
+    for row in range(rows):
         valid = targets[row] != IGNORE_INDEX
         tokens = targets[row][valid]
         n = tokens.numel()
@@ -131,10 +140,27 @@ def unlikelihood_sum(log_probs: Any, targets: Any, keep: Any) -> Any:
         earlier &= answer[:, None] == answer[None, :]  # [j, k]: k before j in j's answer
         same = tokens[:, None] == tokens[None, :]
         first = ~(same & earlier).any(dim=1)  # token k's first occurrence in its answer
-        candidates = earlier & first[None, :] & ~same
-        p = log_probs[row][valid].gather(1, tokens[None, :].expand(n, n)).exp()
-        total = total - (torch.log1p(-p.clamp(max=1 - 1e-5)) * candidates).sum()
-    return total
+        ids[row, valid, :n] = tokens[None, :].expand(n, n)
+        mask[row, valid, :n] = earlier & first[None, :] & ~same
+    return ids.reshape(rows * kept, width), mask.reshape(rows * kept, width)
+
+
+def unlikelihood_sum(log_probs: Any, targets: Any, keep: Any) -> Any:
+    """Token-level unlikelihood (Welleck et al., ICLR 2020), summed over answer tokens.
+
+    The term is -log(1 - p(candidate)) summed over each answer position's candidates
+    (`unlikelihood_candidates`): it lowers the probability of copying what the answer already
+    said, the source of greedy loops. `log_probs` [rows, kept, vocab] (log-softmax of the logits).
+    Models whose head is fused take the same term inside `_head_cross_entropy` instead; this
+    materialized form serves the others (soft-capped or scaled logits) and is the fused one's
+    reference in the tests.
+    """
+    import torch
+
+    ids, mask = unlikelihood_candidates(targets, keep)
+    flat = log_probs.reshape(-1, log_probs.shape[-1])
+    p = flat.gather(1, ids).exp()
+    return -(torch.log1p(-p.clamp(max=UL_MAX_PROB)) * mask).sum()
 
 
 def output_head(model: Any) -> tuple[Any, str, Any] | None:
@@ -227,15 +253,29 @@ def _head_cross_entropy() -> Any:
     import torch
 
     class _HeadCrossEntropy(torch.autograd.Function):
-        """sum_t CE(hidden_t @ weight.T, target_t) over targets != -100, with its gradient.
+        """sum_t CE(hidden_t @ weight.T, target_t) over targets != -100, with its gradient; with
+        unlikelihood candidates (`unlikelihood_candidates`), plus `alpha` times their
+        sum_c -log(1 - p_t(c)).
 
         The gradient is computed in the forward, chunk by chunk (softmax minus one-hot, times the
-        weight), so no vocabulary-sized tensor outlives its chunk; backward only scales it.
+        weight), so no vocabulary-sized tensor outlives its chunk; backward only scales it. The
+        unlikelihood term's gradient in the logits is sum_c w_c (one_hot(c) - p) with
+        w_c = alpha p(c) / (1 - p(c)), added to the same chunk in place.
         """
 
         @staticmethod
-        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any) -> Any:
+        def forward(
+            ctx: Any,
+            hidden: Any,
+            weight: Any,
+            targets: Any,
+            candidate_ids: Any = None,
+            candidate_mask: Any = None,
+            alpha: float = 0.0,
+        ) -> Any:
             needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            needs_grad = needs_hidden or needs_weight
+            unlikelihood = candidate_ids is not None and alpha > 0
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
@@ -269,10 +309,25 @@ def _head_cross_entropy() -> Any:
                 norm = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
                 log_norm = (peak + norm.log()).squeeze(1)
                 total += ((log_norm - picked) * valid).sum()
-                if not (needs_hidden or needs_weight):
+                if not (needs_grad or unlikelihood):
                     continue
-                # d loss / d logits = softmax - one_hot(target), zero for ignored rows; in place.
-                probs = logits.div_(norm)
+                probs = logits.div_(norm)  # softmax, in place
+                if unlikelihood:
+                    ids = candidate_ids[start : start + rows]
+                    mask = candidate_mask[start : start + rows]
+                    if len(ids) < len(probs):  # the bf16 padding rows: no candidates
+                        ids = torch.nn.functional.pad(ids, (0, 0, 0, len(probs) - len(ids)))
+                        mask = torch.nn.functional.pad(mask, (0, 0, 0, len(probs) - len(mask)))
+                    p = probs.gather(1, ids)
+                    clamped = p.clamp(max=UL_MAX_PROB)
+                    total += alpha * -(torch.log1p(-clamped) * mask).sum()
+                    if needs_grad:
+                        # Zero past the clamp, like autograd through `clamp`.
+                        w = alpha * p / (1 - clamped) * (mask & (p <= UL_MAX_PROB))
+                        probs.mul_(1 - w.sum(dim=1, keepdim=True)).scatter_add_(1, ids, w)
+                if not needs_grad:
+                    continue
+                # d CE / d logits = softmax - one_hot(target), zero for ignored rows; in place.
                 probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0
                 grad_logits = probs.mul_(valid[:, None]).to(chunk.dtype)
                 if needs_hidden:
@@ -284,12 +339,15 @@ def _head_cross_entropy() -> Any:
             return total
 
         @staticmethod
-        def backward(ctx: Any, grad_total: Any) -> tuple[Any, Any, None]:
+        def backward(ctx: Any, grad_total: Any) -> tuple[Any, ...]:
             grad_hidden, grad_weight = ctx.saved_tensors
             scale = grad_total.to(torch.float32)
             return (
                 None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
+                None,
+                None,
+                None,
                 None,
             )
 
