@@ -80,3 +80,108 @@ def test_backward_holds_only_a_one_byte_mask() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         FastDropout(0.1).train()(torch.randn(64, 8, requires_grad=True))
     assert saved == [torch.bool]  # not a float32 copy of the mask (4x the activation memory)
+
+
+# --- the dropout inside LoRA's A layer ----------------------------------------------------------
+
+
+def _dropped_a_layer(p: float) -> torch.nn.Linear:
+    from medlora.train.kernels.class_swap import swap_forward
+    from medlora.train.kernels.lora_dropout import _dropped_linear_forward
+
+    layer = torch.nn.Linear(16, 4, bias=False)
+    layer.dropout = FastDropout(p)
+    swap_forward(layer, "Dropped", _dropped_linear_forward, lambda m: m is layer)
+    return layer
+
+
+def test_a_layer_with_its_dropout_equals_dropout_then_linear_and_keeps_no_copy() -> None:
+    torch.manual_seed(0)
+    layer = _dropped_a_layer(0.3)
+    x = torch.randn(2, 50, 16, requires_grad=True)
+    saved: list[tuple[torch.dtype, int]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append((tensor.dtype, tensor.data_ptr()))
+        return tensor
+
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x)
+    # Kept for the backward: the input itself, the weight and a one-byte mask; no dropped copy.
+    floats = sorted(ptr for dtype, ptr in saved if dtype == torch.float32)
+    assert floats == sorted([x.data_ptr(), layer.weight.data_ptr()])
+    assert [dtype for dtype, _ in saved if dtype != torch.float32] == [torch.bool]
+    (out * torch.arange(4)).sum().backward()
+
+    # PEFT's order by hand, from the same generator state: the same mask, output and gradients.
+    torch.manual_seed(3)
+    dropout = FastDropout(0.3).train()
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = layer.weight.detach().clone().requires_grad_()
+    ref = torch.nn.functional.linear(dropout(x_ref), w_ref)
+    (ref * torch.arange(4)).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.weight.grad, w_ref.grad)
+    assert 0.25 < float((x_ref.grad == 0).float().mean()) < 0.35  # dropped: no gradient
+    assert torch.equal(layer.eval()(x), torch.nn.functional.linear(x, layer.weight))
+
+
+def test_a_layer_with_its_dropout_repeats_its_mask_under_activation_checkpointing() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _dropped_a_layer(0.5)
+    x = torch.randn(64, 16, requires_grad=True)
+    grads = []
+    for checkpointed in (False, True):
+        x.grad, layer.weight.grad = None, None
+        torch.manual_seed(7)
+        out = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+        out.square().sum().backward()
+        grads.append((x.grad.clone(), layer.weight.grad.clone()))
+    # The recomputed forward draws the same mask (checkpoint restores the RNG state).
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def _saved_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """Bytes of the distinct activations (not parameters) one training forward keeps."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not (tensor.requires_grad and tensor.is_leaf):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=torch.randint(1, 100, (1, tokens)), use_cache=False)
+    return sum(storages.values())
+
+
+def test_peft_layers_get_the_dropout_in_a_and_save_the_same_adapter(tiny_model_dir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from medlora.models import load_model
+
+    def lora_model() -> torch.nn.Module:
+        model, _ = load_model(str(tiny_model_dir))
+        config = LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"])
+        return get_peft_model(model, config)
+
+    before = lora_model()  # the dropout in front of A, each projection its own dropped copy
+    for module in before.modules():
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            module.lora_dropout["default"] = FastDropout(0.1)
+    peft_model = lora_model()
+    keys = list(peft_model.state_dict())
+    assert use_fast_lora_dropout(peft_model) == 2 * 3
+    assert list(peft_model.state_dict()) == keys  # the saved adapter's names and tensors
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.lora_dropout["default"], torch.nn.Identity)
+    assert isinstance(layer.lora_A["default"].dropout, FastDropout)
+    # q, k and v keep their one shared input, not three dropped copies (float32).
+    layers = len(peft_model.base_model.model.model.layers)
+    copy = 24 * peft_model.config.hidden_size * 4
+    assert _saved_bytes(before, 24) - _saved_bytes(peft_model, 24) >= 1.5 * layers * copy
