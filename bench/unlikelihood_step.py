@@ -42,6 +42,7 @@ def main() -> None:
     from medlora.config import load_recipe
     from medlora.data.pack import collate_packed, pack_rows
     from medlora.machine import cpu_flags
+    from medlora.train.arguments import resolve_precision
     from medlora.train.kernels.answer_head import answer_loss_sum
     from medlora.train.loop import build_model
     from medlora.train.memory import PeakSampler, current_rss_bytes
@@ -54,7 +55,10 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     data = _prepare(Path(args.out), args.train, args.val)
-    recipe = load_recipe(_recipe_path(), [f"train.tokens_per_batch={ROW_TOKENS}"])
+    # auto resolved as `medlora train` does, so build_model holds frozen weights as a run would.
+    recipe = resolve_precision(
+        load_recipe(_recipe_path(), [f"train.tokens_per_batch={ROW_TOKENS}"])
+    )
     alpha = recipe.train.unlikelihood_alpha
     model, tokenizer = build_model(recipe, None)
     model.train()
@@ -63,10 +67,6 @@ def main() -> None:
     examples, _ = _examples(data, tokenizer)
     rows = pack_rows(examples, ROW_TOKENS, 0)
     precision = recipe.train.precision
-    if precision == "auto":
-        from medlora.machine import cpu_has_native_bf16
-
-        precision = "bf16" if cpu_has_native_bf16() else "fp32"
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     paths = {
@@ -152,7 +152,7 @@ def write_doc(
         f"unlikelihood at alpha {alpha:g} (the third path: cross-entropy alone), forward and "
         "backward (no optimizer update).",
         "",
-        f"| path | seconds | tokens/s | RSS a step adds, median of {MEMORY_ROWS} rows (MiB) | max (MiB) |",
+        f"| path | seconds | tokens/s | RSS a step adds, median of {len(rss['fused'])} rows (MiB) | max (MiB) |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in rss:
