@@ -38,8 +38,8 @@ from peer_recipe import (  # noqa: E402
     SPEC,
     THREADS,
     _examples,
-    _prepare,
     _recipe_path,
+    step_bench_data,
 )
 
 ROW_TOKENS = 1024
@@ -85,14 +85,7 @@ def main() -> None:
     from medlora.data.pack import collate_packed, pack_rows
     from medlora.train.kernels.answer_head import answer_loss_sum
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="runs/bench-peer")
-    parser.add_argument("--train", type=int, default=96)
-    parser.add_argument("--val", type=int, default=32)
-    args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    data = _prepare(Path(args.out), args.train, args.val)
+    args, data = step_bench_data(__doc__.splitlines()[0])
 
     medlora_model, tokenizer = _medlora_model()
     peer_model, _ = _peer_model()

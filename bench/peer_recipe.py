@@ -257,6 +257,21 @@ def _prepare(out: Path, n_train: int, n_val: int) -> Path:
     return data
 
 
+def step_bench_data(description: str) -> tuple[argparse.Namespace, Path]:
+    """The one-step benches' shared start (engine_step, unlikelihood_step): --out/--train/--val,
+    the torch threads and seed, and the prepared sample."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default="runs/bench-peer")
+    parser.add_argument("--train", type=int, default=96)
+    parser.add_argument("--val", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    return args, _prepare(Path(args.out), args.train, args.val)
+
+
 def _gemm_gflops() -> float:
     """The CPU's matrix-multiply ceiling here: a large fp32 GEMM with the same threads."""
     import torch

@@ -30,7 +30,7 @@ import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from peer_recipe import THREADS, _examples, _prepare, _recipe_path  # noqa: E402
+from peer_recipe import THREADS, _examples, _recipe_path, step_bench_data  # noqa: E402
 
 ROW_TOKENS = 1024  # the demo's train.tokens_per_batch
 MEMORY_ROWS = 4  # rows whose steps are measured again for their peak RSS
@@ -47,14 +47,7 @@ def main() -> None:
     from medlora.train.loop import build_model
     from medlora.train.memory import PeakSampler, current_rss_bytes
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="runs/bench-peer")
-    parser.add_argument("--train", type=int, default=96)
-    parser.add_argument("--val", type=int, default=32)
-    args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    data = _prepare(Path(args.out), args.train, args.val)
+    args, data = step_bench_data(__doc__.splitlines()[0])
     # auto resolved as `medlora train` does, so build_model holds frozen weights as a run would.
     recipe = resolve_precision(
         load_recipe(_recipe_path(), [f"train.tokens_per_batch={ROW_TOKENS}"])

@@ -8,6 +8,7 @@ import torch
 
 from medlora.data.format import (
     IGNORE_INDEX,
+    Example,
     format_record,
     format_records,
     pad_batch,
@@ -89,23 +90,45 @@ def test_preview_highlights_only_answer_tokens(tiny_tokenizer: Any) -> None:
     assert QUESTION not in highlighted
 
 
+LONG_ANSWER = "Asthma narrows the airways. It causes wheezing and coughing. " * 6
+
+
+def _cut_in_half(tokenizer: Any, truncation: str) -> tuple[Example, str]:
+    """LONG_ANSWER formatted with room for half its tokens: the example and its answer text."""
+    prompt_len = len(prompt_ids(tokenizer, QUESTION, None))
+    full = format_record(tokenizer, record(answer=LONG_ANSWER), None, 10_000)
+    assert full is not None
+    limit = prompt_len + full.answer_tokens // 2
+    cut = format_record(tokenizer, record(answer=LONG_ANSWER), None, limit, truncation)
+    assert cut is not None and cut.truncated and len(cut.input_ids) <= limit
+    return cut, tokenizer.decode(cut.input_ids[prompt_len:])
+
+
 def test_sentence_truncation_keeps_whole_sentences_and_the_end_of_turn(
     tiny_tokenizer: Any,
 ) -> None:
-    answer = "Asthma narrows the airways. It causes wheezing and coughing. " * 6
-    prompt_len = len(prompt_ids(tiny_tokenizer, QUESTION, None))
-    full = format_record(tiny_tokenizer, record(answer=answer), None, 10_000)
-    assert full is not None
-    limit = prompt_len + full.answer_tokens // 2
-    by_token = format_record(tiny_tokenizer, record(answer=answer), None, limit, "token")
-    by_sentence = format_record(tiny_tokenizer, record(answer=answer), None, limit, "sentence")
-    assert by_token is not None and by_sentence is not None
-    assert by_sentence.truncated and len(by_sentence.input_ids) <= limit
-    token_text = tiny_tokenizer.decode(by_token.input_ids[prompt_len:])
-    sentence_text = tiny_tokenizer.decode(by_sentence.input_ids[prompt_len:])
+    _, token_text = _cut_in_half(tiny_tokenizer, "token")
+    _, sentence_text = _cut_in_half(tiny_tokenizer, "sentence")
     assert "<|im_end|>" not in token_text  # cut mid-answer: the model never sees it stop
     assert sentence_text.rstrip().endswith("<|im_end|>")
     assert sentence_text.split("<|im_end|>")[0].rstrip().endswith(".")
     # An answer that fits is not touched.
     short = format_record(tiny_tokenizer, record(), None, 512, "sentence")
     assert short == format_record(tiny_tokenizer, record(), None, 512, "token")
+
+
+def test_sentence_open_truncation_keeps_whole_sentences_without_teaching_a_stop(
+    tiny_tokenizer: Any,
+) -> None:
+    """A cut answer went on in the source: `sentence_open` must not label an end of turn there."""
+    _, open_text = _cut_in_half(tiny_tokenizer, "sentence_open")
+    _, stop_text = _cut_in_half(tiny_tokenizer, "sentence")
+    assert "<|im_end|>" not in open_text
+    assert open_text.rstrip().endswith(".")
+    # The same sentences as `sentence`, only the end of turn is gone.
+    assert open_text.strip() == stop_text.split("<|im_end|>")[0].strip()
+    # An answer that fits keeps its end of turn.
+    short = format_record(tiny_tokenizer, record(), None, 512, "sentence_open")
+    assert short is not None
+    assert short == format_record(tiny_tokenizer, record(), None, 512, "token")
+    assert tiny_tokenizer.decode(short.input_ids).rstrip().endswith("<|im_end|>")

@@ -109,10 +109,11 @@ class DataConfig(_Section):
         description="Train only on answers whose share of repeated word 4-grams is at most this "
         "(the repetition metric); null: all. Evaluation keeps every reference.",
     )
-    truncation: Literal["sentence", "token"] = Field(
+    truncation: Literal["sentence", "sentence_open", "token"] = Field(
         "sentence",
         description="An answer longer than max_seq_len: 'sentence' keeps whole sentences and the "
-        "end of turn (the model learns to stop); 'token' cuts mid-sentence.",
+        "end of turn (the model learns to stop); 'sentence_open' keeps whole sentences without "
+        "it (the answer went on); 'token' cuts mid-sentence.",
     )
 
     @model_validator(mode="before")

@@ -77,15 +77,29 @@ class Example:
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
+def _end_of_turn_text(tokenizer: Any, question: str, system_prompt: str | None) -> str:
+    """What the chat template puts after an answer's text (SmolLM2: '<|im_end|>\\n')."""
+    _, answer = split_prompt_answer(tokenizer, question, "x", system_prompt)
+    return answer[answer.index("x") + 1 :]
+
+
 def _sentence_fit(
-    tokenizer: Any, record: Record, system_prompt: str | None, budget: int
+    tokenizer: Any,
+    record: Record,
+    system_prompt: str | None,
+    budget: int,
+    end_of_turn: bool = True,
 ) -> list[int] | None:
-    """The answer's ids (end of turn included) cut after its last whole sentence that fits."""
+    """The answer's ids cut after its last whole sentence that fits, the end of turn after it
+    only when `end_of_turn` (without it the model is not taught to stop where the answer went on)."""
     ends = [m.start() for m in _SENTENCE_END.finditer(record.answer)]
+    suffix = "" if end_of_turn else _end_of_turn_text(tokenizer, record.question, system_prompt)
     for end in reversed(ends):
         _, answer = split_prompt_answer(
             tokenizer, record.question, record.answer[:end], system_prompt
         )
+        if suffix and answer.endswith(suffix):
+            answer = answer[: -len(suffix)]
         ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         if len(ids) <= budget:
             return ids
@@ -103,13 +117,21 @@ def format_record(
 
     An example longer than `max_seq_len` is cut: `token` cuts at the limit (the end-of-turn token
     is lost), `sentence` keeps the answer's whole sentences that fit and then the end of turn, so
-    the model still learns where an answer stops (falls back to `token` when no sentence fits).
+    the model still learns where an answer stops, `sentence_open` keeps the whole sentences
+    without it (the reference went on: no stop is taught there). Both fall back to `token` when no
+    sentence fits.
     """
     prompt, answer = split_prompt_answer(tokenizer, record.question, record.answer, system_prompt)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if truncation == "sentence" and len(p_ids) + len(a_ids) > max_seq_len:
-        fitted = _sentence_fit(tokenizer, record, system_prompt, max_seq_len - len(p_ids))
+    if truncation in ("sentence", "sentence_open") and len(p_ids) + len(a_ids) > max_seq_len:
+        fitted = _sentence_fit(
+            tokenizer,
+            record,
+            system_prompt,
+            max_seq_len - len(p_ids),
+            end_of_turn=truncation == "sentence",
+        )
         if fitted is not None:
             return Example(
                 p_ids + fitted,
