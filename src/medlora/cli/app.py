@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -59,6 +60,11 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # PEFT 0.21.2 (peft_model.py) reads transformers 5.24's deprecated `is_gradient_checkpointing`;
+    # the FutureWarning asks the user to change code that is neither theirs nor medlora's.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
 
 
 def resolve_recipe_path(recipe: str | None) -> Path | None:
