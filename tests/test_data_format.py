@@ -125,7 +125,7 @@ def test_sentence_open_truncation_keeps_whole_sentences_without_teaching_a_stop(
     _, stop_text = _cut_in_half(tiny_tokenizer, "sentence")
     assert "<|im_end|>" not in open_text
     assert open_text.rstrip().endswith(".")
-    # The same sentences as `sentence`, only the end of turn is gone.
+    # Here the same sentences as `sentence` fit; only the end of turn is gone.
     assert open_text.strip() == stop_text.split("<|im_end|>")[0].strip()
     # An answer that fits keeps its end of turn.
     short = format_record(tiny_tokenizer, record(), None, 512, "sentence_open")

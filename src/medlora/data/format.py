@@ -79,8 +79,9 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 def _end_of_turn_text(tokenizer: Any, question: str, system_prompt: str | None) -> str:
     """What the chat template puts after an answer's text (SmolLM2: '<|im_end|>\\n')."""
-    _, answer = split_prompt_answer(tokenizer, question, "x", system_prompt)
-    return answer[answer.index("x") + 1 :]
+    marker = "medlora-answer-end"  # no whitespace, no template markup: templates render it as is
+    _, answer = split_prompt_answer(tokenizer, question, marker, system_prompt)
+    return answer[answer.index(marker) + len(marker) :]
 
 
 def _sentence_fit(
