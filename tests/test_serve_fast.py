@@ -35,14 +35,15 @@ QUESTIONS = ["What are the symptoms of asthma?", "How is diabetes treated?"]
 NEW_TOKENS = 24
 
 
-def planned_jobs(tokenizer: Any, plan: list[tuple[str, str, int]]) -> list[Any]:
-    """Fresh greedy jobs for (question, served model, max_new_tokens), with no system prompt."""
+def planned_jobs(tokenizer: Any, plan: list[tuple[str, str, int]], **options: Any) -> list[Any]:
+    """Fresh greedy jobs for (question, served model, max_new_tokens), with no system prompt;
+    `options`: more Sampling fields (repetition control)."""
     from medlora.serve.engine import Job, Sampling
     from medlora.serve.prompt import conversation_ids
 
     return [
         Job(m, conversation_ids(tokenizer, [{"role": "user", "content": q}], None),
-            Sampling(max_new_tokens=n), sink=lambda event: None)
+            Sampling(max_new_tokens=n, **options), sink=lambda event: None)
         for q, m, n in plan
     ]  # fmt: skip
 
@@ -291,14 +292,21 @@ def test_hot_load_and_unload_on_llama_cpp_loras(
         assert ask("run", 64).json()["choices"][0]["message"]["content"] == alone
 
 
+@pytest.mark.parametrize(
+    "repetition",
+    [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}],
+    ids=["greedy", "greedy-with-repetition-control"],
+)
 def test_continuous_llama_cpp_mixes_adapters_and_answers_as_the_one_request_engine(
-    smollm2_run: dict[str, Any],
+    smollm2_run: dict[str, Any], repetition: dict[str, Any]
 ) -> None:
     """Continuous batching on llama.cpp: tuned and base requests join and leave one running batch
     (each model its own context on the one base); a short request finishes while long ones still
     run. Every greedy answer equals the one-request engine's: q8_0's integer dot products, the GGUF
     LoRA's padded rank (export/lora_pad.py) and a finished row's cells kept until its context is
-    idle (serve/fast_continuous.py) keep each row's logits the same as alone."""
+    idle (serve/fast_continuous.py) keep each row's logits the same as alone. With a run's
+    repetition settings too: both engines pick by transformers' rules (serve/token_rules.py), where
+    the one-request engine once used llama.cpp's sampler and answered otherwise."""
     from medlora.export import base_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
     from medlora.serve.engine import Job
@@ -313,7 +321,7 @@ def test_continuous_llama_cpp_mixes_adapters_and_answers_as_the_one_request_engi
             enumerate((q, m) for q in questions for m in ("tuned", "base"))]  # fmt: skip
 
     def jobs() -> list[Job]:
-        return planned_jobs(tokenizer, plan)
+        return planned_jobs(tokenizer, plan, **repetition)
 
     single = LlamaCppEngine.with_loras(base, loras, tokenizer, threads=2)
     expected = []

@@ -10,26 +10,32 @@ Two ways to serve adapters (`LlamaCppEngine.with_loras` / `LlamaCppEngine(ggufs)
 
 One sequence at a time (`max_batch = 1`): llama-cpp-python's `Llama` holds one KV cache. Each job
 starts from an empty cache, so an answer never depends on which request came before it. Many
-sequences at once, opt-in: serve/fast_continuous.py.
+sequences at once, opt-in: serve/fast_continuous.py. Tokens are picked from llama.cpp's logits with
+transformers' rules (serve/token_rules.py), as in the continuous engine and the transformers
+engines, not by llama.cpp's sampler chain (its repetition penalty sees only the last 64 tokens).
 
 Switching LoRA adapters uses llama-cpp-python's low-level `llama_adapter_lora_init` /
 `llama_set_adapters_lora` on the `Llama` object's private `_model.model` and `_ctx.ctx` handles
-(tested with llama-cpp-python 0.3.36): its public API takes one adapter at load time only.
+(tested with llama-cpp-python 0.3.36): its public API takes one adapter at load time only. The
+logits are read with `llama_get_logits_ith` on the same `_ctx.ctx`: `Llama.eval` keeps them only
+with `logits_all`, which would hold a row of logits per context token.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medlora.errors import MedloraError, ModelError
 from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
 from medlora.serve.adapters import AdapterError
 from medlora.serve.engine import Job, RowTracker
+from medlora.serve.token_rules import new_rng, pick_token
 
 
 def load_lora(model: Any, path: Path | None) -> Any:
@@ -58,6 +64,15 @@ def set_lora(ctx: Any, adapter: Any) -> None:
         status = llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales)
     if status != 0:
         raise ModelError(f"llama.cpp could not switch LoRA adapters (status {status})")
+
+
+def last_logits(llm: Any) -> np.ndarray:
+    """The logits after the last token `llm` (a llama-cpp-python `Llama`) evaluated: a view of
+    llama.cpp's buffer, valid until its next decode."""
+    import llama_cpp
+
+    pointer = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),))
 
 
 def llama_cpp_available() -> bool:
@@ -153,9 +168,9 @@ class LlamaCppEngine:
         pay for faulting in the memory-mapped weights and the first use of each kernel."""
         prompt = self.tokenizer.encode(WARM_PROMPT, add_special_tokens=False) or [0]
         llm.reset()
-        tokens = llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, reset=True)
-        list(itertools.islice(tokens, 2))
-        tokens.close()
+        llm.eval(prompt)
+        for _ in range(2):
+            llm.eval([int(np.argmax(last_logits(llm)))])
         llm.reset()
 
     @property
@@ -175,21 +190,14 @@ class LlamaCppEngine:
             return
         self._use(llm, adapter)
         llm.reset()  # no prefix reuse: the same prompt always gets the same computation
-        if sampling.seed is not None:
-            llm.set_seed(sampling.seed)
-        tokens = llm.generate(
-            job.prompt_ids,
-            temp=0.0 if sampling.greedy else sampling.temperature,
-            top_p=1.0 if sampling.greedy else sampling.top_p,
-            top_k=0 if not sampling.greedy else 1,
-            min_p=0.0,
-            # llama.cpp has no no-repeat-n-gram rule; the penalty is the same as transformers'.
-            repeat_penalty=sampling.repetition_penalty,
-            reset=True,
-        )
-        for token in tokens:
-            if row.push(int(token)):
+        ids, rng = list(job.prompt_ids), new_rng(sampling)
+        llm.eval(ids)  # the prompt in pieces of PREFILL_BATCH; logits of its last token
+        while True:
+            token = pick_token(last_logits(llm), sampling, ids, rng)
+            ids.append(token)
+            if row.push(token):
                 break
+            llm.eval([token])
         row.finish("length")
 
 

@@ -13,9 +13,8 @@ Written here on llama.cpp's C API (llama-cpp-python's ctypes bindings, tested wi
 `llama_set_adapters_lora`), because llama-cpp-python's `Llama` decodes one sequence at a time.
 Measured on SmolLM2-135M q8_0, 2 cores: 8 rows decode 3.2x the tokens/s of one.
 
-Tokens are picked here from llama.cpp's logits, with transformers' rules: repetition penalty over
-the prompt and the answer (`RepetitionPenaltyLogitsProcessor`), `no_repeat_ngram_size`, then
-greedy, or temperature and top-p sampling with a per-request seed.
+Tokens are picked from llama.cpp's logits with transformers' rules (serve/token_rules.py), as in
+the one-sequence engine (serve/fast.py).
 
 Opt-in (`--batching continuous`; `auto` keeps llama.cpp at one request at a time): it pays off
 under many users, while one user is served a little slower by it (below) in ~1.2x the memory, and
@@ -57,7 +56,7 @@ clears them when the context is made). A request is admitted when its prompt plu
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +67,7 @@ from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
 from medlora.serve.engine import Job, RowTracker
 from medlora.serve.fast import PREFILL_BATCH, WARM_PROMPT, load_lora, set_lora
+from medlora.serve.token_rules import new_rng, pick_token
 
 # ggml-cpu's flash attention tiles 64+ query rows (GGML_FA_TILE_Q in ggml-cpu/common.h, 0.3.36)
 # and splits one query row's cells across threads from 512 cells (256 rounded up by llama.cpp's
@@ -107,37 +107,7 @@ class Sequence:
     ids: list[int]  # prompt + answer so far: what repetition control looks at
     cells: int  # prompt + max_new_tokens, reserved at admission
     next_token: int = -1
-    rng: Any = field(default=None)  # numpy Generator when sampling
-
-
-def pick_token(logits: np.ndarray, row: Sequence) -> int:
-    """The next token from one row's logits, with transformers' processors in `generate`'s order."""
-    sampling = row.job.sampling
-    scores = np.array(logits, dtype=np.float32)  # a copy: llama.cpp reuses its buffer
-    if sampling.repetition_penalty != 1.0:
-        seen = np.unique(np.asarray(row.ids))
-        values = scores[seen]
-        penalty = sampling.repetition_penalty
-        scores[seen] = np.where(values > 0, values / penalty, values * penalty)
-    n = sampling.no_repeat_ngram_size
-    if n > 0 and len(row.ids) >= n:
-        prefix = row.ids[len(row.ids) - n + 1 :]
-        for start in range(len(row.ids) - n + 1):
-            if row.ids[start : start + n - 1] == prefix:
-                scores[row.ids[start + n - 1]] = -np.inf
-    if sampling.greedy:
-        return int(np.argmax(scores))
-    scores = scores / max(sampling.temperature, 1e-6)
-    probs = np.exp(scores - scores.max())
-    probs /= probs.sum()
-    if sampling.top_p < 1.0:
-        order = np.argsort(-probs)
-        keep = np.cumsum(probs[order]) - probs[order] < sampling.top_p  # at least the first
-        mask = np.zeros_like(probs, dtype=bool)
-        mask[order[keep]] = True
-        probs = np.where(mask, probs, 0.0)
-        probs /= probs.sum()
-    return int(row.rng.choice(len(probs), p=probs))
+    rng: np.random.Generator | None = None  # when sampling (token_rules.new_rng)
 
 
 class LlamaCppContinuous:
@@ -336,8 +306,7 @@ class LlamaCppContinuous:
             seq = context.free_seqs.pop()
             row = Sequence(job, tracker, context, seq, list(job.prompt_ids), cells)
             context.cells_used += cells
-            if not job.sampling.greedy:
-                row.rng = np.random.default_rng(job.sampling.seed)
+            row.rng = new_rng(job.sampling)
             ids = job.prompt_ids
             try:
                 for start, end in prefill_chunks(len(ids)):
@@ -354,7 +323,7 @@ class LlamaCppContinuous:
 
     def _take(self, row: Sequence, logits: np.ndarray) -> bool:
         """Pick the row's next token; True when the row is finished (or cancelled)."""
-        token = pick_token(logits, row)
+        token = pick_token(logits, row.job.sampling, row.ids, row.rng)
         row.ids.append(token)
         row.next_token = token
         return row.tracker.push(token)

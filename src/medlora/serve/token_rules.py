@@ -1,0 +1,58 @@
+"""The next token from raw logits with transformers' rules, for the engines whose logits come from
+llama.cpp (serve/fast.py, serve/fast_continuous.py).
+
+The transformers engines pick tokens with `generate`'s logits processors; the run's evaluation did
+the same. llama.cpp's own sampler chain (llama-cpp-python 0.3.36's `Llama.generate`) would give other
+answers for the same settings: its repetition penalty looks at the last 64 generated tokens only
+(transformers': the prompt and the whole answer), it has no `no_repeat_ngram_size`, and it applies
+the temperature after top-p. So both llama.cpp engines read llama.cpp's logits and pick here, in
+`generate`'s order: repetition penalty (`RepetitionPenaltyLogitsProcessor`), `no_repeat_ngram_size`
+(`NoRepeatNGramLogitsProcessor`), then greedy, or temperature, top-p and a draw from a per-request
+seeded generator. Written in numpy, not with transformers' processors on torch tensors: it runs once
+per token per row on a 49k-wide vector, beside llama.cpp's own work (tests/test_serve_token_rules.py
+checks it picks what the processors pick).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medlora.serve.engine import Sampling
+
+
+def new_rng(sampling: Sampling) -> np.random.Generator | None:
+    """The generator a request draws its tokens from (None when greedy: nothing is drawn)."""
+    return None if sampling.greedy else np.random.default_rng(sampling.seed)
+
+
+def pick_token(
+    logits: np.ndarray, sampling: Sampling, ids: list[int], rng: np.random.Generator | None
+) -> int:
+    """The next token after `ids` (prompt + answer so far) from one row's `logits`."""
+    scores = np.array(logits, dtype=np.float32)  # a copy: llama.cpp reuses its buffer
+    if sampling.repetition_penalty != 1.0:
+        seen = np.unique(np.asarray(ids))
+        values = scores[seen]
+        penalty = sampling.repetition_penalty
+        scores[seen] = np.where(values > 0, values / penalty, values * penalty)
+    n = sampling.no_repeat_ngram_size
+    if n > 0 and len(ids) >= n:
+        prefix = ids[len(ids) - n + 1 :]
+        for start in range(len(ids) - n + 1):
+            if ids[start : start + n - 1] == prefix:
+                scores[ids[start + n - 1]] = -np.inf
+    if sampling.greedy:
+        return int(np.argmax(scores))
+    if rng is None:
+        raise ValueError("sampling needs the request's generator (new_rng)")
+    scores = scores / max(sampling.temperature, 1e-6)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-probs)
+        keep = np.cumsum(probs[order]) - probs[order] < sampling.top_p  # at least the first
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))

@@ -1,0 +1,59 @@
+"""Token picking for the llama.cpp engines equals transformers' logits processors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+from medlora.serve.engine import Sampling
+from medlora.serve.token_rules import new_rng, pick_token
+
+VOCAB = 50
+
+
+def pick(logits: np.ndarray, ids: list[int], **options: float | int) -> int:
+    sampling = Sampling(max_new_tokens=8, **options)  # type: ignore[arg-type]
+    return pick_token(logits, sampling, ids, new_rng(sampling))
+
+
+class Request:
+    """One request's picks in a row, from its own seeded generator (as an engine keeps it)."""
+
+    def __init__(self, ids: list[int], **options: float | int) -> None:
+        self.ids, self.sampling = ids, Sampling(max_new_tokens=8, **options)  # type: ignore[arg-type]
+        self.rng = new_rng(self.sampling)
+
+    def pick(self, logits: np.ndarray) -> int:
+        return pick_token(logits, self.sampling, self.ids, self.rng)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_greedy_with_repetition_control_picks_what_transformers_picks(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (12,), generator=generator).tolist()
+    ids += ids[3:6]  # a repeated trigram prefix, so no_repeat_ngram_size=4 bans a token
+    logits = torch.randn(VOCAB, generator=generator) * 3
+    scores = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([ids]), logits[None].clone())
+    scores = NoRepeatNGramLogitsProcessor(4)(torch.tensor([ids]), scores)
+    expected = int(torch.argmax(scores[0]))
+    got = pick(logits.numpy(), ids, repetition_penalty=1.3, no_repeat_ngram_size=4)
+    assert got == expected
+
+
+def test_the_banned_ngram_token_is_never_picked() -> None:
+    ids = [1, 2, 3, 4, 9, 1, 2, 3]  # 1 2 3 was followed by 4: with n = 4, 4 is banned now
+    logits = np.zeros(VOCAB, dtype=np.float32)
+    logits[4] = 10.0
+    assert pick(logits, ids, no_repeat_ngram_size=4) != 4
+    assert pick(logits, ids) == 4
+
+
+def test_sampling_repeats_with_a_seed_and_keeps_to_the_top_p_tokens() -> None:
+    logits = np.full(VOCAB, -5.0, dtype=np.float32)
+    logits[[7, 8]] = [4.0, 3.9]  # together almost all the mass: top_p 0.9 keeps only these two
+    picks = [pick(logits, [1], temperature=0.8, top_p=0.9, seed=3) for _ in range(5)]
+    assert len(set(picks)) == 1  # same seed, same token
+    many = Request([1], temperature=0.8, top_p=0.9, seed=4)
+    assert {many.pick(logits) for _ in range(200)} == {7, 8}
