@@ -104,6 +104,47 @@ def test_llama_cpp_answers_match_transformers(smollm2_run: dict[str, Any]) -> No
     assert got == expected
 
 
+def test_llama_cpp_logprobs_are_the_models_on_both_engines(smollm2_run: dict[str, Any]) -> None:
+    """`logprobs` on llama.cpp: each answer token's log-probability is the float model's (the f32
+    GGUF against the merged model's teacher-forced log-softmax), the likeliest alternative first;
+    the continuous engine reports the same values as the one-request engine."""
+    import torch
+
+    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.models import load_model
+    from medlora.serve.engine import Job, Sampling
+    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.fast_continuous import LlamaCppContinuous
+    from medlora.serve.prompt import conversation_ids
+
+    export = smollm2_run["export"]
+    model, tokenizer = load_model(str(export.out))  # the merged float32 export
+    ids = conversation_ids(tokenizer, [{"role": "user", "content": QUESTIONS[0]}], None)
+
+    def job(model_name: str) -> Job:
+        sampling = Sampling(max_new_tokens=8, top_logprobs=3)
+        return Job(model_name, ids, sampling, sink=lambda event: None)
+
+    alone = job("tuned")
+    LlamaCppEngine({"tuned": export.gguf}, tokenizer).run_batch([alone])
+    tokens = [entry.token_id for entry in alone.logprobs]
+    assert tokens == alone.completion_ids and len(tokens) == 8
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1 :]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    for step, entry in enumerate(alone.logprobs):
+        assert entry.logprob == pytest.approx(float(expected[step, entry.token_id]), abs=0.05)
+        assert entry.top[0][0] == entry.token_id  # greedy: the likeliest token is the one taken
+        assert len(entry.top) == 3 and entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
+
+    loras = {"tuned": cached_gguf_lora(smollm2_run["run"], SMOLLM2_ALIAS)}
+    base = base_gguf(SMOLLM2_ALIAS, "q8_0", shipped=False)
+    single, batched = job("tuned"), job("tuned")
+    LlamaCppEngine.with_loras(base, loras, tokenizer, threads=2).run_batch([single])
+    LlamaCppContinuous(base, loras, tokenizer, threads=2).run_batch([batched])
+    assert batched.logprobs == single.logprobs and single.logprobs
+
+
 def test_q4_0_export_is_smaller_and_still_answers(
     tmp_path: Path, smollm2_run: dict[str, Any]
 ) -> None:
@@ -146,6 +187,20 @@ def test_server_on_llama_cpp_side_by_side(smollm2_run: dict[str, Any]) -> None:
             )
             assert reply.status_code == 200
             answers[name] = reply.json()["choices"][0]["message"]["content"]
+        reply = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={
+                "model": "run",
+                "messages": [{"role": "user", "content": QUESTIONS[0]}],
+                "max_tokens": 4,
+                "logprobs": True,
+                "top_logprobs": 2,
+            },
+            timeout=120,
+        )
+        assert reply.status_code == 200, reply.text
+        content = reply.json()["choices"][0]["logprobs"]["content"]
+        assert len(content) == 4 and all(len(entry["top_logprobs"]) == 2 for entry in content)
     assert answers["run"] != answers[SMOLLM2_ALIAS]  # base (original Q4_1 GGUF) vs fine-tuned
 
 

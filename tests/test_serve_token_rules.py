@@ -8,7 +8,7 @@ import torch
 from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from medlora.serve.engine import Sampling
-from medlora.serve.token_rules import new_rng, pick_token
+from medlora.serve.token_rules import new_rng, pick_token, token_logprob
 
 VOCAB = 50
 
@@ -57,3 +57,15 @@ def test_sampling_repeats_with_a_seed_and_keeps_to_the_top_p_tokens() -> None:
     assert len(set(picks)) == 1  # same seed, same token
     many = Request([1], temperature=0.8, top_p=0.9, seed=4)
     assert {many.pick(logits) for _ in range(200)} == {7, 8}
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits_with_the_likeliest_first() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(VOCAB, generator=generator) * 4
+    expected = torch.log_softmax(logits, dim=-1)
+    got = token_logprob(logits.numpy(), 11, top=3)
+    assert got.token_id == 11 and got.logprob == pytest.approx(float(expected[11]), abs=1e-5)
+    values, indices = torch.topk(expected, 3)
+    assert [i for i, _ in got.top] == indices.tolist()
+    assert [v for _, v in got.top] == pytest.approx(values.tolist(), abs=1e-5)
+    assert token_logprob(logits.numpy(), 11, top=0).top == ()  # `logprobs: true` alone

@@ -175,8 +175,8 @@ def create_app(served: Served, limits: Limits | None = None) -> FastAPI:
         if top is not None and not served.engine.supports_logprobs:
             raise APIError(
                 400,
-                f"logprobs need continuous batching on the transformers engine; this server runs "
-                f"{served.engine.name} ({served.engine.batching})",
+                f"logprobs need continuous batching on the transformers engine, or the llama.cpp "
+                f"engine; this server runs {served.engine.name} ({served.engine.batching})",
                 "unsupported_parameter",
             )
 

@@ -28,9 +28,7 @@ from typing import Any
 
 from medlora.evaluate.generate import stop_token_ids
 from medlora.serve.adapters import ModelSet
-from medlora.serve.engine import Job, RowTracker, Sampling, TokenLogprob
-
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+from medlora.serve.engine import MAX_TOP_LOGPROBS, Job, RowTracker, Sampling, TokenLogprob
 
 
 class NotContinuous(Exception):

@@ -53,6 +53,9 @@ class Sampling:
         )
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token at most: OpenAI's limit
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """One generated token with its log-probability under the model (before repetition control,

@@ -35,7 +35,7 @@ from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
 from medlora.serve.adapters import AdapterError
 from medlora.serve.engine import Job, RowTracker
-from medlora.serve.token_rules import new_rng, pick_token
+from medlora.serve.token_rules import new_rng, pick_token, token_logprob
 
 
 def load_lora(model: Any, path: Path | None) -> Any:
@@ -89,7 +89,7 @@ class LlamaCppEngine:
     name = "llama.cpp"
     batching = "single"
     max_batch = 1
-    supports_logprobs = False
+    supports_logprobs = True
 
     def __init__(
         self,
@@ -193,9 +193,13 @@ class LlamaCppEngine:
         ids, rng = list(job.prompt_ids), new_rng(sampling)
         llm.eval(ids)  # the prompt in pieces of PREFILL_BATCH; logits of its last token
         while True:
-            token = pick_token(last_logits(llm), sampling, ids, rng)
+            logits = last_logits(llm)
+            token = pick_token(logits, sampling, ids, rng)
+            logprob = None
+            if sampling.top_logprobs is not None:
+                logprob = token_logprob(logits, token, sampling.top_logprobs)
             ids.append(token)
-            if row.push(token):
+            if row.push(token, logprob):
                 break
             llm.eval([token])
         row.finish("length")

@@ -8,7 +8,7 @@ answers for the same settings: its repetition penalty looks at the last 64 gener
 the temperature after top-p. So both llama.cpp engines read llama.cpp's logits and pick here, in
 `generate`'s order: repetition penalty (`RepetitionPenaltyLogitsProcessor`), `no_repeat_ngram_size`
 (`NoRepeatNGramLogitsProcessor`), then greedy, or temperature, top-p and a draw from a per-request
-seeded generator. Written in numpy, not with transformers' processors on torch tensors: it runs once
+seeded generator; `token_logprob` gives what the API's `logprobs` asks for. Written in numpy, not with transformers' processors on torch tensors: it runs once
 per token per row on a 49k-wide vector, beside llama.cpp's own work (tests/test_serve_token_rules.py
 checks it picks what the processors pick).
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medlora.serve.engine import Sampling
+from medlora.serve.engine import MAX_TOP_LOGPROBS, Sampling, TokenLogprob
 
 
 def new_rng(sampling: Sampling) -> np.random.Generator | None:
@@ -56,3 +56,16 @@ def pick_token(
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
     return int(rng.choice(len(probs), p=probs))
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under one row's raw `logits` (before repetition control, as vLLM
+    and the transformers engine report it) and the `top` likeliest tokens with theirs."""
+    scores = np.asarray(logits, dtype=np.float32)
+    shifted = scores - scores.max()
+    log_probs = shifted - np.log(np.exp(shifted).sum())
+    k = max(1, min(top, MAX_TOP_LOGPROBS))
+    best = np.argpartition(-log_probs, k - 1)[:k]
+    best = best[np.argsort(-log_probs[best], kind="stable")]
+    alternatives = tuple((int(i), float(log_probs[i])) for i in best)
+    return TokenLogprob(token, float(log_probs[token]), alternatives[:top])
