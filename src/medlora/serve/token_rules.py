@@ -1,16 +1,19 @@
 """The next token from raw logits with transformers' rules, for the engines whose logits come from
 llama.cpp (serve/fast.py, serve/fast_continuous.py).
 
-The transformers engines pick tokens with `generate`'s logits processors; the run's evaluation did
-the same. llama.cpp's own sampler chain (llama-cpp-python 0.3.36's `Llama.generate`) would give other
-answers for the same settings: its repetition penalty looks at the last 64 generated tokens only
-(transformers': the prompt and the whole answer), it has no `no_repeat_ngram_size`, and it applies
-the temperature after top-p. So both llama.cpp engines read llama.cpp's logits and pick here, in
-`generate`'s order: repetition penalty (`RepetitionPenaltyLogitsProcessor`), `no_repeat_ngram_size`
-(`NoRepeatNGramLogitsProcessor`), then greedy, or temperature, top-p and a draw from a per-request
-seeded generator; `token_logprob` gives what the API's `logprobs` asks for. Written in numpy, not with transformers' processors on torch tensors: it runs once
-per token per row on a 49k-wide vector, beside llama.cpp's own work (tests/test_serve_token_rules.py
-checks it picks what the processors pick).
+The transformers engines pick tokens with `generate`'s logits processors; the run's evaluation
+did the same. llama.cpp's own sampler chain (llama-cpp-python 0.3.36's `Llama.generate`) would
+give other answers for the same settings: its repetition penalty looks at the last 64 generated
+tokens only (transformers': the prompt and the whole answer), it has no `no_repeat_ngram_size`, and
+it applies the temperature after top-p. So both llama.cpp engines read llama.cpp's logits and pick
+here, in `generate`'s order: repetition penalty (`RepetitionPenaltyLogitsProcessor`),
+`no_repeat_ngram_size` (`NoRepeatNGramLogitsProcessor`), then greedy, or temperature, top-p and a
+draw from a per-request seeded generator. `token_logprob` gives what the API's `logprobs` asks for.
+
+Written in numpy rather than by calling transformers' processors on torch tensors: it runs once per
+token per row, and measured on a 49,152-word vocabulary with 250 ids and a penalty (1 thread, AVX2
+EPYC) a pick took ~0.1 ms here against ~0.5 ms through the processors, beside ~14 ms for llama.cpp's
+decode of one token. tests/test_serve_token_rules.py checks that it picks what the processors pick.
 """
 
 from __future__ import annotations
