@@ -35,7 +35,7 @@ from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
 from medlora.serve.adapters import AdapterError
 from medlora.serve.engine import Job, RowTracker
-from medlora.serve.token_rules import new_rng, pick_token, token_logprob
+from medlora.serve.token_rules import new_rng, next_token
 
 
 def load_lora(model: Any, path: Path | None) -> Any:
@@ -193,11 +193,7 @@ class LlamaCppEngine:
         ids, rng = list(job.prompt_ids), new_rng(sampling)
         llm.eval(ids)  # the prompt in pieces of PREFILL_BATCH; logits of its last token
         while True:
-            logits = last_logits(llm)
-            token = pick_token(logits, sampling, ids, rng)
-            logprob = None
-            if sampling.top_logprobs is not None:
-                logprob = token_logprob(logits, token, sampling.top_logprobs)
+            token, logprob = next_token(last_logits(llm), sampling, ids, rng)
             ids.append(token)
             if row.push(token, logprob):
                 break

@@ -67,7 +67,7 @@ from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
 from medlora.serve.engine import Job, RowTracker
 from medlora.serve.fast import PREFILL_BATCH, WARM_PROMPT, load_lora, set_lora
-from medlora.serve.token_rules import new_rng, pick_token, token_logprob
+from medlora.serve.token_rules import new_rng, next_token
 
 # ggml-cpu's flash attention tiles 64+ query rows (GGML_FA_TILE_Q in ggml-cpu/common.h, 0.3.36)
 # and splits one query row's cells across threads from 512 cells (256 rounded up by llama.cpp's
@@ -323,11 +323,7 @@ class LlamaCppContinuous:
 
     def _take(self, row: Sequence, logits: np.ndarray) -> bool:
         """Pick the row's next token; True when the row is finished (or cancelled)."""
-        sampling = row.job.sampling
-        token = pick_token(logits, sampling, row.ids, row.rng)
-        logprob = None
-        if sampling.top_logprobs is not None:
-            logprob = token_logprob(logits, token, sampling.top_logprobs)
+        token, logprob = next_token(logits, row.job.sampling, row.ids, row.rng)
         row.ids.append(token)
         row.next_token = token
         return row.tracker.push(token, logprob)

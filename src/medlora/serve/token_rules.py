@@ -61,6 +61,16 @@ def pick_token(
     return int(rng.choice(len(probs), p=probs))
 
 
+def next_token(
+    logits: np.ndarray, sampling: Sampling, ids: list[int], rng: np.random.Generator | None
+) -> tuple[int, TokenLogprob | None]:
+    """The next token after `ids` and, when the request asked for `logprobs`, its log-probability."""
+    token = pick_token(logits, sampling, ids, rng)
+    if sampling.top_logprobs is None:
+        return token, None
+    return token, token_logprob(logits, token, sampling.top_logprobs)
+
+
 def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     """`token`'s log-probability under one row's raw `logits` (before repetition control, as vLLM
     and the transformers engine report it) and the `top` likeliest tokens with theirs."""
