@@ -74,11 +74,13 @@ class TrainConfig(_Section):
         "probability of tokens the answer already wrote, against greedy loops; 0: off. "
         "Materializes the answer tokens' logits (no fused head).",
     )
-    kernels: Literal["medlora", "liger"] = Field(
+    kernels: Literal["medlora", "stock", "liger"] = Field(
         "medlora",
         description="Training kernels: medlora = its own (fused answer head; on CPU its norm, "
-        "SwiGLU and attention kernels); liger = liger-kernel's RMSNorm, RoPE, SwiGLU and fused "
-        "linear cross-entropy on a CUDA GPU (pip install liger-kernel).",
+        "SwiGLU, LoRA-dropout and packed-attention kernels), each skipped with a warning outside "
+        "its tested library versions (medlora env lists them); stock = none: transformers + PEFT "
+        "+ the Trainer and the model's own loss, the reference; liger = liger-kernel's RMSNorm, "
+        "RoPE, SwiGLU and fused linear cross-entropy on a CUDA GPU (pip install liger-kernel).",
     )
     loraplus_lr_ratio: float | None = Field(
         None,

@@ -18,6 +18,7 @@ from medlora.data.mix import source_group, used_by_group
 from medlora.data.pack import collate_packed, pack_rows, row_width_multiple
 from medlora.data.sample import sample_records
 from medlora.errors import TrainingError
+from medlora.families import family_of
 from medlora.io import write_json_atomic, write_text_atomic
 from medlora.models import load_recipe_model
 from medlora.train.arguments import (
@@ -34,9 +35,9 @@ from medlora.train.callbacks import (
     tracking_callbacks,
 )
 from medlora.train.charts import plot_training_charts
+from medlora.train.kernels import use_kernels_after_lora, use_kernels_before_lora
 from medlora.train.kernels.answer_head import answer_loss_sum
-from medlora.train.kernels.liger import check_liger, use_liger_kernels
-from medlora.train.kernels.packed_attention import use_packed_attention
+from medlora.train.kernels.liger import check_liger
 from medlora.train.memory import (
     PeakSampler,
     RowChoice,
@@ -65,26 +66,16 @@ def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> 
     import torch
     from peft import get_peft_model
 
-    if recipe.train.kernels == "liger":  # before loading: a CPU run stops with one line
+    kernels = recipe.train.kernels
+    if kernels == "liger":  # before loading: a CPU run stops with one line
         check_liger("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
+    family_of(model.config)  # a family the matrix has not proven stops here, in one line
     model = hold_frozen_weights_in_bf16(model, recipe)
-    if recipe.train.kernels == "liger":
-        use_liger_kernels(model, "cuda")  # RMSNorm, RoPE, SwiGLU; the head below (answer_head)
-    if (recipe.train.packing or recipe.train.precision == "bf16") and not torch.cuda.is_available():
-        # CPU: per-example causal SDPA beats sdpa's row-wide block mask. On GPUs the masked kernel
-        # measured faster (many small per-example launches; docs/benchmarks.md `gpu`). CPU bf16:
-        # its attention backward runs in float32 (packed_attention._needs_float32).
-        use_packed_attention(model)
+    cpu_bf16 = recipe.train.precision == "bf16"
+    use_kernels_before_lora(model, kernels, packed_attention=recipe.train.packing or cpu_bf16)
     model = get_peft_model(model, lora_config(recipe))
-    if not torch.cuda.is_available():
-        from medlora.train.kernels.lora_dropout import use_fast_lora_dropout
-        from medlora.train.kernels.rms_norm import use_fast_rms_norm
-        from medlora.train.kernels.swiglu import use_silu_mul
-
-        use_fast_lora_dropout(model)  # CPU: torch's per-element Bernoulli draws are the slow part
-        use_fast_rms_norm(model)  # CPU: a frozen-weight norm in 3 + 4 passes instead of ~18
-        use_silu_mul(model)  # CPU: the gated MLP saves 2 of its 3 wide tensors for the backward
+    use_kernels_after_lora(model, kernels, lora_dropout=True)
     if recipe.train.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, tokenizer

@@ -102,29 +102,25 @@ def _build_model(
     import torch
     from peft import PeftModel, get_peft_model
 
+    from medlora.families import family_of
     from medlora.models import load_recipe_model
-    from medlora.train.kernels.liger import check_liger, use_liger_kernels
+    from medlora.train.kernels import use_kernels_after_lora, use_kernels_before_lora
+    from medlora.train.kernels.liger import check_liger
 
-    if recipe.train.kernels == "liger":  # before loading: a CPU run stops with one line
+    kernels = recipe.train.kernels
+    if kernels == "liger":  # before loading: a CPU run stops with one line
         check_liger("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
+    family_of(model.config)  # a family the matrix has not proven stops here, in one line
     model = hold_frozen_weights_in_bf16(model, recipe)
-    if recipe.train.kernels == "liger":  # RMSNorm, RoPE, SwiGLU; TRL computes the loss itself
-        use_liger_kernels(model, "cuda")
+    # No packing here; CPU bf16: attention backward in float32 (packed_attention). TRL computes
+    # the loss itself, so liger's RMSNorm, RoPE and SwiGLU only.
+    use_kernels_before_lora(model, kernels, packed_attention=recipe.train.precision == "bf16")
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(recipe))
-    if not torch.cuda.is_available():
-        from medlora.train.kernels.packed_attention import use_packed_attention
-        from medlora.train.kernels.rms_norm import use_fast_rms_norm
-        from medlora.train.kernels.swiglu import use_silu_mul
-
-        if recipe.train.precision == "bf16":  # attention backward in float32 (packed_attention)
-            use_packed_attention(model)
-
-        use_fast_rms_norm(model)  # CPU: a frozen-weight norm in 3 + 4 passes instead of ~18
-        use_silu_mul(model)  # CPU: the gated MLP saves 2 of its 3 wide tensors for the backward
+    use_kernels_after_lora(model, kernels, lora_dropout=False)  # TRL switches dropout off
     if recipe.train.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, tokenizer

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from medlora import patches
 from medlora.data.format import IGNORE_INDEX
 from medlora.evaluate.loss import has_plain_head
 
@@ -64,7 +65,8 @@ def answer_loss_sum(
     `unlikelihood` > 0 adds that multiple of the unlikelihood term (`unlikelihood_sum`), inside
     the fused head where there is one.
     `kernels` (`train.kernels`): "liger" fuses the head with liger-kernel's fused linear
-    cross-entropy (train/kernels/liger.py), "medlora" with `_head_cross_entropy`.
+    cross-entropy (train/kernels/liger.py), "medlora" with `_head_cross_entropy`, "stock" takes
+    the model's own `labels=` loss (unlikelihood, which transformers has no loss for, excepted).
     """
     import torch
     import torch.nn.functional as F
@@ -72,6 +74,12 @@ def answer_loss_sum(
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     keep, targets = answer_positions(batch["labels"])
     count = int((targets != IGNORE_INDEX).sum())
+    if kernels == "stock" and unlikelihood == 0:
+        # The reference: the model's own `labels=` loss over full logits, as a hand-written
+        # transformers script computes it (a mean over the shifted answer tokens, so x count).
+        # use_cache=False: with a cache transformers skips the packed mask (see data/pack.py).
+        outputs = model(**inputs, labels=batch["labels"], use_cache=False)
+        return outputs.loss * count, count, outputs
     head = output_head(model) if (model.training if fused is None else fused) else None
     if head is not None:
         with head_bypassed(head):
@@ -172,6 +180,8 @@ def output_head(model: Any) -> tuple[Any, str, Any] | None:
     """
     import torch
 
+    if not patches.allowed("fused_answer_head"):
+        return None
     if hasattr(model, "_orig_mod"):
         return None  # torch.compile'd: swapping a submodule would invalidate the compiled graph
     inner = getattr(model, "module", model)  # DDP / DeepSpeed / accelerate wrappers

@@ -5,7 +5,10 @@ mask over the whole row: correct, but it computes and then discards every cross-
 a masked SDPA cannot use the fused causal kernel. `packed_sdpa` is registered with transformers'
 AttentionInterface: for a single packed row it runs causal SDPA once per example (the varlen idea
 of flash-attention, with the kernels torch has everywhere); any other call (padded batches,
-generation with a KV cache) goes to the stock sdpa function unchanged.
+generation with a KV cache) goes to the stock sdpa function unchanged, and so does a packed row
+whose layer has a sliding window shorter than one of its examples, soft-capping or another option
+this kernel does not implement (`per_example_is_exact`): there transformers' own sdpa call with the
+block-diagonal, windowed mask it built from the position restarts is the exact path.
 
 Used: CPU training with `train.packing` or `train.precision: bf16` (on GPUs the masked kernel
 measured faster). On a CPU, attention that will be backpropagated runs in float32 even when the
@@ -21,6 +24,8 @@ from __future__ import annotations
 import functools
 import itertools
 from typing import Any
+
+from medlora import patches
 
 NAME = "medlora_packed_sdpa"
 
@@ -64,6 +69,12 @@ def packed_sdpa_forward(
         )
     ends = [*starts[1:], query.shape[2]]
     lengths = [end - begin for begin, end in zip(starts, ends, strict=True)]
+    if not per_example_is_exact(kwargs, max(lengths)):
+        # transformers built this layer's block-diagonal mask with the window (masking_utils'
+        # packed-sequence detection): its sdpa call is exact, only slower.
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     dropout_p = dropout if module.training else 0.0
     runs = [(length, len(list(run))) for length, run in itertools.groupby(lengths)]
     if len(runs) < len(lengths):
@@ -86,6 +97,27 @@ def packed_sdpa_forward(
         )
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+# Keyword arguments the model families of medlora.families pass to an attention function that do
+# not change what one example's causal attention computes (transformers 5.24-5.25).
+NEUTRAL_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "past_key_values"})
+
+
+def per_example_is_exact(kwargs: dict[str, Any], longest: int) -> bool:
+    """Whether plain causal attention per example computes what this layer asks for.
+
+    A sliding window at least as long as the longest example masks nothing inside it; a shorter
+    one (Mistral, Gemma 2/3 local layers, examples past the window), logit soft-capping or any
+    option this kernel does not know is left to transformers' masked path.
+    """
+    for name, value in kwargs.items():
+        if name == "sliding_window":
+            if value is not None and longest > value:
+                return False
+        elif name not in NEUTRAL_KWARGS and value is not None and value is not False:
+            return False
+    return True
 
 
 def _needs_float32(query: Any, key: Any, value: Any) -> bool:
@@ -200,12 +232,14 @@ def _attend_runs(
 
 def use_packed_attention(model: Any) -> bool:
     """Switch a model that runs stock sdpa to `packed_sdpa`; leave flash-attention alone."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
         return False  # flash-attention handles packed rows natively; eager stays eager
+    if not patches.allowed("packed_attention"):
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     AttentionInterface.register(NAME, packed_sdpa_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)

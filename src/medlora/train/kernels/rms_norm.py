@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from medlora.train.kernels.class_swap import swap_forward
+from medlora import patches
+from medlora.train.kernels.class_swap import same_as_stock, swap_forward
 
 # Norm classes whose forward is exactly `weight * (x * rsqrt(mean(x²) + variance_epsilon))`
 # computed in float32 (Gemma's `1 + weight` norm is not one of them).
@@ -78,11 +79,15 @@ def _fast_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _is_stock_norm(module: Any) -> bool:
-    return type(module).__name__ in STOCK_NAMES and isinstance(
-        getattr(module, "variance_epsilon", None), float
+    return (
+        type(module).__name__ in STOCK_NAMES
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+        and same_as_stock(module, _fast_forward, (module.weight.shape[-1],))
     )
 
 
 def use_fast_rms_norm(model: Any) -> int:
     """Switch the model's stock RMSNorm modules to `FrozenRMSNorm`; returns how many switched."""
+    if not patches.allowed("rms_norm"):
+        return 0
     return swap_forward(model, "Fast", _fast_forward, _is_stock_norm)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medlora.train.kernels.class_swap import swap_forward
+from medlora import patches
+from medlora.train.kernels.class_swap import same_as_stock, swap_forward
 
 # MLPs whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
 STOCK_NAMES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
@@ -60,9 +61,12 @@ def _is_stock_silu_mlp(module: Any) -> bool:
         type(module).__name__ in STOCK_NAMES
         and type(getattr(module, "act_fn", None)).__name__ in SILU_NAMES
         and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+        and same_as_stock(module, _silu_mul_forward, (module.gate_proj.in_features,))
     )
 
 
 def use_silu_mul(model: Any) -> int:
     """Switch the model's stock SiLU-gated MLPs to `SiluMul`; returns how many switched."""
+    if not patches.allowed("silu_mul"):
+        return 0
     return swap_forward(model, "SiluMul", _silu_mul_forward, _is_stock_silu_mlp)
