@@ -110,3 +110,42 @@ def demo_cmd(
     )
     console.print("\n".join(metric_table(unseen.quality)), highlight=False)
     console.print(f"see {out}/summary.md")
+
+
+@app.command("env")
+@user_errors
+def env_cmd(
+    recipe: Annotated[
+        str | None,
+        typer.Argument(help="Recipe YAML or bundled name: also show what its run will use."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Library versions, CPU features, GPU, the patches on or skipped, and for a recipe the family,
+    kernels, precision and attention path its run will use (each run keeps these in env.json)."""
+    _quiet_libraries()
+    from rich.table import Table
+
+    from medlora.train.environment import environment
+
+    facts = environment(_load(recipe, set_) if recipe else None)
+    if as_json:
+        console.print_json(facts.model_dump_json())
+        return
+    console.print(f"python {facts.python}; CPU {facts.cpu} ({', '.join(facts.cpu_features)})")
+    console.print(f"GPU: {facts.gpu or 'none'}")
+    console.print(", ".join(f"{name} {version}" for name, version in facts.libraries.items()))
+    table = Table("patch", "stage", "library", "tested", "state")
+    for p in facts.patches:
+        state = p.state if p.state == "on" else f"skipped: {p.reason}; {p.fallback} instead"
+        table.add_row(p.name, p.stage, f"{p.library} {p.version}", p.tested, state)
+    console.print(table)
+    if facts.run is not None:
+        run = facts.run
+        console.print(
+            f"[bold]{run.model}[/bold]: {run.family}, train.kernels {run.kernels}, "
+            f"precision {run.precision}, packing {run.packing}"
+        )
+        console.print(f"attention: {run.attention}")
+        console.print(f"patches: {'; '.join(run.patches) or 'none (stock)'}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from medlora import patches
 from medlora.config import GenerationConfig
 from medlora.errors import ConfigError
 from medlora.serve.stacked_lora import StackedLora, unsupported
@@ -316,6 +317,8 @@ class ModelSet:
         reason = unsupported(layers, self.loaded) if layers else "no LoRA layer"
         if not self.stack_adapters:
             reason = "stacking turned off"
+        elif reason is None and not patches.allowed("stacked_lora"):
+            reason = "peft outside the versions stacked LoRA was tested with"
         self.uses_stacked = reason is None
         if self.uses_stacked:
             self.stacked.build(layers, self.loaded)

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from medlora import patches
 from medlora.config import DEFAULT_SYSTEM_PROMPT
 from medlora.errors import ConfigError, MedloraError
 from medlora.evaluate.generate import run_generation_settings
@@ -189,8 +190,14 @@ def _want_llama_cpp(engine: str, spec: str) -> bool:
             raise ConfigError(
                 "--engine llama.cpp needs llama-cpp-python: pip install -e '.[fast]' (or make fast)"
             )
+        on, reason = patches.status("llama_cpp_lora_switch")
+        if not on:
+            raise ConfigError(
+                f"--engine llama.cpp: {reason}; install the tested version (make fast) or use "
+                "--engine transformers"
+            )
         return True
-    return engine == "auto" and llama_cpp_available()
+    return engine == "auto" and llama_cpp_available() and patches.allowed("llama_cpp_lora_switch")
 
 
 def _catalog(
@@ -350,7 +357,7 @@ def transformers_engine(model_set: ModelSet, tokenizer: Any, max_batch: int, bat
     from medlora.serve.continuous import ContinuousEngine, NotContinuous
     from medlora.serve.engine import StaticEngine
 
-    if batching in ("auto", "continuous"):
+    if batching in ("auto", "continuous") and patches.allowed("continuous_batching"):
         try:
             return ContinuousEngine(model_set, tokenizer, max_batch=max_batch)
         except NotContinuous as reason:

@@ -35,8 +35,9 @@ from medlora.train.callbacks import (
     tracking_callbacks,
 )
 from medlora.train.charts import plot_training_charts
-from medlora.train.kernels import use_kernels_after_lora, use_kernels_before_lora
-from medlora.train.kernels.answer_head import answer_loss_sum
+from medlora.train.environment import environment, run_plan
+from medlora.train.kernels import run_kernels, use_kernels_after_lora, use_kernels_before_lora
+from medlora.train.kernels.answer_head import answer_loss_sum, output_head
 from medlora.train.kernels.liger import check_liger
 from medlora.train.memory import (
     PeakSampler,
@@ -72,13 +73,21 @@ def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> 
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
     family_of(model.config)  # a family the matrix has not proven stops here, in one line
     model = hold_frozen_weights_in_bf16(model, recipe)
-    cpu_bf16 = recipe.train.precision == "bf16"
-    use_kernels_before_lora(model, kernels, packed_attention=recipe.train.packing or cpu_bf16)
+    plan = run_kernels(recipe, model, lora_dropout=True)
+    applied = use_kernels_before_lora(model, plan)
     model = get_peft_model(model, lora_config(recipe))
-    use_kernels_after_lora(model, kernels, lora_dropout=True)
+    applied += use_kernels_after_lora(model, plan)
+    if "fused_answer_head" in plan and output_head(model) is not None:
+        applied.append("fused_answer_head")
+    model.medlora_kernels = applied  # for the run's env.json
     if recipe.train.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, tokenizer
+
+
+def attention_path_of(recipe: Recipe, model: Any) -> str:
+    """The data card's line on packing and attention (the same as env.json's)."""
+    return run_plan(recipe, model).attention
 
 
 def initialize_eva(model: Any, rows: list[dict[str, Any]], collate: Any) -> None:
@@ -240,7 +249,9 @@ def train(
         card["used"]["repetitive_dropped"] = repetitive
     if t.packing:
         card["used"]["packed_rows"] = len(train_rows)
+    card["attention"] = attention_path_of(recipe, model)
     if is_main_process():
+        write_json_atomic(run_dir / "env.json", environment(recipe, model).model_dump())
         write_json_atomic(run_dir / "data_card.json", card)
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
 

@@ -104,7 +104,7 @@ def _build_model(
 
     from medlora.families import family_of
     from medlora.models import load_recipe_model
-    from medlora.train.kernels import use_kernels_after_lora, use_kernels_before_lora
+    from medlora.train.kernels import run_kernels, use_kernels_after_lora, use_kernels_before_lora
     from medlora.train.kernels.liger import check_liger
 
     kernels = recipe.train.kernels
@@ -113,14 +113,16 @@ def _build_model(
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
     family_of(model.config)  # a family the matrix has not proven stops here, in one line
     model = hold_frozen_weights_in_bf16(model, recipe)
-    # No packing here; CPU bf16: attention backward in float32 (packed_attention). TRL computes
-    # the loss itself, so liger's RMSNorm, RoPE and SwiGLU only.
-    use_kernels_before_lora(model, kernels, packed_attention=recipe.train.precision == "bf16")
+    # No packing here; CPU bf16: attention backward in float32 (packed_attention).
+    # TRL switches dropout off and computes the loss itself (no fused head there).
+    plan = run_kernels(recipe, model, lora_dropout=False)
+    applied = use_kernels_before_lora(model, plan)
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(recipe))
-    use_kernels_after_lora(model, kernels, lora_dropout=False)  # TRL switches dropout off
+    applied += use_kernels_after_lora(model, plan)
+    model.medlora_kernels = applied  # for the run's env.json
     if recipe.train.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, tokenizer
@@ -277,6 +279,9 @@ def train_preference(
     card["preference"] = preference
     card["used"] = {"train": len(pairs), "validation": 0}
     if is_main_process():
+        from medlora.train.environment import environment
+
+        write_json_atomic(run_dir / "env.json", environment(recipe, model).model_dump())
         write_json_atomic(run_dir / "data_card.json", card)
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
 

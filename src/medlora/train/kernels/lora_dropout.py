@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from medlora import patches
 from medlora.train.kernels.class_swap import swap_forward
 
 LEVELS = 1 << 15  # int64.random_() fills 63 bits: each 16-bit quarter has 15 uniform low bits
@@ -115,6 +116,8 @@ def use_fast_lora_dropout(model: Any) -> int:
     """Swap PEFT's `nn.Dropout` LoRA dropouts for `FastDropout`, moved into the LoRA A layer where
     that is a plain bias-free `nn.Linear` of a vanilla LoRA (see the module docstring); returns
     how many were swapped."""
+    if not patches.allowed("lora_dropout"):
+        return 0
     swapped = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
