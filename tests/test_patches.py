@@ -131,6 +131,11 @@ def test_env_command_and_run_env_json(tmp_path: Path, tiny_model_dir: Path) -> N
 
     records = tiny_records()
     prepared = write_prepared(tmp_path / "data", records[:8], records[8:10], records[8:10])
+    shown = CliRunner().invoke(
+        app, ["data", "preview", str(recipe_file), "--data", str(prepared), "-n", "1"]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "training: Llama, train.kernels medlora, packed rows" in " ".join(shown.output.split())
     recipe = recipe_from_dict(
         {"model": {"name": str(tiny_model_dir)}},
         ["train.max_steps=1", "train.packing=true", "train.kernels=stock"],
@@ -141,3 +146,27 @@ def test_env_command_and_run_env_json(tmp_path: Path, tiny_model_dir: Path) -> N
     assert "transformers sdpa with the block-diagonal mask" in env["run"]["attention"]
     card = json.loads((tmp_path / "run" / "data_card.json").read_text())
     assert card["attention"] == env["run"]["attention"]
+
+
+def test_dependency_bounds_are_the_patch_registrys_tested_ranges() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *project["optional-dependencies"]["fast"]]
+    bounds = {(r := Requirement(line)).name: r.specifier for line in declared}
+    for patch in patches.PATCHES.values():
+        low, high = patch.tested
+        specifier = bounds[patch.library]
+        assert specifier.contains(low) and not specifier.contains(high), patch.name
+        assert not specifier.contains(_below(low)), f"{patch.name}: floor below its tested range"
+        assert any(s.operator == "<" for s in specifier), f"{patch.library} has no upper bound"
+
+
+def _below(version: str) -> str:
+    """A version just below `version` (5.24 -> 5.23.99, 0.3.36 -> 0.3.35)."""
+    parts = [int(p) for p in version.split(".")]
+    if parts[-1] == 0:
+        return ".".join(map(str, [*parts[:-2], parts[-2] - 1, 99]))
+    return ".".join(map(str, [*parts[:-1], parts[-1] - 1]))

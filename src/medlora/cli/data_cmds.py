@@ -146,3 +146,7 @@ def data_preview(
         console.print(
             f"{stats.dropped_no_answer_tokens} examples would be dropped: no answer token fits"
         )
+    from medlora.train.environment import run_plan
+
+    plan = run_plan(config)
+    console.print(f"training: {plan.family}, train.kernels {plan.kernels}, {plan.attention}")

@@ -80,7 +80,8 @@ def answer_loss_sum(
         # use_cache=False: with a cache transformers skips the packed mask (see data/pack.py).
         outputs = model(**inputs, labels=batch["labels"], use_cache=False)
         return outputs.loss * count, count, outputs
-    head = output_head(model) if (model.training if fused is None else fused) else None
+    fuse = (model.training if fused is None else fused) and kernels != "stock"
+    head = output_head(model) if fuse else None
     if head is not None:
         with head_bypassed(head):
             # use_cache=False: with a cache transformers skips the packed mask (see data/pack.py).
