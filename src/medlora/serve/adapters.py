@@ -243,6 +243,12 @@ class ModelSet:
     def load(self, name: str, folder: Path) -> None:
         from peft import PeftModel
 
+        if self.loaded and not patches.allowed("peft_adapter_names"):
+            raise AdapterError(
+                f"{folder}: a second adapter needs peft's per-layer adapter_names, which this peft "
+                "version was not tested with (medlora env); serve one adapter per server",
+                "unsupported_adapter",
+            )
         try:
             if not self.is_peft:
                 self.model = PeftModel.from_pretrained(self.base, folder, adapter_name=name)

@@ -257,7 +257,7 @@ def _build_llama_cpp(
             name: cached_gguf_lora(m.run, spec) if m.run else None for name, m in models.items()
         }
         base = base_gguf(spec, gguf_type, shipped=False)
-        if batching == "continuous":
+        if batching == "continuous" and patches.allowed("llama_cpp_continuous"):
             from medlora.serve.fast_continuous import LlamaCppContinuous
 
             fast = LlamaCppContinuous(base, loras, first.tokenizer, threads, n_ctx, max_batch)

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medlora import patches
 from medlora.config import Recipe
 from medlora.data.format import (
     IGNORE_INDEX,
@@ -79,6 +80,13 @@ def _require_trl(method: str) -> None:
     if importlib.util.find_spec("trl") is None:
         raise TrainingError(
             f"train.method={method} needs TRL, which is not installed: pip install 'trl>={MIN_TRL}'"
+        )
+    on, reason = patches.status("trl_preference")
+    if not on:
+        tested = ">=" + ",<".join(patches.PATCHES["trl_preference"].tested)
+        raise TrainingError(
+            f"train.method={method} relies on TRL internals tested with trl{tested} ({reason}): "
+            f"pip install 'trl{tested}', or train with train.method=sft"
         )
 
 
