@@ -28,8 +28,10 @@ CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in float32)
 CPU_BATCH_TOKENS = 2048
 # Families whose causal-LM forward is `logits = self.lm_head(hidden_states)` with nothing after it
 # (no soft-capping or logit scaling), checked in their transformers modeling files.
+# Gemma 3 and OLMo 2: fused in the family matrix (tests/test_families.py); Gemma 2 soft-caps and
+# Granite scales its logits by default, so they keep the model's own head.
 PLAIN_HEAD_MODEL_TYPES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite"}
+    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "olmo2"}
 )
 # Config fields with which a forward changes the logits after the head, and their no-op value:
 # Gemma 2/3 `final_logit_softcapping`, Cohere `logit_scale`, Granite `logits_scaling`.
