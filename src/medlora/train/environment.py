@@ -127,6 +127,8 @@ def run_plan(recipe: Recipe, model: Any = None) -> RunPlan:
     if model is not None:
         config = model.config
         implementation = config._attn_implementation
+        if implementation == PACKED_NAME:  # what the packed kernel stands in for
+            implementation = "sdpa"
     else:
         config = AutoConfig.from_pretrained(
             local_folder(m.name), revision=m.revision, trust_remote_code=m.trust_remote_code
@@ -140,7 +142,7 @@ def run_plan(recipe: Recipe, model: Any = None) -> RunPlan:
         packed_attention=t.packing or t.precision == "bf16",
         lora_dropout=t.method == "sft" and recipe.lora.dropout > 0,
         cuda=cuda,
-        attention="sdpa" if implementation == PACKED_NAME else implementation,
+        attention=implementation,
     )
     applied = getattr(model, "medlora_kernels", None)
     states = []
@@ -155,13 +157,7 @@ def run_plan(recipe: Recipe, model: Any = None) -> RunPlan:
         kernels=t.kernels,
         precision=t.precision,
         packing=t.packing,
-        attention=attention_path(
-            t.kernels,
-            t.packing,
-            cuda,
-            "sdpa" if implementation == PACKED_NAME else implementation,
-            config,
-        ),
+        attention=attention_path(t.kernels, t.packing, cuda, implementation, config),
         patches=states,
     )
 

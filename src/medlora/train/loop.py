@@ -35,7 +35,7 @@ from medlora.train.callbacks import (
     tracking_callbacks,
 )
 from medlora.train.charts import plot_training_charts
-from medlora.train.environment import environment, run_plan
+from medlora.train.environment import environment
 from medlora.train.kernels import run_kernels, use_kernels_after_lora, use_kernels_before_lora
 from medlora.train.kernels.answer_head import answer_loss_sum, output_head
 from medlora.train.kernels.liger import check_liger
@@ -83,11 +83,6 @@ def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> 
     if recipe.train.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, tokenizer
-
-
-def attention_path_of(recipe: Recipe, model: Any) -> str:
-    """The data card's line on packing and attention (the same as env.json's)."""
-    return run_plan(recipe, model).attention
 
 
 def initialize_eva(model: Any, rows: list[dict[str, Any]], collate: Any) -> None:
@@ -249,9 +244,10 @@ def train(
         card["used"]["repetitive_dropped"] = repetitive
     if t.packing:
         card["used"]["packed_rows"] = len(train_rows)
-    card["attention"] = attention_path_of(recipe, model)
+    facts = environment(recipe, model)
+    card["attention"] = facts.run.attention if facts.run else None
     if is_main_process():
-        write_json_atomic(run_dir / "env.json", environment(recipe, model).model_dump())
+        write_json_atomic(run_dir / "env.json", facts.model_dump())
         write_json_atomic(run_dir / "data_card.json", card)
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
 

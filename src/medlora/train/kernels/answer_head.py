@@ -79,6 +79,8 @@ def answer_loss_sum(
         # transformers script computes it (a mean over the shifted answer tokens, so x count).
         # use_cache=False: with a cache transformers skips the packed mask (see data/pack.py).
         outputs = model(**inputs, labels=batch["labels"], use_cache=False)
+        if count == 0:  # the mean over no token is NaN; the sum is 0 (kept on the graph)
+            return outputs.logits.sum() * 0.0, count, outputs
         return outputs.loss * count, count, outputs
     fuse = (model.training if fused is None else fused) and kernels != "stock"
     head = output_head(model) if fuse else None
