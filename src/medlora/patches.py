@@ -116,7 +116,8 @@ PATCHES: dict[str, Patch] = {
             "transformers",
             TRANSFORMERS,
             "registers an attention function with AttentionInterface that attends each example of a "
-            "packed row on its own (integrations.sdpa_attention.sdpa_attention_forward for the rest)",
+            "packed row on its own (integrations.sdpa_attention.sdpa_attention_forward for the rest); "
+            "reads config._attn_implementation to pick sdpa models (also medlora env)",
             "CPU packed rows without the row-wide block mask; CPU bf16 attention backward in float32 "
             "(docs/benchmarks.md 'peer', 'memory-breakdown')",
             "transformers' sdpa with its block-diagonal packed mask (exact, slower)",
