@@ -293,10 +293,10 @@ def allowed(name: str) -> bool:
     return on
 
 
-def report() -> list[dict[str, str]]:
-    """Every patch with its state, for `medlora env` and a run's env.json."""
+def report(names: list[str] | None = None) -> list[dict[str, str]]:
+    """Every patch (or those `names`) with its state, for `medlora env` and a run's env.json."""
     rows = []
-    for patch in PATCHES.values():
+    for patch in (PATCHES[name] for name in names or PATCHES):
         on, reason = status(patch.name)
         rows.append(
             {

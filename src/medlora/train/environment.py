@@ -166,12 +166,21 @@ def environment(recipe: Recipe | None = None, model: Any = None) -> Environment:
     import torch
 
     flags = cpu_flags()
+    names = None
+    if model is not None and recipe is not None:
+        # A run's env.json: the training patches it could use. Checking TRL's (importing trl)
+        # costs ~2 s, so only preference runs do; `medlora env` lists every patch.
+        names = [
+            p.name
+            for p in patches.PATCHES.values()
+            if p.stage == "train" and (p.name != "trl_preference" or recipe.train.method != "sft")
+        ]
     return Environment(
         python=platform.python_version(),
         libraries={name: _version(name) for name in LIBRARIES},
         cpu=_cpu_name(),
         cpu_features=[f for f in CPU_FEATURES if f in flags],
         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        patches=[PatchState(**row) for row in patches.report()],
+        patches=[PatchState(**row) for row in patches.report(names)],
         run=run_plan(recipe, model) if recipe is not None else None,
     )
