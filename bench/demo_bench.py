@@ -26,7 +26,8 @@ from _markdown import update_section  # noqa: E402
 
 from medlora.cli import BUNDLED_RECIPES  # noqa: E402
 from medlora.config import load_recipe  # noqa: E402
-from medlora.demo import metric_table, run_demo  # noqa: E402
+from medlora.demo import run_demo  # noqa: E402
+from medlora.report.panels import panels_markdown, transfer_sentence  # noqa: E402
 from medlora.results import DemoSummary, read_result  # noqa: E402
 
 
@@ -82,9 +83,12 @@ Command: `{command}` (recipe `smollm2-135m-cpu`, {os.cpu_count()} CPU cores,
 | test split: base → tuned answer loss | {test.base_loss:.4f} → {test.loss:.4f} ({test.loss_change_pct:+.1f} %) |
 | demo wall time (s) | {wall:.0f} |
 
-Answer metrics on the unseen sources (paired 95% bootstrap intervals):
+The two panels (paired 95% bootstrap intervals; test = held-out topics of the trained sources,
+unseen = sources never trained on):
 
-{chr(10).join(metric_table(unseen.quality))}
+{chr(10).join(panels_markdown([test, unseen]))}
+
+{transfer_sentence(test, unseen)}
 """
     print(body)
     update_section(args.section, body)

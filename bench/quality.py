@@ -35,22 +35,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import update_section  # noqa: E402
 
-from medlora.demo import metric_table  # noqa: E402
 from medlora.evaluate.bench import BenchOptions, run_bench  # noqa: E402
 from medlora.evaluate.heldout import run_recipe  # noqa: E402
+from medlora.evaluate.panels import loss_base_vs_tuned  # noqa: E402
 from medlora.evaluate.quality import evaluate_answers  # noqa: E402
-from medlora.evaluate.unseen import loss_base_vs_tuned, unseen_records  # noqa: E402
+from medlora.evaluate.unseen import unseen_records  # noqa: E402
 from medlora.models import load_with_adapter  # noqa: E402
 from medlora.report.card import write_report  # noqa: E402
 from medlora.report.compare import run_compare  # noqa: E402
 from medlora.report.facts import ReportOptions  # noqa: E402
 from medlora.report.format import fmt, fmt_ci  # noqa: E402
+from medlora.report.panels import panels_markdown, quality_table, transfer_sentence  # noqa: E402
 from medlora.results import (  # noqa: E402
     BenchItem,
     BenchResult,
     EvalResult,
     QualityResult,
     TaskScores,
+    read_optional,
     write_result,
 )
 
@@ -115,6 +117,11 @@ def main() -> None:
     parser.add_argument("--pubmedqa-limit", type=int, default=100)
     parser.add_argument("--mmlu-limit", type=int, default=None, help="default: all val questions")
     parser.add_argument("--compare-n", type=int, default=6)
+    parser.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="answer the unseen sources again even when RUN/eval.json holds both panels",
+    )
     # One thread by default: on a shared 2-core machine two torch threads spin against other
     # processes and decoding ran 12x slower (88 s vs 7 s for 8 answers of 32 tokens).
     parser.add_argument("--threads", type=int, default=1)
@@ -130,29 +137,33 @@ def main() -> None:
 
     started = time.perf_counter()
     loaded = load_with_adapter(spec, run, recipe.model.dtype)
-    quality_out = run / "eval_quality.json"
-    recipe.eval.max_examples = args.questions
-    if not recipe.eval.unseen_sources:
-        recipe.eval.unseen_sources = ["medquad:7_SeniorHealth_QA", "medquad:9_CDC_QA"]
-    records, specs = unseen_records(recipe)
-    losses = loss_base_vs_tuned(*loaded, records, recipe)
-    quality = evaluate_answers(
-        *loaded,
-        records,
-        recipe.data.system_prompt,
-        ["rouge", "f1", "similarity", "repetition", "echo"],
-        recipe.generation,
-        recipe.eval.batch_size,
-        compare_base=True,
-        predictions_path=run / "predictions.jsonl",
-        seed=recipe.data.seed,
-    )
-    result = EvalResult.model_validate(
-        {"model": spec, "adapter": str(run), "data": specs, "split": "all", **losses}
-        | {"quality": quality}
-    )
-    write_result(quality_out, result)
-    timings["unseen-source loss + answers (base and tuned)"] = time.perf_counter() - started
+    # A demo run's eval.json already holds both panels (same settings): read, not regenerated.
+    quality_out = run / "eval.json"
+    result = read_optional(quality_out, EvalResult)
+    if result is None or result.unseen is None or args.regenerate:
+        quality_out = run / "eval_quality.json"
+        recipe.eval.max_examples = args.questions
+        if not recipe.eval.unseen_sources:
+            recipe.eval.unseen_sources = ["medquad:7_SeniorHealth_QA", "medquad:9_CDC_QA"]
+        records, specs = unseen_records(recipe)
+        losses = loss_base_vs_tuned(*loaded, records, recipe)
+        quality = evaluate_answers(
+            *loaded,
+            records,
+            recipe.data.system_prompt,
+            ["rouge", "f1", "similarity", "repetition", "echo", "length"],
+            recipe.generation,
+            recipe.eval.batch_size,
+            compare_base=True,
+            predictions_path=run / "predictions.jsonl",
+            seed=recipe.data.seed,
+        )
+        result = EvalResult.model_validate(
+            {"model": spec, "adapter": str(run), "data": specs, "split": "all", **losses}
+            | {"quality": quality}
+        )
+        write_result(quality_out, result)
+        timings["unseen-source loss + answers (base and tuned)"] = time.perf_counter() - started
 
     started = time.perf_counter()
     pubmedqa = run_bench(
@@ -198,19 +209,21 @@ def main() -> None:
     timings["side-by-side answers"] = time.perf_counter() - started
     write_report(run, ReportOptions(eval_path=quality_out))
 
-    q: QualityResult = result.quality
-    assert q is not None
-    command = " ".join(["python", "bench/quality.py", *sys.argv[1:]])
-    body = f"""## Quality: is the demo adapter a better medical model than its base?
-
-Command: `{command}` (run `{run}`, base `{spec}`, {os.cpu_count()} CPU cores,
-{args.threads} torch thread(s), {platform.machine()}, torch {torch.__version__}). Base and tuned are the same loaded
-model with the LoRA adapter switched off and on; every interval is a 95% percentile bootstrap over
-questions (2,000 resamples), and differences are paired (same questions, resampled together).
-Files: `{run}/eval_quality.json`, `{run}/predictions.jsonl`, `{run}/bench.json`,
-`{run}/compare.md`, model card `{run}/README.md`, `{run}/report.html`.
-
-### Answers on sources never trained on ({q.examples} questions of {", ".join(Path(s).name for s in specs)})
+    test_panel = result.test_panel()
+    if result.unseen is not None and test_panel is not None:
+        answers = (
+            "### Answers: held-out topics and sources never trained on (the run's eval.json)\n\n"
+            + "\n".join(panels_markdown([test_panel, result.unseen]))
+            + "\n\n"
+            + transfer_sentence(test_panel, result.unseen)
+        )
+    else:
+        q: QualityResult = result.quality
+        assert q is not None
+        names = ", ".join(
+            Path(d).name for d in ([result.data] if isinstance(result.data, str) else result.data)
+        )
+        answers = f"""### Answers on sources never trained on ({q.examples} questions of {names})
 
 {q.decoding.capitalize()} decoding with the training chat template and the run's `generation:`
 settings ({", ".join(f"{k}={v}" for k, v in q.generation.items())}); empty answers: base
@@ -218,7 +231,18 @@ settings ({", ".join(f"{k}={v}" for k, v in q.generation.items())}); empty answe
 questions: base {fmt(result.base_loss, 4)} → tuned {fmt(result.loss, 4)}
 ({result.loss_change_pct:+.1f} %).
 
-{chr(10).join(metric_table(q))}
+{chr(10).join(quality_table(q))}"""
+    command = " ".join(["python", "bench/quality.py", *sys.argv[1:]])
+    body = f"""## Quality: is the demo adapter a better medical model than its base?
+
+Command: `{command}` (run `{run}`, base `{spec}`, {os.cpu_count()} CPU cores,
+{args.threads} torch thread(s), {platform.machine()}, torch {torch.__version__}). Base and tuned are the same loaded
+model with the LoRA adapter switched off and on; every interval is a 95% percentile bootstrap over
+questions (2,000 resamples), and differences are paired (same questions, resampled together).
+Files: `{quality_out}`, `{run}/bench.json`,
+`{run}/compare.md`, model card `{run}/README.md`, `{run}/report.html`.
+
+{answers}
 
 ### Medical multiple choice ({bench.engine})
 

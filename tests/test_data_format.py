@@ -132,3 +132,29 @@ def test_sentence_open_truncation_keeps_whole_sentences_without_teaching_a_stop(
     assert short is not None
     assert short == format_record(tiny_tokenizer, record(), None, 512, "token")
     assert tiny_tokenizer.decode(short.input_ids).rstrip().endswith("<|im_end|>")
+
+
+def test_end_of_turn_stays_in_the_input_but_leaves_the_loss_when_asked(
+    tiny_tokenizer: Any,
+) -> None:
+    """`data.end_of_turn_loss: false`: the same ids, the end of turn (and what the template puts
+    after it) labelled -100, every answer token before it still trained."""
+    trained = format_record(tiny_tokenizer, record(), None, 512)
+    kept_out = format_record(tiny_tokenizer, record(), None, 512, "token", False)
+    assert trained is not None and kept_out is not None
+    assert kept_out.input_ids == trained.input_ids
+    differ = [
+        i for i, (a, b) in enumerate(zip(trained.labels, kept_out.labels, strict=True)) if a != b
+    ]
+    assert differ and all(kept_out.labels[i] == -100 for i in differ)
+    assert differ == list(range(differ[0], len(trained.labels)))  # only the tail
+    tail = tiny_tokenizer.decode(trained.input_ids[differ[0] :])
+    assert tail.startswith("<|im_end|>") and ANSWER not in tail
+    assert kept_out.answer_tokens == trained.answer_tokens - len(differ)
+    # A cut answer (`sentence`) loses its taught stop too; `sentence_open` had none to lose.
+    stop, _ = _cut_in_half(tiny_tokenizer, "sentence")
+    limit = len(stop.input_ids)
+    cut = format_record(tiny_tokenizer, record(answer=LONG_ANSWER), None, limit, "sentence", False)
+    assert cut is not None and cut.truncated and cut.input_ids == stop.input_ids
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end in cut.input_ids and end not in cut.labels

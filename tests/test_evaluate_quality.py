@@ -66,6 +66,7 @@ def test_empty_predictions_score_zero_everywhere() -> None:
         "f1": [0.0, 0.0],
         "similarity": [0.0, 0.0],
         "repetition": [0.0, 0.0],  # no 4-gram at all; `echo` needs the questions
+        "length": [0.0, 0.0],
     }
 
 
@@ -111,6 +112,14 @@ def test_eval_cli_scores_base_and_tuned_with_intervals(
 
     records = tiny_records(2)
     prepared = write_prepared(tmp_path / "prepared", records[:5], records[5:7], records[5:10])
+    # A source the run never trains on: the second panel, scored beside the split.
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text(
+        "".join(
+            json.dumps({"question": f"{r.question} (elsewhere)", "answer": r.answer}) + "\n"
+            for r in records[:5]  # five different questions (hygiene drops repeats)
+        )
+    )
     recipe = recipe_from_dict(
         {"model": {"name": str(tiny_model_dir)}},
         [
@@ -121,6 +130,7 @@ def test_eval_cli_scores_base_and_tuned_with_intervals(
             "lora.dropout=0",
             "lora.target_modules=all-linear",
             "data.system_prompt=null",
+            f"eval.unseen_sources=[jsonl:{unseen}]",
         ],
     )
     train(recipe, tmp_path / "run", prepared_dir=prepared)
@@ -136,7 +146,7 @@ def test_eval_cli_scores_base_and_tuned_with_intervals(
             "--data",
             str(prepared),
             "--metrics",
-            "loss,rouge,f1",
+            "loss,rouge,f1,length",
             "--compare-base",
             "--max-new-tokens",
             "16",
@@ -161,6 +171,25 @@ def test_eval_cli_scores_base_and_tuned_with_intervals(
     rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and {"prediction", "base_prediction", "f1", "base_f1"} <= set(rows[0])
     assert "rougeL" in result.output and "base" in result.output
+    # Length in words, beside the references' mean length.
+    assert quality["metrics"]["length"]["model"]["mean"] == pytest.approx(
+        sum(len(r["prediction"].split()) for r in rows) / len(rows)
+    )
+    assert quality["reference_words"] == pytest.approx(
+        sum(len(r["reference"].split()) for r in rows) / len(rows)
+    )
+    # The second panel: the run's eval.unseen_sources, same metrics, its own answers file.
+    panel = saved["unseen"]
+    assert panel["panel"] == "unseen" and panel["examples"] == 5
+    assert panel["base_loss"] is not None and set(panel["quality"]["metrics"]) == {
+        "rougeL",
+        "f1",
+        "length",
+    }
+    assert panel["quality"]["max_new_tokens"] == 16
+    unseen_rows = (tmp_path / "predictions_unseen.jsonl").read_text().splitlines()
+    assert len(unseen_rows) == 5 and "(elsewhere)" in json.loads(unseen_rows[0])["question"]
+    assert "Both panels" in result.output and "Sources never trained on" in result.output
 
 
 def test_quality_is_logged_during_training_and_picks_the_best_adapter(

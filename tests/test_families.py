@@ -171,7 +171,9 @@ def test_train_packed_first_step_and_stock_kernels_give_the_same_losses(
 def test_evaluation_answer_loss_is_the_models_own_labels_loss(
     model_type: str, family_dirs: dict[str, Path], family_runs: dict[str, dict[str, Path]]
 ) -> None:
-    model, tokenizer = load_with_adapter(str(family_dirs[model_type]), family_runs[model_type]["medlora"])
+    model, tokenizer = load_with_adapter(
+        str(family_dirs[model_type]), family_runs[model_type]["medlora"]
+    )
     examples, _ = format_records(tokenizer, tiny_records(1), None, 128)
     scored = score_examples(model, examples, tokenizer.pad_token_id, batch_size=3)
     total = tokens = 0.0
@@ -316,7 +318,9 @@ def test_serve_answers_a_chat_request(
 # --- a family outside the matrix ----------------------------------------------------------------
 
 
-def test_a_family_outside_the_matrix_is_refused_in_one_line(tmp_path: Path, tiny_tokenizer: Any) -> None:
+def test_a_family_outside_the_matrix_is_refused_in_one_line(
+    tmp_path: Path, tiny_tokenizer: Any
+) -> None:
     from transformers import GPT2Config
 
     with pytest.raises(ModelError) as refused:

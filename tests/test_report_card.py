@@ -123,7 +123,7 @@ def test_card_figures_come_from_the_run_files(reported: dict[str, Any]) -> None:
     for name, task in bench.items():
         row = next(line for line in card.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {task['n']} | {task['chance']:.3f} | {task['base_acc']:.3f} |" in row
-    assert "MiniLM cosine similarity" in card
+    assert "MiniLM similarity" in card
     change = json.loads((run / "eval.json").read_text())["example_loss_change"]
     assert f"{change['mean']:+.4f} [{change['low']:+.4f}, {change['high']:+.4f}]" in card
     assert compare["rows"][0]["base"][:40].split()[0] in card  # the side-by-side answers are there

@@ -128,6 +128,22 @@ def test_training_refuses_when_no_token_would_be_trained(
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+def test_untrained_end_of_turn_beside_unlikelihood_is_refused_before_any_work(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """With the end of turn never a target, unlikelihood (which pushes down every token already in
+    the context, the prompt's end-of-turn tokens too) taught the demo model never to stop."""
+    from medlora.errors import ConfigError
+
+    records = tiny_records(1)
+    prepared = write_prepared(tmp_path / "prepared", records, records[:1], records[:1])
+    overrides = ["data.end_of_turn_loss=false", "train.unlikelihood_alpha=1.0"]
+    recipe = recipe_from_dict({"model": {"name": str(tiny_model_dir)}}, overrides)
+    with pytest.raises(ConfigError, match="learns never to stop"):
+        train(recipe, tmp_path / "out", prepared_dir=prepared)
+    assert not (tmp_path / "out").exists()
+
+
 def test_fp16_without_gpu_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -88,6 +88,7 @@ class QualityResult(Result):
     metrics: dict[str, MetricCI] = {}
     base_empty_predictions: int | None = None
     predictions: str | None = None
+    reference_words: float | None = None  # mean words of the reference answers
 
 
 class LossScores(Result):
@@ -101,6 +102,16 @@ class LossScores(Result):
     examples: int
     loss_change_pct: float | None = None
     examples_better: int | None = None
+
+
+class PanelScores(LossScores):
+    """Base vs tuned on one set of questions (`evaluate.panels.score_panel`): one of the two panels
+    every result shows, held-out topics of the trained sources (`test`) and sources never trained
+    on (`unseen`); answer loss and, when generated, the answers' metrics."""
+
+    panel: Literal["test", "unseen"] = "unseen"
+    data: list[str] = []
+    quality: QualityResult | None = None
 
 
 class ExampleLoss(Result):
@@ -134,6 +145,32 @@ class EvalResult(Result):
     per_example: list[ExampleLoss] | None = None
     example_loss_change: CI | None = None
     quality: QualityResult | None = None
+    unseen: PanelScores | None = None  # the second panel: the run's eval.unseen_sources
+    judge: JudgeResult | None = None  # `medlora eval --judge`: judged answers (evaluate/judge.py)
+
+    def test_panel(self) -> PanelScores | None:
+        """This split's loss and answers as a panel (None without a base to compare with)."""
+        if self.loss is None or self.base_loss is None or self.examples is None:
+            return None
+        change = self.loss_change_pct
+        if change is None and self.base_loss:
+            change = (self.loss - self.base_loss) / self.base_loss * 100
+        better = self.examples_better
+        if better is None and self.per_example:
+            better = sum(r.base_loss is not None and r.loss < r.base_loss for r in self.per_example)
+        return PanelScores(
+            panel="test",
+            data=[self.data] if isinstance(self.data, str) else self.data,
+            loss=self.loss,
+            base_loss=self.base_loss,
+            perplexity=self.perplexity or 0.0,
+            base_perplexity=self.base_perplexity,
+            answer_tokens=self.answer_tokens or 0,
+            examples=self.examples,
+            loss_change_pct=change,
+            examples_better=better,
+            quality=self.quality,
+        )
 
 
 # ---------------------------------------------------------------- bench.json
@@ -266,13 +303,6 @@ class TrainSummary(Result):
     row_choice: dict[str, Any] | None = None  # tokens_per_batch: auto, what was measured
 
 
-class UnseenScores(LossScores):
-    """Base vs tuned on sources the run never trained on (`evaluate.unseen.score_unseen`)."""
-
-    data: list[str]
-    quality: QualityResult
-
-
 class DemoAnswer(Result):
     question: str
     reference: str
@@ -281,12 +311,12 @@ class DemoAnswer(Result):
 
 
 class DemoSummary(Result):
-    """`medlora demo`: the unseen-source headline, the test split, training, answers (demo.json)."""
+    """`medlora demo`: the two panels (held-out topics, unseen sources), training, answers (demo.json)."""
 
     model: str
     adapter: str
-    unseen: UnseenScores
-    test: LossScores
+    unseen: PanelScores
+    test: PanelScores
     train: TrainSummary
     answers: list[DemoAnswer] = []
     elapsed_s: float
@@ -342,3 +372,132 @@ class BestCheckpoint(Result):
     value: float
     step: int
     path: str
+
+
+# ---------------------------------------------------------------- judged answers (evaluate/judge.py)
+
+
+class PairwiseJudgment(Result):
+    """Tuned vs base, each pair judged in both orders (a disagreement is a tie); rates over the
+    pairs whose two verdicts both parsed."""
+
+    pairs: int  # pairs asked
+    unparseable: int  # pairs left out: a verdict in either order was not an allowed letter
+    win: CI  # tuned judged better in both orders
+    tie: CI
+    loss: CI
+    win_minus_loss: CI  # paired: the same pairs resampled together
+    consistent: int  # pairs whose two orders gave the same preference
+    position_consistency: float  # consistent / parsed pairs (NaN when none parsed)
+
+
+class FactCheck(Result):
+    """Reference statements marked covered / contradicted / absent in each model's answers;
+    per-question shares, `model` = tuned, `diff` = tuned − base (paired)."""
+
+    questions: int
+    statements: int  # reference statements per model (at most max_statements per question)
+    max_statements: int
+    unparseable: int  # statement verdicts left out (both models together)
+    recall: MetricCI  # share of statements covered
+    contradiction: MetricCI  # share of statements contradicted
+
+
+class RubricScores(Result):
+    """A user rubric scored the HealthBench way: per question, points of the items met / positive
+    points possible, clipped to [0, 1]; `model` = tuned, `diff` = tuned − base (paired)."""
+
+    file: str
+    questions: int  # rubric questions found among the predictions
+    unmatched: int  # rubric questions with no prediction row
+    unparseable: int  # item verdicts that were not an allowed letter
+    excluded: int  # question scores left out because one of their item verdicts was unparseable
+    score: MetricCI
+
+
+class JudgeResult(Result):
+    """`medlora eval --judge`: answers judged by a model behind an OpenAI-compatible API."""
+
+    judge_model: str
+    judge_url: str
+    predictions: str
+    examples: int
+    requests: int  # sent to the judge in this run (0: every verdict came from the cache)
+    cached: int  # verdicts read from the cache
+    cache: str
+    pairwise: PairwiseJudgment | None = None  # None when the rows have no base answers
+    facts: FactCheck | None = None
+    rubric: RubricScores | None = None
+
+
+EvalResult.model_rebuild()
+
+
+# ---------------------------------------------------------------- audit.json (medlora audit)
+
+
+class SpanStats(Result):
+    """The longest verbatim span (tokenizer tokens) each answer shares with its reference, over
+    one set of answers (`evaluate.memorization`)."""
+
+    answers: int
+    reciting: int  # answers whose longest shared span is at least the audit's threshold
+    reciting_share: CI
+    mean: CI
+    median: float
+    p90: float
+    max: int
+    histogram: dict[str, int] = {}  # span bucket ("20–49 tokens") → answers
+
+
+class RecitedSpan(Result):
+    """The longest span a tuned answer shares with its training answer, as text."""
+
+    question: str
+    tokens: int
+    text: str
+
+
+class RecitationAudit(Result):
+    """Training questions answered by tuned and base, against held-out (test-split) questions."""
+
+    threshold_tokens: int
+    train: SpanStats  # tuned answers to training questions vs the trained answers
+    base_train: SpanStats
+    train_change: CI  # paired: tuned − base longest span, same training questions
+    test: SpanStats | None = None  # tuned answers to test questions vs their references
+    base_test: SpanStats | None = None
+    test_change: CI | None = None
+    longest: RecitedSpan | None = None
+
+
+class CanaryExposure(Result):
+    """One canary's secret ranked among every secret of its length, tuned and base."""
+
+    id: str
+    repeats: int  # times trained on; 0: a control canary, never trained on
+    rank: int
+    exposure: float
+    base_rank: int
+    base_exposure: float
+
+
+class ExposureAudit(Result):
+    """Exposure (Carlini et al. 2019) of the run's canaries (RUN/canaries.json); no secrets."""
+
+    digits: int
+    candidates: int  # |R| = 10^digits
+    max_exposure: float  # log2 |R|
+    canaries: list[CanaryExposure] = []
+    seconds_per_canary: float  # one model ranking one canary's secret
+
+
+class AuditResult(Result):
+    """`medlora audit RUN` (audit.json): recitation of training answers and canary exposure."""
+
+    run: str
+    model: str
+    generation: dict[str, Any] = {}
+    recitation: RecitationAudit
+    exposure: ExposureAudit | None = None  # None: the run was trained without data.canaries
+    elapsed_s: float

@@ -5,7 +5,7 @@ The imports below register the commands; their order is the order of `medlora --
 """
 
 # isort: skip_file
-from medlora.cli import data_cmds, train_cmds, eval_cmds, share_cmds, serve_cmds  # noqa: F401
+from medlora.cli import data_cmds, train_cmds, eval_cmds, audit_cmds, share_cmds, serve_cmds  # noqa: F401
 from medlora.cli.app import BUNDLED_RECIPES, app
 
 __all__ = ["BUNDLED_RECIPES", "app", "main"]

@@ -15,16 +15,19 @@ from medlora.cli.app import (
     user_errors,
 )
 from medlora.errors import ConfigError
-from medlora.results import QualityResult
+from medlora.results import JudgeResult, QualityResult, write_result
 
 
 @app.command("eval")
 @user_errors
 def eval_cmd(
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Model spec (Hub id, folder, .gguf, alias).")
-    ],
-    data: Annotated[str, typer.Option("--data", "-d", help="KIND:PATH or a prepared folder.")],
+        str | None,
+        typer.Option("--model", "-m", help="Model spec (Hub id, folder, .gguf, alias)."),
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="KIND:PATH or a prepared folder.")
+    ] = None,
     adapter: Annotated[
         Path | None, typer.Option("--adapter", "-a", help="Run directory with the adapter.")
     ] = None,
@@ -48,13 +51,78 @@ def eval_cmd(
         Path | None,
         typer.Option("--predictions", help="Per-example answers (default: beside --out)."),
     ] = None,
+    unseen: Annotated[
+        bool,
+        typer.Option(
+            "--unseen/--no-unseen",
+            help="With --compare-base: also score the run's eval.unseen_sources (second panel).",
+        ),
+    ] = True,
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            "--judge",
+            help="Judge the answers with a model behind this OpenAI-compatible URL (vLLM, a hosted "
+            "API, medlora serve): pairwise tuned vs base in both orders, reference facts.",
+        ),
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option("--judge-model", help="The judge's model name at --judge.")
+    ] = None,
+    judge_key_env: Annotated[
+        str, typer.Option("--judge-key-env", help="Environment variable holding the judge's key.")
+    ] = "OPENAI_API_KEY",
+    judge_predictions: Annotated[
+        Path | None,
+        typer.Option(
+            "--judge-predictions",
+            help="Judge this predictions JSONL instead of generating answers (no --model/--data).",
+        ),
+    ] = None,
+    judge_rubric: Annotated[
+        Path | None,
+        typer.Option(
+            "--judge-rubric",
+            help='Also score a rubric JSONL: {"question": …, "items": [{"text": …, "points": 5}]}.',
+        ),
+    ] = None,
+    judge_facts: Annotated[
+        int,
+        typer.Option(
+            "--judge-facts", min=0, help="Reference statements checked per answer (0: none)."
+        ),
+    ] = 8,
 ) -> None:
     """Held-out scores: answer-only loss and perplexity; with --metrics also generated-answer
     quality (ROUGE-L, token F1, MiniLM similarity) with 95% bootstrap confidence intervals."""
     _quiet_libraries()
-    from medlora.evaluate.quality import EvalOptions, evaluate_run, parse_metrics
+    from medlora.evaluate.quality import EvalOptions, parse_metrics
+    from medlora.evaluate.unseen import evaluate_with_unseen
     from medlora.report.format import fmt_ci
 
+    judging = None
+    if judge or judge_model or judge_predictions:
+        from medlora.evaluate.judge import JudgeOptions, check_judge, judge_eval
+        from medlora.evaluate.judge import judge_predictions as judge_file
+
+        if not (judge and judge_model):
+            raise ConfigError("--judge URL and --judge-model NAME go together")
+        judging = JudgeOptions(
+            url=judge,
+            model=judge_model,
+            key_env=judge_key_env,
+            rubric=judge_rubric,
+            max_statements=judge_facts,
+        )
+        if judge_predictions is not None:
+            judged = judge_file(judge_predictions, judging)
+            _print_judge(judged)
+            if out:
+                write_result(out, judged)
+                console.print(f"wrote {out}")
+            return
+    if model is None or data is None:
+        raise ConfigError("add --model SPEC and --data DATA (or --judge-predictions FILE to judge)")
     if compare_base and adapter is None:
         raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
     options = EvalOptions(
@@ -71,8 +139,12 @@ def eval_cmd(
         max_new_tokens=max_new_tokens,
         predictions=predictions,
     )
+    if judging is not None:
+        check_judge(judging, options.metrics)  # a dead judge fails now, not after the answers
     with console.status("scoring…"):
-        result = evaluate_run(options)
+        result = evaluate_with_unseen(options, unseen)
+    if judging is not None:
+        result = judge_eval(result, judging, out)
     if result.loss is not None:
         line = f"{result.examples} examples, {result.answer_tokens} answer tokens: "
         line += f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}"
@@ -87,13 +159,30 @@ def eval_cmd(
             console.print(f"mean per-example loss change, tuned − base [95% CI]: {change}")
     if result.quality is not None:
         _print_quality(result.quality)
+    test_panel = result.test_panel()
+    if test_panel is not None and result.unseen is not None:
+        from medlora.report.panels import panels_markdown, transfer_sentence
+
+        console.print("\nBoth panels:", highlight=False)
+        for line in panels_markdown([test_panel, result.unseen]):
+            console.print(line, markup=False, highlight=False)
+        console.print(transfer_sentence(test_panel, result.unseen), markup=False)
+    if result.judge is not None:
+        _print_judge(result.judge)
     if out:
         console.print(f"wrote {out}")
 
 
+def _print_judge(judged: JudgeResult) -> None:
+    from medlora.evaluate.judge import judge_markdown
+
+    console.print()
+    for line in judge_markdown(judged):
+        console.print(line, markup=False, highlight=False)
+
+
 def _print_quality(quality: QualityResult) -> None:
-    from medlora.evaluate.quality import LOWER_IS_BETTER
-    from medlora.report.format import fmt_ci, verdict
+    from medlora.report.format import fmt_ci, metric_verdict
 
     console.print(
         f"{quality.examples} answers ({quality.decoding}, ≤{quality.max_new_tokens} new "
@@ -103,7 +192,7 @@ def _print_quality(quality: QualityResult) -> None:
         line = f"  {name:<11} {fmt_ci(entry.model)}"
         if entry.base is not None:
             line += f"   base {fmt_ci(entry.base)}   difference {fmt_ci(entry.diff, signed=True)}"
-            line += f" ({verdict(entry.diff, name not in LOWER_IS_BETTER)})"
+            line += f" ({metric_verdict(name, entry.diff)})"
         console.print(line)
     if quality.predictions:
         console.print(f"answers: {quality.predictions}")

@@ -99,17 +99,14 @@ def demo_cmd(
     """The whole pipeline on a CPU: MedQuAD, SmolLM2, LoRA, base vs tuned; writes summary.md."""
     _quiet_libraries()
     from medlora.demo import run_demo
+    from medlora.report.panels import panels_markdown, transfer_sentence
 
     config = _load(recipe, set_)
-    from medlora.demo import metric_table
-
-    unseen = run_demo(config, out, log=console.print).unseen
-    console.print(
-        f"unseen sources ({unseen.examples} questions): answer loss base "
-        f"{unseen.base_loss:.4f} → tuned {unseen.loss:.4f} ({unseen.loss_change_pct:+.1f} %)"
-    )
-    console.print("\n".join(metric_table(unseen.quality)), highlight=False)
-    console.print(f"see {out}/summary.md")
+    result = run_demo(config, out, log=console.print)
+    panels = [result.test, result.unseen]
+    console.print("\n".join(panels_markdown(panels)), markup=False, highlight=False)
+    console.print(transfer_sentence(*panels), markup=False)
+    console.print(f"see {out}/summary.md, {out}/README.md (model card), {out}/report.html")
 
 
 @app.command("env")

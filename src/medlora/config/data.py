@@ -30,6 +30,27 @@ class ModelConfig(_Section):
     )
 
 
+class CanaryConfig(_Section):
+    """`data.canaries`: made-up secret records put into training, for `medlora audit`."""
+
+    repeats: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 5, 20],
+        min_length=1,
+        max_length=50,
+        description="One canary per entry, put into the training records that many times (each "
+        ">= 1); as many control canaries are made and never trained on.",
+    )
+    digits: int = Field(
+        4,
+        ge=1,
+        le=5,
+        description="Digits of each canary's secret record number; the audit ranks the secret "
+        "among all 10^digits numbers (at most digits * log2(10) bits of exposure; each digit "
+        "more costs the audit 10x the scoring time).",
+    )
+    seed: int = Field(0, description="Seed for the canaries' names, dates, secrets and places.")
+
+
 WEIGHTED_ENTRY_KEYS = ("source", "weight")
 
 
@@ -109,11 +130,22 @@ class DataConfig(_Section):
         description="Train only on answers whose share of repeated word 4-grams is at most this "
         "(the repetition metric); null: all. Evaluation keeps every reference.",
     )
+    end_of_turn_loss: bool = Field(
+        True,
+        description="Train the end-of-turn token after each answer. false: it stays in the input "
+        "without loss (the stop is left to the instruct base); refused with "
+        "train.unlikelihood_alpha > 0, with which the model learned never to stop.",
+    )
     truncation: Literal["sentence", "sentence_open", "token"] = Field(
         "sentence",
         description="An answer longer than max_seq_len: 'sentence' keeps whole sentences and the "
         "end of turn (the model learns to stop); 'sentence_open' keeps whole sentences without "
         "it (the answer went on); 'token' cuts mid-sentence.",
+    )
+    canaries: CanaryConfig | None = Field(
+        None,
+        description="Memorization canaries (Carlini et al. 2019): {repeats: [1, 5, 20], digits: 4, "
+        "seed: 0} puts made-up secret records into training for `medlora audit`; null: none.",
     )
 
     @model_validator(mode="before")

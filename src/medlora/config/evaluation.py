@@ -16,6 +16,12 @@ class EvalConfig(_Section):
         "test", description="Split scored by `medlora eval` and the demo."
     )
     max_examples: int | None = Field(64, ge=1, description="Score at most this many examples.")
+    test_examples: int | None = Field(
+        None,
+        ge=1,
+        description="Questions of the demo's held-out-topics panel (test split); null: "
+        "max_examples (which the unseen-sources panel uses).",
+    )
     batch_size: int = Field(
         8, ge=1, description="Examples per forward pass when scoring, questions per generate call."
     )
@@ -30,9 +36,9 @@ class EvalConfig(_Section):
         description="KIND:PATH sources never trained on: the demo's headline scores base vs tuned "
         "on them (e.g. medquad:7_SeniorHealth_QA, relative to the MedQuAD folder).",
     )
-    metrics: list[Literal["rouge", "f1", "similarity", "repetition", "echo"]] = Field(
-        default_factory=lambda: ["rouge", "f1", "similarity", "repetition", "echo"],
-        description="Answer metrics the demo reports (with paired bootstrap CIs).",
+    metrics: list[Literal["rouge", "f1", "similarity", "repetition", "echo", "length"]] = Field(
+        default_factory=lambda: ["rouge", "f1", "similarity", "repetition", "echo", "length"],
+        description="Answer metrics the demo reports (with paired bootstrap CIs); length: words.",
     )
     num_answers: int = Field(
         3, ge=0, description="Base-vs-tuned answers shown in the demo summary."

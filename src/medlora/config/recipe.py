@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import (
@@ -54,6 +54,15 @@ class Recipe(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _canaries_for_sft(self) -> Recipe:
+        if self.data.canaries is not None and self.train.method != "sft":
+            raise ValueError(
+                f"data.canaries: put into supervised training only (train.method=sft), not "
+                f"{self.train.method}; drop it (--set data.canaries=null)"
+            )
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
@@ -61,9 +70,26 @@ class Recipe(_Section):
 SECTIONS = tuple(Recipe.model_fields)
 
 
-def _allowed_keys(section: str) -> str:
-    model_cls = Recipe.model_fields[section].annotation
-    return ", ".join(model_cls.model_fields)  # type: ignore[union-attr]
+def _section_class(annotation: Any) -> type[_Section] | None:
+    """The section a field holds (`CanaryConfig | None` → CanaryConfig), or None for a value."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, _Section):
+            return candidate
+    return None
+
+
+def _fields_along(loc: list[str]) -> list[tuple[str, Any, type[_Section]]]:
+    """(key, field, the section holding it) for each recipe key named by `loc`, nested sections
+    (data.canaries.digits) included; it stops at the first part that is not a key."""
+    found: list[tuple[str, Any, type[_Section]]] = []
+    owner: type[_Section] | None = Recipe
+    for part in loc:
+        field = owner.model_fields.get(part) if owner is not None else None
+        if owner is None or field is None:
+            break
+        found.append((part, field, owner))
+        owner = _section_class(field.annotation)
+    return found
 
 
 def _explain(error: ValidationError) -> str:
@@ -74,9 +100,14 @@ def _explain(error: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         if len(loc) == 1:
             return f"unknown recipe section '{loc[0]}': allowed sections are {', '.join(SECTIONS)}"
-        section = loc[0]
-        return f"unknown key '{key}': allowed keys in '{section}' are {_allowed_keys(section)}"
+        sections = _fields_along(loc[:-1])
+        section = ".".join(loc[: len(sections)])
+        holder = _section_class(sections[-1][1].annotation) if sections else None
+        allowed = ", ".join(holder.model_fields) if holder else ""
+        return f"unknown key '{key}': allowed keys in '{section}' are {allowed}"
     message = first["msg"].replace("Value error, ", "")
+    if not loc and first["type"] == "value_error":  # a check across sections names its keys
+        return f"invalid recipe: {message}"
     if len(loc) == 1 and loc[0] in SECTIONS and first["type"] == "value_error":
         # A whole-section check (e.g. data.sources entries): its message names the key itself.
         if message.startswith(f"{loc[0]}."):
@@ -84,10 +115,11 @@ def _explain(error: ValidationError) -> str:
         return f"invalid {loc[0]} section: {message}"
     value = first.get("input")
     description = ""
-    if len(loc) >= 2 and loc[0] in SECTIONS:
-        field = Recipe.model_fields[loc[0]].annotation.model_fields.get(loc[1])  # type: ignore[union-attr]
-        if field is not None and field.description:
-            description = f" ({loc[1]}: {field.description})"
+    named = _fields_along(loc)
+    if len(named) >= 2:  # the innermost key: data.canaries.digits describes digits
+        name, field, _ = named[-1]
+        if field.description:
+            description = f" ({name}: {field.description})"
     return f"invalid value {key}={value!r}: {message}{description}"
 
 

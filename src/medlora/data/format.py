@@ -113,8 +113,13 @@ def format_record(
     system_prompt: str | None,
     max_seq_len: int,
     truncation: str = "token",
+    end_of_turn_loss: bool = True,
 ) -> Example | None:
     """Tokenize one record; None when truncation leaves no answer token to learn from.
+
+    `end_of_turn_loss=False` keeps the end-of-turn tokens in the input but takes them out of the
+    loss: the tuned model then stops where its (instruct) base would, instead of learning the stop
+    rate of these answers (`data.end_of_turn_loss`).
 
     An example longer than `max_seq_len` is cut: `token` cuts at the limit (the end-of-turn token
     is lost), `sentence` keeps the answer's whole sentences that fit and then the end of turn, so
@@ -134,20 +139,30 @@ def format_record(
             end_of_turn=truncation == "sentence",
         )
         if fitted is not None:
-            return Example(
-                p_ids + fitted,
-                [IGNORE_INDEX] * len(p_ids) + fitted,
-                record.id,
-                record.source,
-                truncated=True,
-            )
+            labels = [IGNORE_INDEX] * len(p_ids) + fitted
+            if not end_of_turn_loss:
+                labels = _without_end_of_turn(tokenizer, record, system_prompt, labels)
+            return Example(p_ids + fitted, labels, record.id, record.source, truncated=True)
     ids = (p_ids + a_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(p_ids) + a_ids)[:max_seq_len]
+    if not end_of_turn_loss:
+        labels = _without_end_of_turn(tokenizer, record, system_prompt, labels)
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return Example(
         ids, labels, record.id, record.source, truncated=len(p_ids) + len(a_ids) > max_seq_len
     )
+
+
+def _without_end_of_turn(
+    tokenizer: Any, record: Record, system_prompt: str | None, labels: list[int]
+) -> list[int]:
+    """`labels` with the template's end-of-turn tokens (when the labels end with them) ignored."""
+    suffix = _end_of_turn_text(tokenizer, record.question, system_prompt)
+    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    if ids and labels[-len(ids) :] == ids:
+        return labels[: -len(ids)] + [IGNORE_INDEX] * len(ids)
+    return labels
 
 
 @dataclass
@@ -171,11 +186,14 @@ def format_records(
     system_prompt: str | None,
     max_seq_len: int,
     truncation: str = "token",
+    end_of_turn_loss: bool = True,
 ) -> tuple[list[Example], FormatStats]:
     stats = FormatStats()
     examples = []
     for record in records:
-        example = format_record(tokenizer, record, system_prompt, max_seq_len, truncation)
+        example = format_record(
+            tokenizer, record, system_prompt, max_seq_len, truncation, end_of_turn_loss
+        )
         if example is None:
             stats.dropped_no_answer_tokens += 1
             stats.dropped_ids.append(record.id)

@@ -13,6 +13,10 @@ repeats the reference's phrases, or restates the question, scores well on ROUGE)
 - `repetition`: the share of the answer's word 4-grams that already occurred earlier in it;
 - `echo`: 1 when the answer opens by restating the question (its first words match the question's
   words in order, difflib ratio >= 0.75), else 0.
+
+And its length, neither better nor worse on its own: `length`, the answer's words (whitespace
+split), shown beside the references' mean length (`QualityResult.reference_words`): a model that
+stops early scores lower on every overlap metric, so the length tells why.
 """
 
 from __future__ import annotations
@@ -34,15 +38,17 @@ from medlora.errors import ConfigError, ModelError
 from medlora.io import write_jsonl_atomic
 from medlora.results import CI, EvalResult, QualityResult, write_result
 
-METRICS = ("rouge", "f1", "similarity", "repetition", "echo")
+METRICS = ("rouge", "f1", "similarity", "repetition", "echo", "length")
 SCORE_KEYS = {
     "rouge": "rougeL",
     "f1": "f1",
     "similarity": "similarity",
     "repetition": "repetition",
     "echo": "echo",
+    "length": "length",
 }
 LOWER_IS_BETTER = frozenset({"repetition", "echo"})
+NEITHER_BETTER = frozenset({"length"})  # a difference is "longer" / "shorter", not better
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -143,7 +149,13 @@ def score_answers(
         out["repetition"] = [repeated_ngram_share(p) for p in predictions]
     if "echo" in metrics and questions is not None:
         out["echo"] = [echoes_question(p, q) for p, q in zip(predictions, questions, strict=True)]
+    if "length" in metrics:
+        out["length"] = [float(answer_words(p)) for p in predictions]
     return out
+
+
+def answer_words(text: str) -> int:
+    return len(text.split())
 
 
 # ---------------------------------------------------------------- bootstrap confidence intervals
@@ -266,6 +278,7 @@ def evaluate_answers(
         "generation": settings.model_dump(),
         "empty_predictions": sum(not p.strip() for p in predictions),
         "metrics": aggregate(scores, base_scores, seed),
+        "reference_words": sum(map(answer_words, references)) / max(len(references), 1),
     }
     if base_predictions is not None:
         result["base_empty_predictions"] = sum(not p.strip() for p in base_predictions)

@@ -14,16 +14,16 @@ from typing import Any
 
 from medlora.config import Recipe
 from medlora.data.clean import clean_records
-from medlora.data.format import format_records
 from medlora.data.hygiene import apply_hygiene
 from medlora.data.medquad import find_medquad_dir
 from medlora.data.records import Record
 from medlora.data.sample import sample_records
 from medlora.data.sources import load_source, parse_source
 from medlora.errors import DataError
-from medlora.evaluate.heldout import score_model
-from medlora.evaluate.quality import evaluate_answers
+from medlora.evaluate.panels import score_panel
+from medlora.evaluate.quality import METRICS, EvalOptions, evaluate_run
 from medlora.io import read_jsonl
+from medlora.results import EvalResult, write_result
 
 
 def unseen_records(recipe: Recipe) -> tuple[list[Record], list[str]]:
@@ -47,27 +47,6 @@ def unseen_records(recipe: Recipe) -> tuple[list[Record], list[str]]:
     return sample_records(records, recipe.eval.max_examples, recipe.data.seed), specs
 
 
-def loss_base_vs_tuned(
-    model: Any, tokenizer: Any, records: list[Record], recipe: Recipe
-) -> dict[str, Any]:
-    """Answer-token loss of the references, with the adapter and without it (same examples)."""
-    examples, _ = format_records(
-        tokenizer, records, recipe.data.system_prompt, recipe.data.max_seq_len
-    )
-    scores = score_model(
-        model, tokenizer, examples, recipe.eval.batch_size, True, recipe.eval.precision
-    )
-    keys = ("loss", "base_loss", "perplexity", "base_perplexity", "answer_tokens")
-    out = {key: scores[key] for key in keys}
-    out["examples"] = len(examples)
-    out["loss_change_pct"] = (scores["loss"] - scores["base_loss"]) / scores["base_loss"] * 100
-    out["examples_better"] = sum(
-        t < b
-        for t, b in zip(scores["per_example_loss"], scores["base_per_example_loss"], strict=True)
-    )
-    return out
-
-
 def score_unseen(
     model: Any,
     tokenizer: Any,
@@ -77,30 +56,17 @@ def score_unseen(
     predictions_path: Path,
     base_predictions: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Loss and answer metrics, base vs tuned, on the unseen records.
+    """Loss and answer metrics, base vs tuned, on the unseen records (the `unseen` panel as a
+    mapping, for the sweep's tables).
 
     `base_predictions` (the base's answers to the same questions under the same generation
     settings, e.g. from an earlier run of a sweep) skips generating them again: they do not depend
     on the adapter.
     """
-    scores: dict[str, Any] = {
-        "data": specs,
-        **loss_base_vs_tuned(model, tokenizer, records, recipe),
-    }
-    scores["quality"] = evaluate_answers(
-        model,
-        tokenizer,
-        records,
-        recipe.data.system_prompt,
-        recipe.eval.metrics,
-        recipe.generation,
-        recipe.eval.batch_size,
-        compare_base=True,
-        predictions_path=predictions_path,
-        seed=recipe.data.seed,
-        base_predictions=base_predictions,
+    panel = score_panel(
+        model, tokenizer, records, recipe, "unseen", specs, predictions_path, base_predictions
     )
-    return scores
+    return panel.model_dump()
 
 
 def score_run_unseen(
@@ -135,3 +101,38 @@ def score_run_unseen(
         "metrics": quality["metrics"],
         "predictions": str(predictions),
     }
+
+
+def evaluate_with_unseen(options: EvalOptions, unseen: bool = True) -> EvalResult:
+    """`medlora eval`: the asked split (`evaluate_run`) and, beside it, the second panel on the
+    run's `eval.unseen_sources` when comparing an adapter with its base — the same metrics and
+    generation settings, one model load, one eval.json."""
+    from medlora.evaluate.heldout import load_eval_model, run_recipe
+
+    recipe = run_recipe(options.adapter)
+    wanted = unseen and options.compare_base and bool(recipe.eval.unseen_sources)
+    if not wanted:
+        return evaluate_run(options)
+    loaded = load_eval_model(options.model, options.adapter, recipe)
+    beside = options.out.parent if options.out else Path()
+    split_predictions = options.predictions or beside / "predictions.jsonl"
+    # eval.json is written once, below, with both panels; the answers go where they always did.
+    split_options = options.model_copy(update={"out": None, "predictions": split_predictions})
+    result = evaluate_run(split_options, loaded)
+    records, specs = unseen_records(recipe)
+    if options.limit is not None:
+        records = records[: options.limit]
+    predictions = None
+    if any(m in METRICS for m in options.metrics):
+        predictions = split_predictions.parent / "predictions_unseen.jsonl"
+    # The split's settings: the CLI's --batch-size and --max-new-tokens apply to both panels.
+    recipe = recipe.model_copy(deep=True)
+    recipe.eval.metrics = [m for m in options.metrics if m in METRICS]  # type: ignore[misc]
+    if options.batch_size:
+        recipe.eval.batch_size = options.batch_size
+    if options.max_new_tokens:
+        recipe.generation.max_new_tokens = options.max_new_tokens
+    result.unseen = score_panel(*loaded, records, recipe, "unseen", specs, predictions)
+    if options.out is not None:
+        write_result(options.out, result)
+    return result

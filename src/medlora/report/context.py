@@ -13,23 +13,24 @@ from typing import Any
 import yaml
 
 from medlora.config import GenerationConfig
+from medlora.evaluate.audit_text import audit_markdown
 from medlora.evaluate.generate import generate_arguments
-from medlora.evaluate.quality import LOWER_IS_BETTER
+from medlora.evaluate.judge import judge_markdown
 from medlora.report.facts import HUB_BASE, RunFacts, ShortFacts
-from medlora.report.format import fmt, fmt_ci, short, verdict
+from medlora.report.format import fmt, fmt_ci, metric_verdict, short
+from medlora.report.panels import (
+    METRIC_LABELS,
+    panel_heading,
+    panel_rows,
+    panels_markdown,
+    transfer_sentence,
+)
 from medlora.results import CI
 
 DISCLAIMER = (
     "This model is a research artefact, not a medical device. Its answers can be wrong, incomplete "
     "or out of date and are not medical advice: ask a qualified clinician about any health question."
 )
-METRIC_NAMES = {
-    "rougeL": "ROUGE-L (F)",
-    "f1": "token F1",
-    "similarity": "MiniLM cosine similarity",
-    "repetition": "repeated word 4-grams (lower is better)",
-    "echo": "answers restating the question (lower is better)",
-}
 USAGE_QUESTION = "What are the symptoms of asthma?"
 MISSING_EVAL = (
     "No held-out evaluation in this run: run `medlora eval --model SPEC --adapter RUN "
@@ -46,7 +47,7 @@ MISSING_COMPARE = (
 
 
 def metric_name(key: str) -> str:
-    return METRIC_NAMES[key] if key in METRIC_NAMES else key
+    return METRIC_LABELS.get(key, key)
 
 
 @dataclass
@@ -223,7 +224,7 @@ def quality_rows(facts: RunFacts) -> list[QualityRow]:
             model=entry.model,
             base=entry.base,
             diff=entry.diff,
-            verdict=verdict(entry.diff, key not in LOWER_IS_BETTER),
+            verdict=metric_verdict(key, entry.diff),
         )
         for key, entry in facts.eval.quality.metrics.items()
     ]
@@ -262,7 +263,7 @@ def answer_rows(facts: RunFacts, limit: int = 20) -> list[AnswerRow]:
     """The side-by-side answers (compare.json), cut to a readable length."""
 
     def scores(found: dict[str, float]) -> str:
-        return ", ".join(f"{METRIC_NAMES[k]} {fmt(v)}" for k, v in found.items())
+        return ", ".join(f"{METRIC_LABELS.get(k, k)} {fmt(v)}" for k, v in found.items())
 
     return [
         AnswerRow(
@@ -305,6 +306,21 @@ def description(facts: RunFacts) -> str:
     )
 
 
+def panel_context(facts: RunFacts) -> dict[str, Any]:
+    """The two panels (held-out topics | never-trained sources) when eval.json holds both."""
+    e = facts.eval
+    test = e.test_panel() if e is not None else None
+    if e is None or test is None or e.unseen is None:
+        return {"panels": [], "panel_rows": [], "panels_md": "", "transfer": ""}
+    panels = [test, e.unseen]
+    return {
+        "panels": [{"key": p.panel, "heading": panel_heading(p)} for p in panels],
+        "panels_md": "\n".join(panels_markdown(panels)),
+        "panel_rows": panel_rows(panels),
+        "transfer": transfer_sentence(test, e.unseen),
+    }
+
+
 def quality_note(facts: RunFacts) -> str:
     if facts.eval is None or facts.eval.quality is None:
         return ""
@@ -344,6 +360,11 @@ def page_context(facts: RunFacts) -> dict[str, Any]:
         "loss_rows": loss_rows(facts),
         "quality_rows": quality_rows(facts),
         "quality_note": quality_note(facts),
+        **panel_context(facts),
+        "judge_md": "\n".join(judge_markdown(facts.eval.judge))
+        if facts.eval is not None and facts.eval.judge is not None
+        else "",
+        "audit_md": "\n".join(audit_markdown(facts.audit)) if facts.audit is not None else "",
         "bench_rows": bench,
         "subject_rows": subjects,
         "bench_note": (

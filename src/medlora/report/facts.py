@@ -20,6 +20,7 @@ from medlora.config import Recipe, load_recipe
 from medlora.errors import DataError, MedloraError
 from medlora.io import read_jsonl
 from medlora.results import (
+    AuditResult,
     BenchResult,
     BestCheckpoint,
     CompareResult,
@@ -64,6 +65,7 @@ class RunFacts:
     bench: BenchResult | None = None
     compare: CompareResult | None = None
     best: BestCheckpoint | None = None
+    audit: AuditResult | None = None  # RUN/audit.json (`medlora audit`)
     charts: list[Path] = field(default_factory=list)
     base_model: str = ""
     repo_id: str = ""
@@ -111,6 +113,7 @@ def collect(run_dir: str | os.PathLike[str], options: ReportOptions | None = Non
         bench=read_optional(options.bench_path or run / "bench.json", BenchResult),
         compare=read_optional(options.compare_path or run / "compare.json", CompareResult),
         best=read_optional(run / "best.json", BestCheckpoint),
+        audit=read_optional(run / "audit.json", AuditResult),
         charts=chart_files(run),
         base_model=base,
         repo_id=options.repo_id or str(run.resolve()),

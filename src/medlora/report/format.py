@@ -45,19 +45,30 @@ def fmt_ci(ci: CI | Mapping[str, float] | None, digits: int = 3, signed: bool = 
     )
 
 
-def verdict(ci: CI | Mapping[str, float] | None, higher_is_better: bool = True) -> str:
-    """'better' / 'worse' when the whole 95% interval of the difference is on one side of 0."""
+def verdict(ci: CI | Mapping[str, float] | None, higher_is_better: bool | None = True) -> str:
+    """'better' / 'worse' when the whole 95% interval of the difference is on one side of 0;
+    with `higher_is_better=None` (a length: neither side is better) 'longer' / 'shorter'."""
     interval = _ci(ci)
     if interval is None or math.isnan(interval.low) or math.isnan(interval.high):
         return ""
     low, high = (
-        (interval.low, interval.high) if higher_is_better else (-interval.high, -interval.low)
+        (interval.low, interval.high)
+        if higher_is_better is not False
+        else (-interval.high, -interval.low)
     )
+    up, down = ("longer", "shorter") if higher_is_better is None else ("better", "worse")
     if low > 0:
-        return "better"
+        return up
     if high < 0:
-        return "worse"
+        return down
     return "no significant change"
+
+
+def metric_verdict(name: str, ci: CI | Mapping[str, float] | None) -> str:
+    """The verdict of one answer metric's paired difference (tuned − base), by its direction."""
+    from medlora.evaluate.quality import LOWER_IS_BETTER, NEITHER_BETTER
+
+    return verdict(ci, None if name in NEITHER_BETTER else name not in LOWER_IS_BETTER)
 
 
 def short(text: Any, limit: int = 700) -> str:

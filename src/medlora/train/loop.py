@@ -17,7 +17,7 @@ from medlora.data.format import Example, format_records, pad_batch
 from medlora.data.mix import source_group, used_by_group
 from medlora.data.pack import collate_packed, pack_rows, row_width_multiple
 from medlora.data.sample import sample_records
-from medlora.errors import TrainingError
+from medlora.errors import ConfigError, TrainingError
 from medlora.families import family_of
 from medlora.io import write_json_atomic, write_text_atomic
 from medlora.models import load_recipe_model
@@ -48,13 +48,16 @@ from medlora.train.memory import (
 )
 from medlora.train.run_files import (
     TrainResult,
+    canary_counts,
     check_writable,
+    insert_run_canaries,
     is_main_process,
     load_or_prepare_splits,
     run_trainer,
     sample_training_records,
     save_run_files,
     train_result,
+    write_audit_files,
 )
 from medlora.train.trainer import MedloraTrainer, RunState
 
@@ -191,6 +194,15 @@ def train(
             resume=resume,
             model_and_tokenizer=model_and_tokenizer,
         )
+    if not recipe.data.end_of_turn_loss and recipe.train.unlikelihood_alpha > 0:
+        # Unlikelihood pushes down every token already in the context, the prompt's end-of-turn
+        # tokens included: with the end of turn never a target the demo model learned never to
+        # stop (P(end) 0.000 at sentence ends, docs/benchmarks.md "answer-length").
+        raise ConfigError(
+            "data.end_of_turn_loss=false with train.unlikelihood_alpha > 0: the model learns never "
+            "to stop (unlikelihood pushes the end of turn down); set train.unlikelihood_alpha=0 or "
+            "data.end_of_turn_loss=true"
+        )
     check_writable(run_dir)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -202,9 +214,11 @@ def train(
     )
     d = recipe.data
     train_records, mix_stats, repetitive = sample_training_records(splits["train"], recipe)
+    real_records = train_records  # what `medlora audit` asks about (canaries: canaries.json)
+    train_records, canaries = insert_run_canaries(train_records, recipe)
     val_records = sample_records(splits["validation"], d.max_val_examples, d.seed)
     train_examples, train_stats = format_records(
-        tokenizer, train_records, d.system_prompt, d.max_seq_len, d.truncation
+        tokenizer, train_records, d.system_prompt, d.max_seq_len, d.truncation, d.end_of_turn_loss
     )
     val_examples, val_stats = format_records(tokenizer, val_records, d.system_prompt, d.max_seq_len)
     if not train_examples or train_stats.answer_tokens == 0:
@@ -244,11 +258,14 @@ def train(
         card["used"]["repetitive_dropped"] = repetitive
     if t.packing:
         card["used"]["packed_rows"] = len(train_rows)
+    if canaries:
+        card["used"]["canaries"] = canary_counts(canaries)
     facts = environment(recipe, model)
     card["attention"] = facts.run.attention if facts.run else None
     if is_main_process():
         write_json_atomic(run_dir / "env.json", facts.model_dump())
         write_json_atomic(run_dir / "data_card.json", card)
+        write_audit_files(run_dir, real_records, Path(prepared_dir or run_dir / "data"), canaries)
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
 
     group_of = {record.id: source_group(record) for record in val_records}

@@ -12,6 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from medlora.config import Recipe
+from medlora.data.canaries import (
+    CANARIES_FILE,
+    Canary,
+    insert_canaries,
+    make_canaries,
+    write_canaries,
+    write_trained_ids,
+)
 from medlora.data.format import token_counter
 from medlora.data.hygiene import drop_repetitive
 from medlora.data.mix import training_records
@@ -99,6 +107,37 @@ def sample_training_records(
     pool, repetitive = drop_repetitive(train_split, d.max_answer_repetition)
     records, mix_stats = training_records(pool, d.weights, d.max_train_examples, d.seed, d.mix_by)
     return records, mix_stats, repetitive
+
+
+def insert_run_canaries(records: list[Record], recipe: Recipe) -> tuple[list[Record], list[Canary]]:
+    """`data.canaries`: made-up secret records put among the sampled training records (after
+    sampling, so `data.max_train_examples` counts the real data), and every canary made (the
+    controls too). Without the option: `records` untouched and no canary."""
+    options = recipe.data.canaries
+    if options is None:
+        return records, []
+    canaries = make_canaries(options.repeats, options.digits, options.seed)
+    return insert_canaries(records, canaries, options.seed), canaries
+
+
+def canary_counts(canaries: list[Canary]) -> dict[str, int]:
+    """What the data card says about the canaries: counts only, never a secret."""
+    inserted = [c for c in canaries if c.repeats]
+    return {
+        "inserted": len(inserted),
+        "controls": len(canaries) - len(inserted),
+        "examples": sum(c.repeats for c in inserted),
+    }
+
+
+def write_audit_files(
+    run_dir: Path, trained: list[Record], splits_dir: Path, canaries: list[Canary]
+) -> None:
+    """What `medlora audit` reads: the trained records' ids (trained_ids.json) and the canaries
+    with their secrets (canaries.json, only when the recipe has data.canaries)."""
+    write_trained_ids(run_dir, trained, splits_dir)
+    if canaries:
+        write_canaries(run_dir / CANARIES_FILE, canaries)
 
 
 def check_writable(run_dir: Path) -> None:

@@ -1,0 +1,193 @@
+"""Exposure of a canary's secret (Carlini et al. 2019, "The Secret Sharer"), computed exactly.
+
+exposure = log2 |R| − log2 rank, where R is every secret of the canary's length (10^4 numbers
+for 4 digits) and rank is the true secret's place when R is sorted by the model's likelihood of
+the canary answer holding it, given the canary's question (the run's chat template). A model that
+never saw the secret ranks it anywhere (about 1.4 bits on average); one that memorized it ranks it
+first: log2 |R| bits, 13.3 for 4 digits. Under no memorization the rank is uniform, so an exposure
+of e bits happens by chance with probability 2^-e (`chance_share`).
+
+Every candidate answer differs from the others only in the secret's tokens: the prompt and the
+answer text before the secret are scored once, and the secrets' tokens as a trie that shares each
+prefix, one token per node with the key/value cache of its parent. With one token per digit
+(SmolLM2, Llama 3) 4 digits are 1,110 one-token positions in all, instead of 10^4 answers. What
+follows the secret in the answer (". " and the end of turn) is the same text for every candidate
+and is not scored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from medlora.data.canaries import Canary, secret_candidates
+from medlora.data.format import split_prompt_answer
+
+# Rows of one batched forward pass: each holds the prompt's cache, so this bounds memory
+# (SmolLM2-135M: ~46 kB per cached token, ~0.5 GB for 128 rows of a 90-token prompt).
+CACHE_ROWS = 128
+
+
+@dataclass
+class _Trie:
+    """Token trie of the candidates: node 0 is the prompt; `parent[n]`, `token[n]` per node."""
+
+    parent: list[int] = field(default_factory=lambda: [-1])
+    token: list[int] = field(default_factory=lambda: [-1])
+    children: list[dict[int, int]] = field(default_factory=lambda: [{}])
+
+    def add(self, tokens: Sequence[int]) -> int:
+        node = 0
+        for token in tokens:
+            child = self.children[node].get(token)
+            if child is None:
+                child = len(self.parent)
+                self.parent.append(node)
+                self.token.append(token)
+                self.children.append({})
+                self.children[node][token] = child
+            node = child
+        return node
+
+
+def _shared_ends(sequences: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """Lengths of the token prefix and suffix every sequence shares (not overlapping)."""
+    import numpy as np
+
+    shortest = min(len(row) for row in sequences)
+    width = max(len(row) for row in sequences)
+    left = np.full((len(sequences), width), -1, dtype=np.int64)  # rows aligned at the start
+    right = np.full((len(sequences), width), -1, dtype=np.int64)  # rows aligned at the end
+    for index, row in enumerate(sequences):
+        left[index, : len(row)] = row
+        right[index, width - len(row) :] = row
+    same_left = (left == left[0]).all(axis=0)[:shortest]
+    same_right = (right == right[0]).all(axis=0)[::-1][:shortest]
+    prefix = int(same_left.argmin()) if not same_left.all() else shortest
+    suffix = int(same_right.argmin()) if not same_right.all() else shortest
+    return prefix, min(suffix, shortest - prefix)
+
+
+def continuation_log_likelihoods(
+    model: Any, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]
+) -> list[float]:
+    """log P(continuation | prompt) for each continuation, summed over its tokens (nats).
+
+    The prompt is run once; the continuations' tokens as a trie, level by level, each node one
+    token on its parent's cached keys and values (at most CACHE_ROWS rows per forward pass).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    trie = _Trie()
+    ends = [trie.add(tokens) for tokens in continuations]
+    logprob = [0.0] * len(trie.parent)  # log P(node's token | its parent's context)
+    device = next(model.parameters()).device
+    model.eval()
+
+    def score(node_ids: list[int], logits: Any) -> None:
+        """Children of each node get their token's log-probability from the node's logits."""
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        rows, tokens, children = [], [], []
+        for row, node in enumerate(node_ids):
+            for token, child in trie.children[node].items():
+                rows.append(row)
+                tokens.append(token)
+                children.append(child)
+        for child, value in zip(children, logps[rows, tokens].tolist(), strict=True):
+            logprob[child] = value
+
+    def expand(cache: Any, nodes: list[int]) -> None:
+        """`cache` holds one row per node of `nodes` (same depth); score their subtrees."""
+        inner = [c for n in nodes for c in trie.children[n].values() if trie.children[c]]
+        row_of = {node: row for row, node in enumerate(nodes)}
+        for start in range(0, len(inner), CACHE_ROWS):
+            chunk = inner[start : start + CACHE_ROWS]
+            rows = torch.tensor([row_of[trie.parent[c]] for c in chunk], device=device)
+            # Each child starts from its parent's row: only the rows taken are copied.
+            sub = DynamicCache(
+                ddp_cache_data=[(keys[rows], values[rows]) for keys, values, *_ in cache],
+                config=model.config,
+            )
+            tokens = torch.tensor([[trie.token[c]] for c in chunk], device=device)
+            out = model(input_ids=tokens, cache=sub, use_cache=True)
+            score(chunk, out.logits[:, -1])
+            expand(sub, chunk)
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        ids = torch.tensor([list(prompt_ids)], device=device)
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        score([0], out.logits[:, -1])
+        expand(cache, [0])
+    totals = []
+    for node in ends:
+        total = 0.0
+        while node > 0:
+            total += logprob[node]
+            node = trie.parent[node]
+        totals.append(total)
+    return totals
+
+
+@dataclass
+class Candidates:
+    """Candidate answers as token ids: the prompt with the answer tokens every candidate shares,
+    and each candidate's own tokens (where they differ), tokenized exactly as training does."""
+
+    prompt_ids: list[int]
+    continuations: list[list[int]]
+
+
+def answer_candidates(
+    tokenizer: Any, question: str, answers: Sequence[str], system_prompt: str | None
+) -> Candidates:
+    """`answers` to `question` as training tokenizes them (prompt and answer-with-end-of-turn
+    apart), split into what they share and what each adds."""
+    prompt, first = split_prompt_answer(tokenizer, question, answers[0], system_prompt)
+    if answers[0] in first:  # one template render: the others are the first with their words
+        head, tail = first.split(answers[0], 1)
+        texts = [head + answer + tail for answer in answers]
+    else:  # a template that rewrites the answer's text: render each
+        texts = [split_prompt_answer(tokenizer, question, a, system_prompt)[1] for a in answers]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prefix, suffix = _shared_ends(ids)
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + ids[0][:prefix]
+    return Candidates(prompt_ids, [row[prefix : len(row) - suffix] for row in ids])
+
+
+def candidate_log_likelihoods(model: Any, candidates: Candidates) -> list[float]:
+    """log-likelihood (nats) of each candidate's own tokens given the prompt and shared tokens:
+    the ranking of the whole answers, up to the text after them all (the same for every one)."""
+    return continuation_log_likelihoods(model, candidates.prompt_ids, candidates.continuations)
+
+
+def canary_candidates(tokenizer: Any, canary: Canary, system_prompt: str | None) -> Candidates:
+    """The canary's answer with every secret of its length, in `secret_candidates` order."""
+    answers = [canary.answer(secret) for secret in secret_candidates(len(canary.secret))]
+    return answer_candidates(tokenizer, canary.question, answers, system_prompt)
+
+
+def secret_rank(log_likelihoods: Sequence[float], index: int) -> int:
+    """1 + how many candidates the model finds strictly likelier than candidate `index`."""
+    mine = log_likelihoods[index]
+    return 1 + sum(1 for value in log_likelihoods if value > mine)
+
+
+def exposure(rank: int, candidates: int) -> float:
+    """log2 |R| − log2 rank (bits): 0 for the least likely candidate, log2 |R| for the first."""
+    return math.log2(candidates) - math.log2(rank)
+
+
+def chance_share(rank: int, candidates: int) -> float:
+    """rank / |R| = 2^-exposure: how often a secret the model never saw ranks this high."""
+    return rank / candidates
+
+
+def canary_rank(model: Any, canary: Canary, candidates: Candidates) -> int:
+    """The rank of `canary`'s secret among every secret of its length (`canary_candidates`), by
+    the model's likelihood of the canary's answer holding it."""
+    scores = candidate_log_likelihoods(model, candidates)
+    return secret_rank(scores, int(canary.secret))
