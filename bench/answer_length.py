@@ -22,6 +22,7 @@ import platform
 import re
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
@@ -31,7 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import update_section  # noqa: E402
 
 from medlora.config import Recipe, load_recipe  # noqa: E402
-from medlora.data.format import IGNORE_INDEX, format_record, prompt_ids  # noqa: E402
+from medlora.data.format import (  # noqa: E402
+    IGNORE_INDEX,
+    format_record,
+    prompt_ids,
+    trains_end_of_turn,
+)
 from medlora.data.prepare import load_splits  # noqa: E402
 from medlora.evaluate.generate import adapter_disabled, stop_token_ids  # noqa: E402
 from medlora.io import read_jsonl  # noqa: E402
@@ -91,7 +97,7 @@ def stop_hazard(run: Path, recipe: Recipe, references: int) -> list[str]:
     return out
 
 
-def taught_stops(run: Path, recipe: Recipe) -> list[str]:
+def taught_stops(run: Path, recipe: Recipe, shares: Sequence[tuple[str, float]] = ()) -> list[str]:
     """Taught stops per sentence end of the trained text, for the run's records and variants."""
     from medlora.models import load_tokenizer
 
@@ -101,9 +107,12 @@ def taught_stops(run: Path, recipe: Recipe) -> list[str]:
     d = recipe.data
     end = set(stop_token_ids(tokenizer))
     out = []
-    for truncation, eot_loss in (("sentence", True), ("sentence_open", True), ("sentence", False)):
+    variants = [("sentence", 1.0), ("sentence_open", 1.0), ("sentence", 0.0)]
+    variants = list(dict.fromkeys([*variants, *shares]))
+    for truncation, share in variants:
         stops = sentence_ends = cut = 0
         for record in records:
+            eot_loss = trains_end_of_turn(record.id, share, d.seed)
             ex = format_record(
                 tokenizer, record, d.system_prompt, d.max_seq_len, truncation, eot_loss
             )
@@ -116,7 +125,7 @@ def taught_stops(run: Path, recipe: Recipe) -> list[str]:
                 stops += 1
                 cut += int(ex.truncated)
         out.append(
-            f"| {truncation} | {str(eot_loss).lower()} | {len(records)} | {stops} ({cut} where "
+            f"| {truncation} | {share:g} | {len(records)} | {stops} ({cut} where "
             f"the answer was cut) | {sentence_ends} | {stops / sentence_ends:.3f} |"
         )
     return out
@@ -133,10 +142,13 @@ def main() -> None:
         row for run in args.runs for row in stop_hazard(run, recipes[run], args.references)
     ]
     first = args.runs[0]
-    taught = taught_stops(first, recipes[first])
+    taught = taught_stops(
+        first,
+        recipes[first],
+        [(r.data.truncation, r.data.end_of_turn_loss) for r in recipes.values()],
+    )
     settings = ", ".join(
-        f"`{run}`: truncation {r.data.truncation}, end_of_turn_loss "
-        f"{str(r.data.end_of_turn_loss).lower()}"
+        f"`{run}`: truncation {r.data.truncation}, end_of_turn_loss {r.data.end_of_turn_loss:g}"
         for run, r in recipes.items()
     )
     body = f"""## Answer length: where base and tuned stop (CPU)

@@ -12,8 +12,10 @@ on the same held-out examples in the same run; the baseline for speed is the sam
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,13 +33,18 @@ from medlora.report.panels import panels_markdown, transfer_sentence  # noqa: E4
 from medlora.results import DemoSummary, read_result  # noqa: E402
 
 
+def _yaml_value(value: object) -> str:
+    """A value as `--set` reads it (JSON is YAML: `["a", "b"]`, `false`), not Python's repr."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _overrides(run: Path) -> list[str]:
     """`section.key=value` where the run's recipe differs from the bundled demo recipe (a value
     the bundled recipe leaves to `auto` is what the run resolved it to, not an override)."""
     demo = load_recipe(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml").model_dump()
     used = load_recipe(run / "recipe.yaml").model_dump()
     return [
-        f"{section}.{key}={value}"
+        shlex.quote(f"{section}.{key}={_yaml_value(value)}")
         for section, values in used.items()
         for key, value in values.items()
         if section != "output" and demo[section].get(key) not in (value, "auto")

@@ -40,7 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import DOC, update_section  # noqa: E402
 
 from medlora.evaluate.heldout import run_recipe  # noqa: E402
-from medlora.evaluate.judge import JudgeOptions, judge_markdown, judge_predictions  # noqa: E402
+from medlora.evaluate.judge import (  # noqa: E402
+    JudgeOptions,
+    judge_markdown,
+    judge_rows,
+    read_predictions,
+)
 from medlora.results import write_result  # noqa: E402
 
 FILES = {"unseen": "predictions_unseen.jsonl", "test": "predictions_test.jsonl"}
@@ -91,12 +96,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="--serve-base: CPU threads")
     parser.add_argument("--workers", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--facts", type=int, default=8, help="reference statements per answer")
+    parser.add_argument(
+        "--questions", type=int, default=None, help="judge the first N answers of each file"
+    )
+    parser.add_argument(
+        "--panels", nargs="+", choices=list(FILES), default=list(FILES), help="which files"
+    )
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file to update")
     args = parser.parse_args()
     if args.serve_base == bool(args.judge and args.judge_model):
         parser.error("give --judge URL --judge-model NAME, or --serve-base")
     run = Path(args.run)
-    files = {name: run / file for name, file in FILES.items() if (run / file).is_file()}
+    files = {
+        name: run / file
+        for name, file in FILES.items()
+        if name in args.panels and (run / file).is_file()
+    }
     if "unseen" not in files:
         raise SystemExit(f"{run / FILES['unseen']}: not found; run `medlora demo` first")
 
@@ -112,7 +127,12 @@ def main() -> None:
         url=url, model=model, key_env=args.key_env, workers=args.workers, max_statements=args.facts
     )
     try:
-        results = {name: judge_predictions(path, options) for name, path in files.items()}
+        results = {
+            name: judge_rows(
+                read_predictions(path)[: args.questions], options, predictions=str(path)
+            )
+            for name, path in files.items()
+        }
     finally:
         if server is not None:
             server.terminate()

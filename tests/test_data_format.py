@@ -14,6 +14,7 @@ from medlora.data.format import (
     pad_batch,
     preview,
     prompt_ids,
+    trains_end_of_turn,
 )
 from medlora.data.records import Record
 
@@ -158,3 +159,26 @@ def test_end_of_turn_stays_in_the_input_but_leaves_the_loss_when_asked(
     assert cut is not None and cut.truncated and cut.input_ids == stop.input_ids
     end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert end in cut.input_ids and end not in cut.labels
+
+
+def test_a_share_of_end_of_turn_loss_trains_the_stop_of_that_share_of_answers(
+    tiny_tokenizer: Any,
+) -> None:
+    """`data.end_of_turn_loss: 0.6`: about 60 % of the answers teach the stop, chosen by record id
+    and seed (the same records whatever their order), the rest keep the end of turn untrained."""
+    records = [record(rid=f"r{i}") for i in range(400)]
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def stopping(share: float, seed: int, rows: list[Record]) -> set[str]:
+        examples, _ = format_records(tiny_tokenizer, rows, None, 512, "token", share, seed)
+        assert all(end in e.input_ids for e in examples)  # the input never changes
+        return {e.record_id for e in examples if end in e.labels}
+
+    taught = stopping(0.6, 0, records)
+    assert 0.5 < len(taught) / len(records) < 0.7
+    assert stopping(0.6, 0, list(reversed(records))) == taught
+    assert stopping(0.6, 1, records) != taught
+    assert stopping(1.0, 0, records) == {r.id for r in records}
+    assert stopping(0.0, 0, records) == set()
+    assert taught <= stopping(0.8, 0, records)  # a larger share keeps these stops and adds more
+    assert trains_end_of_turn("r1", True) and not trains_end_of_turn("r1", False)

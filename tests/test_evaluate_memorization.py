@@ -14,6 +14,7 @@ import pytest
 import torch
 from canary_support import CANARY_REPEATS, canary_run
 from conftest import build_tiny_llama
+from families import WINDOW, build_tiny_family
 
 from medlora.data.canaries import TRAINED_IDS_FILE, read_trained_ids
 from medlora.data.format import IGNORE_INDEX, format_record
@@ -36,6 +37,7 @@ from medlora.evaluate.memorization import (
     span_stats,
     trained_records,
 )
+from medlora.families import FAMILIES
 from medlora.results import (
     CI,
     AuditResult,
@@ -168,6 +170,26 @@ def test_trie_scores_equal_scoring_each_continuation_alone(
     got = continuation_log_likelihoods(model, prompt, continuations)
     want = [_scored_alone(model, prompt, c) for c in continuations]
     assert got == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("prompt_length", [8, 2 * WINDOW])
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_trie_and_whole_answer_scores_agree_on_every_family(
+    model_type: str, prompt_length: int
+) -> None:
+    """The shared-cache trie (a library internal) and each candidate scored whole (public API, the
+    fallback outside the tested versions) against each scored alone, for every family; with a
+    prompt longer than the sliding window too (the trie's copied caches got those wrong: such
+    models are now scored whole)."""
+    model = build_tiny_family(model_type, 300, seed=1).eval()
+    rng = random.Random(0)
+    prompt = [rng.randrange(3, 300) for _ in range(prompt_length)]
+    continuations = [[5, 6, 7], [5, 6], [5, 9, 1, 2], [8], [5, 6, 7, 3], [10, 11], [10, 12]]
+    trie = continuation_log_likelihoods(model, prompt, continuations)
+    whole = exposure_module.scored_whole(model, prompt, continuations)
+    alone = [_scored_alone(model, prompt, c) for c in continuations]
+    assert trie == pytest.approx(alone, abs=1e-4)
+    assert whole == pytest.approx(alone, abs=1e-4)
 
 
 def test_candidate_answers_are_scored_on_the_tokens_training_gives_them(

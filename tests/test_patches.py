@@ -103,7 +103,12 @@ def test_a_same_named_class_that_computes_otherwise_is_not_swapped(
 
 def test_every_patch_has_what_a_maintainer_needs(monkeypatch: pytest.MonkeyPatch) -> None:
     for patch in patches.PATCHES.values():
-        assert patch.touches and patch.why and patch.fallback and patch.stage in ("train", "serve")
+        assert (
+            patch.touches
+            and patch.why
+            and patch.fallback
+            and patch.stage in ("train", "eval", "serve")
+        )
         low, high = patch.tested
         assert patches._in_range(low, patch.tested) and not patches._in_range(high, patch.tested)
     monkeypatch.setattr(patches, "_installed_version", lambda library: None)

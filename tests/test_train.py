@@ -137,7 +137,7 @@ def test_untrained_end_of_turn_beside_unlikelihood_is_refused_before_any_work(
 
     records = tiny_records(1)
     prepared = write_prepared(tmp_path / "prepared", records, records[:1], records[:1])
-    overrides = ["data.end_of_turn_loss=false", "train.unlikelihood_alpha=1.0"]
+    overrides = ["data.end_of_turn_loss=0", "train.unlikelihood_alpha=1.0"]
     recipe = recipe_from_dict({"model": {"name": str(tiny_model_dir)}}, overrides)
     with pytest.raises(ConfigError, match="learns never to stop"):
         train(recipe, tmp_path / "out", prepared_dir=prepared)

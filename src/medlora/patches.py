@@ -36,7 +36,7 @@ class Patch:
     touches: str
     why: str
     fallback: str  # what runs when the patch is skipped
-    stage: str  # "train" (skipped by train.kernels: stock) or "serve"
+    stage: str  # "train" (skipped by train.kernels: stock), "eval" or "serve"
     precondition: Callable[[], bool] | None = None
 
 
@@ -86,6 +86,11 @@ def _dynamic_cache_layers() -> bool:
     from transformers import DynamicCache
 
     return isinstance(getattr(DynamicCache(), "layers", None), list)
+
+
+def _dynamic_cache_data() -> bool:
+
+    return "ddp_cache_data" in _params("transformers", "DynamicCache.__init__")
 
 
 def _trl_trainers() -> bool:
@@ -179,6 +184,18 @@ PATCHES: dict[str, Patch] = {
             "static batching",
             "serve",
             _dynamic_cache_layers,
+        ),
+        Patch(
+            "exposure_shared_cache",
+            "transformers",
+            TRANSFORMERS,
+            "iterates a DynamicCache's layers as (keys, values, ...) and builds one from "
+            "ddp_cache_data (evaluate/exposure.py)",
+            "canary exposure scores 1,110 one-token positions instead of 10^4 whole answers "
+            "(docs/benchmarks.md 'audit')",
+            "every candidate answer scored whole (the same ranks, slower)",
+            "eval",
+            _dynamic_cache_data,
         ),
         Patch(
             "stacked_lora",

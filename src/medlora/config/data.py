@@ -130,11 +130,15 @@ class DataConfig(_Section):
         description="Train only on answers whose share of repeated word 4-grams is at most this "
         "(the repetition metric); null: all. Evaluation keeps every reference.",
     )
-    end_of_turn_loss: bool = Field(
-        True,
-        description="Train the end-of-turn token after each answer. false: it stays in the input "
-        "without loss (the stop is left to the instruct base); refused with "
-        "train.unlikelihood_alpha > 0, with which the model learned never to stop.",
+    end_of_turn_loss: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of answers whose end-of-turn token is trained (true = 1: every answer; "
+        "false = 0: none, the stop is left to the instruct base); the rest keep it in the input "
+        "without loss, chosen by record id and data.seed. Below 1 the model stops less often than "
+        "these answers do; 0 is refused with train.unlikelihood_alpha > 0 (the model learned never "
+        "to stop).",
     )
     truncation: Literal["sentence", "sentence_open", "token"] = Field(
         "sentence",

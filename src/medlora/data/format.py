@@ -7,6 +7,7 @@ so training on the same split keeps the two identical. Prompt positions get labe
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -180,19 +181,40 @@ class FormatStats:
         return data
 
 
+def trains_end_of_turn(record_id: str, share: float, seed: int = 0) -> bool:
+    """Whether this record's end of turn is trained when a `share` of answers keep it.
+
+    Chosen by a hash of (seed, record id), so the same records keep it whatever the order or the
+    other records, and a resumed or repeated run trains the same stops."""
+    if share >= 1.0:
+        return True
+    if share <= 0.0:
+        return False
+    digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
 def format_records(
     tokenizer: Any,
     records: Sequence[Record],
     system_prompt: str | None,
     max_seq_len: int,
     truncation: str = "token",
-    end_of_turn_loss: bool = True,
+    end_of_turn_loss: float = 1.0,
+    seed: int = 0,
 ) -> tuple[list[Example], FormatStats]:
+    """Tokenize records; `end_of_turn_loss` is the share whose end of turn is trained
+    (`trains_end_of_turn`), 1 for all."""
     stats = FormatStats()
     examples = []
     for record in records:
         example = format_record(
-            tokenizer, record, system_prompt, max_seq_len, truncation, end_of_turn_loss
+            tokenizer,
+            record,
+            system_prompt,
+            max_seq_len,
+            truncation,
+            trains_end_of_turn(record.id, end_of_turn_loss, seed),
         )
         if example is None:
             stats.dropped_no_answer_tokens += 1

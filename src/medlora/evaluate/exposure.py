@@ -13,6 +13,11 @@ prefix, one token per node with the key/value cache of its parent. With one toke
 (SmolLM2, Llama 3) 4 digits are 1,110 one-token positions in all, instead of 10^4 answers. What
 follows the secret in the answer (". " and the end of turn) is the same text for every candidate
 and is not scored.
+
+Library internals (patch `exposure_shared_cache`, medlora/patches.py; transformers 5.24-5.25
+tested): the trie copies a parent's rows out of a `DynamicCache` (iterating its layers as
+(keys, values, ...) and rebuilding one with `ddp_cache_data`). Outside the tested versions every
+candidate is scored whole (prompt + candidate, `CACHE_ROWS` at a time): the same figures, slower.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from medlora import patches
 from medlora.data.canaries import Canary, secret_candidates
 from medlora.data.format import split_prompt_answer
 
@@ -78,6 +84,9 @@ def continuation_log_likelihoods(
     The prompt is run once; the continuations' tokens as a trie, level by level, each node one
     token on its parent's cached keys and values (at most CACHE_ROWS rows per forward pass).
     """
+    longest = len(prompt_ids) + max((len(c) for c in continuations), default=0)
+    if _window_binds(model, longest) or not patches.allowed("exposure_shared_cache"):
+        return scored_whole(model, prompt_ids, continuations)
     import torch
     from transformers import DynamicCache
 
@@ -129,6 +138,41 @@ def continuation_log_likelihoods(
             total += logprob[node]
             node = trie.parent[node]
         totals.append(total)
+    return totals
+
+
+def _window_binds(model: Any, length: int) -> bool:
+    """Whether a sliding-window attention layer would drop keys of a `length`-token sequence:
+    the trie's copied caches then differ from a whole forward pass (measured on tiny Mistral and
+    Gemma2, tests/test_evaluate_memorization.py), so such models are scored whole."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    window = getattr(config or model.config, "sliding_window", None)
+    return window is not None and window < length
+
+
+def scored_whole(
+    model: Any, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]
+) -> list[float]:
+    """`continuation_log_likelihoods` without a shared cache: each continuation after the whole
+    prompt, `CACHE_ROWS` right-padded rows per forward pass (public API only, slower)."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    totals: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(continuations), CACHE_ROWS):
+            chunk = [list(prompt_ids) + list(c) for c in continuations[start : start + CACHE_ROWS]]
+            width = max(len(row) for row in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for row, tokens in enumerate(chunk):
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+                mask[row, : len(tokens)] = 1
+            logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            for row, tokens in enumerate(chunk):
+                positions = range(len(prompt_ids) - 1, len(tokens) - 1)
+                totals.append(sum(float(logps[row, p, tokens[p + 1]]) for p in positions))
     return totals
 
 

@@ -194,14 +194,14 @@ def train(
             resume=resume,
             model_and_tokenizer=model_and_tokenizer,
         )
-    if not recipe.data.end_of_turn_loss and recipe.train.unlikelihood_alpha > 0:
+    if recipe.data.end_of_turn_loss == 0 and recipe.train.unlikelihood_alpha > 0:
         # Unlikelihood pushes down every token already in the context, the prompt's end-of-turn
         # tokens included: with the end of turn never a target the demo model learned never to
         # stop (P(end) 0.000 at sentence ends, docs/benchmarks.md "answer-length").
         raise ConfigError(
-            "data.end_of_turn_loss=false with train.unlikelihood_alpha > 0: the model learns never "
+            "data.end_of_turn_loss=0 (false) with train.unlikelihood_alpha > 0: the model learns never "
             "to stop (unlikelihood pushes the end of turn down); set train.unlikelihood_alpha=0 or "
-            "data.end_of_turn_loss=true"
+            "data.end_of_turn_loss above 0"
         )
     check_writable(run_dir)
     if recipe.train.threads:
@@ -218,7 +218,13 @@ def train(
     train_records, canaries = insert_run_canaries(train_records, recipe)
     val_records = sample_records(splits["validation"], d.max_val_examples, d.seed)
     train_examples, train_stats = format_records(
-        tokenizer, train_records, d.system_prompt, d.max_seq_len, d.truncation, d.end_of_turn_loss
+        tokenizer,
+        train_records,
+        d.system_prompt,
+        d.max_seq_len,
+        d.truncation,
+        d.end_of_turn_loss,
+        d.seed,
     )
     val_examples, val_stats = format_records(tokenizer, val_records, d.system_prompt, d.max_seq_len)
     if not train_examples or train_stats.answer_tokens == 0:
