@@ -43,9 +43,10 @@ def default_run() -> Path:
     if not (run / "adapter_config.json").is_file():
         from medlora.cli import BUNDLED_RECIPES
         from medlora.config import load_recipe
-        from medlora.train import train
+        from medlora.train import prepare_run_data, train
 
         print("no runs/demo: training a 10-step run into runs/bench-inference", flush=True)
         overrides = ["train.max_steps=10", "data.max_train_examples=80", "train.eval_steps=0"]
-        train(load_recipe(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml", overrides), run)
+        recipe = load_recipe(BUNDLED_RECIPES / "smollm2-135m-cpu.yaml", overrides)
+        train(recipe, run, prepared_dir=prepare_run_data(recipe, run / "data"))
     return run

@@ -126,7 +126,7 @@ def main() -> None:
     from medlora.models import load_model, prepare_tokenizer
     from medlora.serve.adapters import ModelSet
     from medlora.serve.engine import StaticEngine
-    from medlora.serve.fast import llama_cpp_available
+    from medlora.serve.llama_cpp import llama_cpp_available
     from medlora.serve.loader import run_system_prompt
     from medlora.serve.prompt import conversation_ids
 
@@ -227,7 +227,7 @@ def main() -> None:
         from medlora.evaluate.gguf_loss import gguf_answer_loss
         from medlora.evaluate.loss import score_examples
         from medlora.export import base_gguf, cached_gguf, cached_gguf_lora
-        from medlora.serve.fast import LlamaCppEngine
+        from medlora.serve.llama_cpp import LlamaCppEngine
 
         lora = cached_gguf_lora(run, SPEC)
 

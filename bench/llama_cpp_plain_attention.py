@@ -1,5 +1,5 @@
 """What keeping llama.cpp's attention on its plain kernel costs one request alone on the continuous
-engine (serve/fast_continuous.py): a long prompt prefilled in pieces under 64 tokens against one
+engine (serve/llama_cpp_continuous.py): a long prompt prefilled in pieces under 64 tokens against one
 piece, and a lone row past 256 cells decoded with the throwaway spare token against without.
 Under load nothing changes (many rows never take the tiled or split kernels).
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
 from _markdown import update_section
 
-import medlora.serve.fast_continuous as continuous
+import medlora.serve.llama_cpp_continuous as continuous
 from medlora.export import base_gguf, cached_gguf_lora
 from medlora.models import SMOLLM2_ALIAS, load_tokenizer
 from medlora.serve.engine import Job, Sampling

@@ -1,5 +1,5 @@
 """What one llama.cpp decode step costs by the number of rows (requests) it carries: the ceiling of
-continuous batching on llama.cpp (serve/fast_continuous.py) on this CPU.
+continuous batching on llama.cpp (serve/llama_cpp_continuous.py) on this CPU.
 
     python bench/llama_cpp_rows.py --run runs/demo [--rounds 3] [--steps 8] [--threads 2]
 
@@ -24,7 +24,7 @@ from _markdown import update_section
 
 from medlora.export import base_gguf, cached_gguf_lora
 from medlora.models import SMOLLM2_ALIAS, load_tokenizer
-from medlora.serve.fast_continuous import LlamaCppContinuous
+from medlora.serve.llama_cpp_continuous import LlamaCppContinuous
 
 PROMPT_TOKENS = 40
 ROWS = (1, 2, 4, 8, 16, 32)

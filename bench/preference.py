@@ -140,7 +140,7 @@ def main() -> None:
             + f" | {fmt_ci(second_minus_first, signed=True)} {better} |"
         )
     g = first["generation"]
-    card = json.loads((out / "data_card.json").read_text(encoding="utf-8"))["preference"]
+    card = json.loads((out / "data" / "data_card.json").read_text(encoding="utf-8"))["preference"]
     rejected_how = "greedy" + (
         ""
         if args.rejected_repetition_penalty is None

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import update_section  # noqa: E402
 
-from medlora.evaluate.bench import BenchOptions, run_bench  # noqa: E402
 from medlora.evaluate.heldout import run_recipe  # noqa: E402
+from medlora.evaluate.multiple_choice import BenchOptions, run_bench  # noqa: E402
 from medlora.evaluate.panels import loss_base_vs_tuned  # noqa: E402
 from medlora.evaluate.quality import evaluate_answers  # noqa: E402
 from medlora.evaluate.unseen import unseen_records  # noqa: E402

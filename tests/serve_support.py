@@ -32,7 +32,7 @@ _TRAINED: dict[str, Path] = {}
 def train_tiny_run(root: Path, model_dir: Path) -> Path:
     """A real run directory (adapter, tokenizer, recipe with the default system prompt).
 
-    Trained once per session and model (≈5 s), then copied, so each module gets its own folder.
+    Trained once per session and model, then copied, so each module gets its own folder.
     """
     key = str(model_dir)
     if key not in _TRAINED:

@@ -98,3 +98,11 @@ def test_eva_init_is_for_sft_runs_only() -> None:
         )
     message = str(caught.value)
     assert "lora.init=eva" in message and "train.method=sft" in message and "\n" not in message
+
+
+def test_a_run_saved_before_an_option_was_removed_still_loads() -> None:
+    # Runs saved `train.group_by_length: false` and `train.compile: false` before both went.
+    old_run = {"train": {"group_by_length": False, "compile": False, "lr": 1e-4}}
+    assert recipe_from_dict(old_run).train.lr == 1e-4
+    with pytest.raises(ConfigError, match=r"^train\.compile was removed .*: delete it"):
+        recipe_from_dict({"train": {"compile": True}})

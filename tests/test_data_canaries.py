@@ -82,7 +82,7 @@ def test_training_writes_the_canaries_but_the_data_card_only_counts_them(
     run = canary_run(tmp_path_factory.mktemp("canary-run"), tiny_model_dir)
     canaries = read_canaries(run / "canaries.json")
     assert [c.repeats for c in canaries] == [CANARY_REPEATS, 0]
-    card_text = (run / "data_card.json").read_text()
+    card_text = (run / "data" / "data_card.json").read_text()
     assert not any(c.secret in card_text or c.name in card_text for c in canaries)
     card = json.loads(card_text)
     assert card["used"]["canaries"] == {"inserted": 1, "controls": 1, "examples": CANARY_REPEATS}

@@ -14,6 +14,8 @@ from medlora.data.format import (
     pad_batch,
     preview,
     prompt_ids,
+    split_prompt_answer,
+    token_counter,
     trains_end_of_turn,
 )
 from medlora.data.records import Record
@@ -182,3 +184,14 @@ def test_a_share_of_end_of_turn_loss_trains_the_stop_of_that_share_of_answers(
     assert stopping(0.0, 0, records) == set()
     assert taught <= stopping(0.8, 0, records)  # a larger share keeps these stops and adds more
     assert trains_end_of_turn("r1", True) and not trains_end_of_turn("r1", False)
+
+
+def test_token_counter_counts_each_whole_formatted_conversation(tiny_tokenizer: Any) -> None:
+    """The data card's lengths: prompt and answer as training formats them, a batch per call."""
+    records = [record(), record(answer="Iron.", rid="r2")]
+    count = token_counter(tiny_tokenizer, "Be careful.")
+    expected = []
+    for r in records:
+        prompt, answer = split_prompt_answer(tiny_tokenizer, r.question, r.answer, "Be careful.")
+        expected.append(len(tiny_tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]))
+    assert count(records) == expected and count([]) == []

@@ -144,7 +144,7 @@ def test_prepare_card_counts_read_kept_and_splits_per_source(tmp_path: Path) -> 
 def mixed_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
     """A one-step training run on two JSONL sources mixed 3 : 1 from 40 examples."""
     from medlora.models import load_model
-    from medlora.train import train
+    from medlora.train import prepare_run_data, train
 
     root = tmp_path_factory.mktemp("mix")
     big = _write_jsonl(root / "big.jsonl", "big", 60, 2)
@@ -162,8 +162,10 @@ def mixed_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
         },
         ["train.max_steps=1", "train.batch_size=8", "train.grad_accum=1"],
     )
-    train(recipe, root / "run", model_and_tokenizer=load_model(str(tiny_model_dir)))
-    card = json.loads((root / "run" / "data_card.json").read_text(encoding="utf-8"))
+    model, tokenizer = load_model(str(tiny_model_dir))
+    prepared = prepare_run_data(recipe, root / "run" / "data", tokenizer)
+    train(recipe, root / "run", prepared_dir=prepared, model_and_tokenizer=(model, tokenizer))
+    card = json.loads((root / "run" / "data" / "data_card.json").read_text(encoding="utf-8"))
     return {"card": card, "big": big, "small": small, "run": root / "run"}
 
 

@@ -42,7 +42,9 @@ def test_prepare_writes_splits_and_a_card_that_adds_up(
 ) -> None:
     cdc = f"medquad:{data_dir / 'medquad' / '9_CDC_QA'}"
     out = tmp_path / "prepared"
-    card = prepare_data([cdc, faq], out, count_tokens=lambda r: len(r.answer.split()))
+    card = prepare_data(
+        [cdc, faq], out, count_tokens=lambda rs: [len(r.answer.split()) for r in rs]
+    )
 
     rows = {name: read_jsonl(out / f"{name}.jsonl") for name in SPLITS}
     assert card == json.loads((out / "data_card.json").read_text(encoding="utf-8"))
@@ -101,3 +103,13 @@ def test_load_splits_reads_back_what_prepare_wrote(tmp_path: Path, faq: str) -> 
 def test_load_splits_without_prepare_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="run `medlora data prepare"):
         load_splits(tmp_path)
+
+
+def test_prepare_shows_the_progress_of_every_stage(
+    tmp_path: Path, faq: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prepare_data([faq], tmp_path / "out", count_tokens=lambda records: [1] * len(records))
+    shown = capsys.readouterr().err
+    for stage in ("reading sources", "cleaning", "answer hygiene", "splitting by topic"):
+        assert f"{stage}: " in shown
+    assert "writing splits: 40/40" in shown and "counting tokens: 40/40" in shown

@@ -155,6 +155,19 @@ def test_non_utf8_bytes_name_the_line(tmp_path: Path) -> None:
         load_table("csv", path)
 
 
+def test_jsonl_is_read_line_by_line_with_its_bom_and_line_separators(tmp_path: Path) -> None:
+    """Excel's BOM is tolerated, U+2028 inside a string stays in the answer (JSON lines end at
+    newlines only), and a bad byte names its line."""
+    path = tmp_path / "faq.jsonl"
+    row = json.dumps({"question": "q?", "answer": "one\u2028two"}, ensure_ascii=False)
+    path.write_bytes(b"\xef\xbb\xbf" + (row + "\n\n" + row + "\n").encode())
+    records, _ = load_table("jsonl", path)
+    assert [r.answer for r in records] == ["one\u2028two"] * 2
+    path.write_bytes(row.encode() + b"\n" + b'{"question": "caf\xe9?", "answer": "oui"}\n')
+    with pytest.raises(DataError, match=r"faq\.jsonl: line 2 .*not valid UTF-8; re-save"):
+        load_table("jsonl", path)
+
+
 def test_invalid_json_line_is_named(tmp_path: Path) -> None:
     path = tmp_path / "broken.jsonl"
     path.write_text('{"question": "a", "answer": "b"}\n{"question": "c",\n', encoding="utf-8")

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from medlora.cli import app
 from medlora.errors import DataError
-from medlora.evaluate.benchmarks import (
+from medlora.evaluate.harness import harness_task, score_items
+from medlora.evaluate.multiple_choice_sets import (
     MCItem,
     load_benchmark,
     load_medmcqa,
@@ -21,7 +22,6 @@ from medlora.evaluate.benchmarks import (
     load_mmlu,
     load_pubmedqa,
 )
-from medlora.evaluate.harness import harness_task, score_items
 from medlora.models import load_model
 
 
@@ -285,7 +285,7 @@ def test_chat_option_wraps_prompts_in_the_chat_template(tiny: tuple[Any, Any]) -
 
 
 def test_data_for_no_selected_task_is_refused(tiny: tuple[Any, Any], tmp_path: Path) -> None:
-    from medlora.evaluate.bench import run_benchmarks
+    from medlora.evaluate.multiple_choice import run_benchmarks
 
     model, tokenizer = tiny
     with pytest.raises(DataError, match="is for no task in --tasks pubmedqa"):

@@ -68,7 +68,7 @@ def test_llama_cpp_gives_a_row_the_same_logits_alone_and_beside_others(
     from medlora.export import base_gguf, convert_lora_to_gguf, llama_cpp_tools_dir
     from medlora.export import gguf as gguf_module
     from medlora.models import SMOLLM2_ALIAS, load_model, local_folder
-    from medlora.serve.fast import llama_cpp_available
+    from medlora.serve.llama_cpp import llama_cpp_available
 
     tools = llama_cpp_tools_dir()
     if not llama_cpp_available() or not (tools / "convert_lora_to_gguf.py").is_file():
@@ -95,7 +95,7 @@ def _rows_differing(base: Path, lora: Path, prompts: list[list[int]], steps: int
     import llama_cpp
     import numpy as np
 
-    from medlora.serve.fast import load_lora, set_lora
+    from medlora.serve.llama_cpp import load_lora, set_lora
 
     model = llama_cpp.llama_model_load_from_file(
         str(base).encode(), llama_cpp.llama_model_default_params()

@@ -240,7 +240,7 @@ def test_gguf_export_runs_in_llama_cpp_like_the_float_model(
     import numpy as np
 
     from medlora.export import ExportError, export_run, llama_cpp_tools_dir
-    from medlora.serve.fast import llama_cpp_available
+    from medlora.serve.llama_cpp import llama_cpp_available
 
     tools = llama_cpp_tools_dir()
     if not llama_cpp_available() or not (tools / "convert_hf_to_gguf.py").is_file():

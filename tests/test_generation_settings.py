@@ -31,16 +31,16 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
 @pytest.fixture
 def served_with(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """The sampling every request on the continuous engine decoded with (its logits processors)."""
-    from medlora.serve import continuous
+    from medlora.serve import token_rules
 
     calls: list[dict[str, Any]] = []
-    original = continuous.row_processors
+    original = token_rules.logits_processors
 
     def spy(sampling: Any) -> Any:
         calls.append({key: getattr(sampling, key, None) for key in SETTINGS})
         return original(sampling)
 
-    monkeypatch.setattr(continuous, "row_processors", spy)
+    monkeypatch.setattr(token_rules, "logits_processors", spy)
     return calls
 
 

@@ -149,7 +149,7 @@ def test_env_command_and_run_env_json(tmp_path: Path, tiny_model_dir: Path) -> N
     env = json.loads((tmp_path / "run" / "env.json").read_text())
     assert env["run"]["kernels"] == "stock" and env["run"]["patches"] == []
     assert "transformers sdpa with the block-diagonal mask" in env["run"]["attention"]
-    card = json.loads((tmp_path / "run" / "data_card.json").read_text())
+    card = json.loads((tmp_path / "run" / "data" / "data_card.json").read_text())
     assert card["attention"] == env["run"]["attention"]
 
 

@@ -105,7 +105,7 @@ def test_preference_training_grows_the_chosen_margin(
         "chat_template.jinja",
         "recipe.yaml",
         "metrics.jsonl",
-        "data_card.json",
+        "data/data_card.json",
         "train_summary.json",
         "charts/loss.png",
     ):
@@ -118,7 +118,7 @@ def test_preference_training_grows_the_chosen_margin(
         assert all(key in row for row in rows), key
     margins = [row["rewards/margins"] for row in rows]
     assert _mean(margins[-3:]) > _mean(margins[:3])
-    card = json.loads((run / "data_card.json").read_text())
+    card = json.loads((run / "data" / "data_card.json").read_text())
     assert card["preference"]["pairs"] == len(pairs) and card["used"]["train"] == len(pairs)
 
 
@@ -158,7 +158,7 @@ def test_dpo_continues_from_an_sft_adapter(
 def test_self_generated_pairs_are_cached_and_reused(
     tmp_path: Path, tiny_model_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import medlora.train.preference_pairs as preference
+    from medlora.train import preference_pairs
 
     records = _medquad_records(data_dir, 4)
     prepared = write_prepared(tmp_path / "prepared", records, records[:1], records[:1])
@@ -174,13 +174,13 @@ def test_self_generated_pairs_are_cached_and_reused(
         ],
     )
     calls: list[int] = []
-    real_generate = preference._generate
+    real_generate = preference_pairs._generate
 
     def counting_generate(*args: Any, **kwargs: Any) -> list[str]:
         calls.append(len(args[2]))
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(preference, "_generate", counting_generate)
+    monkeypatch.setattr(preference_pairs, "_generate", counting_generate)
     run = tmp_path / "run"
     train(recipe, run, prepared_dir=prepared)
     rows = read_jsonl(run / PAIRS_FILE)
@@ -194,10 +194,10 @@ def test_self_generated_pairs_are_cached_and_reused(
     def no_generation(*args: Any, **kwargs: Any) -> list[str]:
         raise AssertionError("pairs should have been reused")
 
-    monkeypatch.setattr(preference, "_generate", no_generation)
+    monkeypatch.setattr(preference_pairs, "_generate", no_generation)
     train(recipe, run, prepared_dir=prepared)
     assert read_jsonl(run / PAIRS_FILE) == rows
-    card = json.loads((run / "data_card.json").read_text())
+    card = json.loads((run / "data" / "data_card.json").read_text())
     assert card["preference"]["reused"] == 4 and card["preference"]["generated"] == 0
 
 
@@ -205,7 +205,7 @@ def test_self_pairs_can_keep_only_looping_answers(
     tmp_path: Path, tiny_model_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """train.self_pairs_min_repetition: DPO sees only the answers that loop; none left is one line."""
-    import medlora.train.preference_pairs as preference
+    from medlora.train import preference_pairs
 
     records = _medquad_records(data_dir, 4)
     prepared = write_prepared(tmp_path / "prepared", records, records[:1], records[:1])
@@ -215,10 +215,10 @@ def test_self_pairs_can_keep_only_looping_answers(
     penalties: list[float] = []
 
     def scripted(model: Any, tokenizer: Any, questions: list[str], recipe: Any) -> list[str]:
-        penalties.append(preference.pair_generation(recipe).repetition_penalty)
+        penalties.append(preference_pairs.pair_generation(recipe).repetition_penalty)
         return [answers.get(q, "A short answer that never repeats itself.") for q in questions]
 
-    monkeypatch.setattr(preference, "_generate", scripted)
+    monkeypatch.setattr(preference_pairs, "_generate", scripted)
     overrides = [*FAST, "train.max_steps=1", "train.method=dpo", "train.preference_data=self"]
     recipe = recipe_from_dict(
         {"model": {"name": str(tiny_model_dir)}, "generation": {"repetition_penalty": 1.05}},
@@ -230,7 +230,7 @@ def test_self_pairs_can_keep_only_looping_answers(
     )
     run = tmp_path / "run"
     train(recipe, run, prepared_dir=prepared)
-    card = json.loads((run / "data_card.json").read_text())["preference"]
+    card = json.loads((run / "data" / "data_card.json").read_text())["preference"]
     assert card["pairs"] == 2 and card["rejected_repeats_less"] == 2
     # The rejected answers were made at repetition_penalty 1.0; the run keeps its own 1.05 for
     # everything it serves and scores.

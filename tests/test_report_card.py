@@ -23,7 +23,7 @@ from medlora.cli import app
 def build_reported_run(root: Path, model_dir: Path, data_dir: Path) -> dict[str, Any]:
     """Train a tiny adapter, then eval (loss + quality), bench, compare and report it."""
     from medlora.config import recipe_from_dict
-    from medlora.evaluate.bench import BenchOptions, run_bench
+    from medlora.evaluate.multiple_choice import BenchOptions, run_bench
     from medlora.evaluate.quality import EvalOptions, evaluate_run
     from medlora.models import load_with_adapter
     from medlora.report.card import write_report
@@ -46,7 +46,8 @@ def build_reported_run(root: Path, model_dir: Path, data_dir: Path) -> dict[str,
     )
     run = root / "run"
     train(recipe, run, prepared_dir=prepared)
-    shutil.copytree(prepared, run / "data")  # as `train` leaves it when it prepares the data itself
+    for split in prepared.glob("*.jsonl"):  # as `medlora train` leaves them when it prepares them
+        shutil.copy(split, run / "data" / split.name)  # (train() wrote the run's data card there)
     loaded = load_with_adapter(str(model_dir), run)
     evaluate_run(
         EvalOptions(

@@ -18,8 +18,9 @@ from serve_support import ServerThread, train_tiny_run
 
 from medlora.config import DEFAULT_SYSTEM_PROMPT
 from medlora.evaluate.generate import generate_answers
-from medlora.serve.app import Limits, create_app
+from medlora.serve.app import Limits, create_app, health_router
 from medlora.serve.engine import Job
+from medlora.serve.http import ServerState
 from medlora.serve.loader import Served, build_engine
 from medlora.serve.safety import DEFAULT_DISCLAIMER, EMERGENCY_NOTICE, Safety
 
@@ -183,6 +184,19 @@ def test_every_error_is_in_openais_error_shape(server: ServerThread, served: Ser
         assert error["message"] and error["type"] and "code" in error and "param" in error
 
 
+def test_health_router_alone_needs_no_key(served: Served) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    bare = FastAPI()
+    bare.state.server = ServerState(served, Limits(api_key=KEY, max_queue=3))
+    bare.include_router(health_router)
+    health = TestClient(bare).get("/health").json()
+    assert health["status"] == "ok" and health["engine"] == "transformers"
+    assert set(health["models"]) == {served.tuned, served.base}
+    assert (health["queued"], health["max_queue"]) == (0, 3)
+
+
 def test_long_prompt_is_refused(served: Served) -> None:
     with ServerThread(create_app(served, Limits(max_prompt_tokens=30))) as small:
         response = httpx.post(
@@ -225,7 +239,7 @@ def test_full_queue_answers_429_and_recovers(served: Served, reference: dict[str
         assert gated.entered.wait(timeout=30)
         second = pool.submit(post, QUESTIONS[1])  # waits in the queue (size 1)
         for _ in range(200):
-            if app.state.scheduler.queued == 1:
+            if app.state.server.scheduler.queued == 1:
                 break
             threading.Event().wait(0.02)
         refused = post(QUESTIONS[2])

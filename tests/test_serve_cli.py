@@ -182,6 +182,11 @@ def test_serve_command_hands_one_options_object(monkeypatch: pytest.MonkeyPatch)
     assert limits.safety.disclaimer is None and not limits.safety.emergency_notices
     default = server.ServeOptions("base-model").safety()
     assert default.disclaimer and default.emergency_notices
+    seen.clear()
+    monkeypatch.delenv("MEDLORA_API_KEY", raising=False)
+    monkeypatch.delenv("MEDLORA_VLLM_PYTHON", raising=False)
+    assert CliRunner().invoke(app, ["serve", "base-model"]).exit_code == 0
+    assert seen == [server.ServeOptions("base-model")]  # the command's defaults are the options'
 
 
 def test_an_unknown_llama_cpp_adapters_mode_is_one_line_before_loading() -> None:

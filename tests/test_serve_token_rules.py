@@ -1,4 +1,4 @@
-"""Token picking for the llama.cpp engines equals transformers' logits processors."""
+"""Every serving engine picks tokens with `generate`'s rules (serve/token_rules.py)."""
 
 from __future__ import annotations
 
@@ -8,25 +8,14 @@ import torch
 from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from medlora.serve.engine import Sampling
-from medlora.serve.token_rules import new_rng, pick_token, token_logprob
+from medlora.serve.token_rules import TokenRules, token_logprob
 
 VOCAB = 50
 
 
 def pick(logits: np.ndarray, ids: list[int], **options: float | int) -> int:
-    sampling = Sampling(max_new_tokens=8, **options)  # type: ignore[arg-type]
-    return pick_token(logits, sampling, ids, new_rng(sampling))
-
-
-class Request:
-    """One request's picks in a row, from its own seeded generator (as an engine keeps it)."""
-
-    def __init__(self, ids: list[int], **options: float | int) -> None:
-        self.ids, self.sampling = ids, Sampling(max_new_tokens=8, **options)  # type: ignore[arg-type]
-        self.rng = new_rng(self.sampling)
-
-    def pick(self, logits: np.ndarray) -> int:
-        return pick_token(logits, self.sampling, self.ids, self.rng)
+    rules = TokenRules(Sampling(max_new_tokens=8, **options))  # type: ignore[arg-type]
+    return rules.next_token(logits, ids)[0]
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -50,13 +39,21 @@ def test_the_banned_ngram_token_is_never_picked() -> None:
     assert pick(logits, ids) == 4
 
 
+def test_the_callers_logits_are_left_as_they_were() -> None:
+    # llama.cpp hands out its own buffer: picking must not write into it.
+    logits = np.linspace(-1, 1, VOCAB, dtype=np.float32)
+    before = logits.copy()
+    pick(logits, [VOCAB - 1, VOCAB - 2], repetition_penalty=1.5, no_repeat_ngram_size=2)
+    assert np.array_equal(logits, before)
+
+
 def test_sampling_repeats_with_a_seed_and_keeps_to_the_top_p_tokens() -> None:
     logits = np.full(VOCAB, -5.0, dtype=np.float32)
     logits[[7, 8]] = [4.0, 3.9]  # together almost all the mass: top_p 0.9 keeps only these two
     picks = [pick(logits, [1], temperature=0.8, top_p=0.9, seed=3) for _ in range(5)]
     assert len(set(picks)) == 1  # same seed, same token
-    many = Request([1], temperature=0.8, top_p=0.9, seed=4)
-    assert {many.pick(logits) for _ in range(200)} == {7, 8}
+    many = TokenRules(Sampling(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=4))
+    assert {many.next_token(logits, [1])[0] for _ in range(200)} == {7, 8}
 
 
 def test_logprobs_are_the_log_softmax_of_the_raw_logits_with_the_likeliest_first() -> None:
@@ -69,3 +66,7 @@ def test_logprobs_are_the_log_softmax_of_the_raw_logits_with_the_likeliest_first
     assert [i for i, _ in got.top] == indices.tolist()
     assert [v for _, v in got.top] == pytest.approx(values.tolist(), abs=1e-5)
     assert token_logprob(logits.numpy(), 11, top=0).top == ()  # `logprobs: true` alone
+    rules = TokenRules(Sampling(max_new_tokens=8, repetition_penalty=2.0, top_logprobs=2))
+    token, reported = rules.next_token(logits.numpy(), [int(torch.argmax(logits))])
+    assert reported is not None and reported.token_id == token  # the picked token, after penalty
+    assert reported.logprob == pytest.approx(float(expected[token]), abs=1e-5)  # raw logits'

@@ -84,12 +84,16 @@ def server(runs: dict[str, Path], smollm2_cache: Path) -> Iterator[str]:
         else:
             pytest.fail(f"vLLM did not answer /health within {STARTUP_S} s")
         yield url
+        # A SIGTERM to `medlora serve` alone (as systemd or `kill` sends it) stops vLLM too.
+        process.terminate()
+        process.wait(timeout=60)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{url}/health", timeout=2)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group
+        except ProcessLookupError:
+            pass
 
 
 def client(url: str, key: str = KEY) -> openai.OpenAI:

@@ -87,7 +87,7 @@ def test_run_directory_contract(trained_run: dict[str, Any]) -> None:
         "adapter_config.json",
         "adapter_model.safetensors",
         "recipe.yaml",
-        "data_card.json",
+        "data/data_card.json",
         "metrics.jsonl",
         "chat_template.jinja",
         "tokenizer_config.json",
@@ -98,8 +98,9 @@ def test_run_directory_contract(trained_run: dict[str, Any]) -> None:
         assert (run / name).is_file(), name
     assert not list(run.rglob("*.tmp")) and not (run / ".save.tmp").exists()
     assert (run / "charts/loss.png").read_bytes()[:4] == b"\x89PNG"
-    card = json.loads((run / "data_card.json").read_text())
+    card = json.loads((run / "data" / "data_card.json").read_text())
     assert card["used"]["train"] == 15
+    assert not (run / "data_card.json").exists()  # one data card per run
     assert trained_run["result"].trained_tokens > 0
 
 
@@ -192,7 +193,7 @@ def test_repetitive_training_answers_are_left_out_and_counted(
         [*FAST, "train.epochs=1", "data.max_answer_repetition=0.1"],
     )
     train(recipe, tmp_path / "out", prepared_dir=prepared)
-    card = json.loads((tmp_path / "out" / "data_card.json").read_text())
+    card = json.loads((tmp_path / "out" / "data" / "data_card.json").read_text())
     assert card["used"]["repetitive_dropped"] == 3
     assert card["used"]["train"] == len(train_split) - 3
 

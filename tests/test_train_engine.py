@@ -199,7 +199,7 @@ def test_packed_training_trains_the_same_examples_in_fewer_steps(
     )
     assert packed.trained_tokens == padded.trained_tokens  # every answer token, both ways
     assert packed.steps < padded.steps
-    card = json.loads((tmp_path / "packed" / "data_card.json").read_text())
+    card = json.loads((tmp_path / "packed" / "data" / "data_card.json").read_text())
     assert card["used"]["packed_rows"] == packed.steps // 2  # two epochs
     losses = list(_losses(tmp_path / "packed").values())
     assert losses[-1] < losses[0]
@@ -399,7 +399,7 @@ def test_two_process_ddp_gives_the_same_loss_curve_as_one_process(
     assert (tmp_path / "two/adapter_model.safetensors").exists()
     # Only rank 0 writes the run's files; rank 1 trains and writes nothing in the run directory.
     rank0 = (tmp_path / "writes-rank0.txt").read_text()
-    for written in ("recipe.yaml", "data_card.json", "best.json", "train_summary.json"):
+    for written in ("recipe.yaml", "data/data_card.json", "best.json", "train_summary.json"):
         assert written in rank0
     rank1 = tmp_path / "writes-rank1.txt"
     assert not rank1.exists(), rank1.read_text()

@@ -26,15 +26,19 @@ def _scratch(final: Path) -> Path:
     return final.with_name(f"{final.name}.{os.getpid()}.tmp")
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` via a scratch file + fsync + rename."""
+def write_text_atomic(path: str | os.PathLike[str], text: str | Iterable[str]) -> Path:
+    """Write `text` (or its pieces, one at a time) to `path` via a scratch file + fsync + rename."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _scratch(final)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines([text] if isinstance(text, str) else text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_replace(tmp, final)
     return final
 
@@ -57,9 +61,8 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
-    return write_text_atomic(
-        path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    )
+    # Line by line: a large file is never built whole in memory.
+    return write_text_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def append_jsonl(path: str | os.PathLike[str], row: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 GGUF files are de-quantized by transformers on load, but the result stays flagged as quantized and
 `Trainer` refuses it, so a plain `save_pretrained` copy is written once into the cache and every later
-load reads that copy (≈0.3 s instead of ≈20 s for SmolLM2-135M).
+load reads that copy instead of de-quantizing again (docs/benchmarks.md, "inference").
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def hub_offline() -> bool:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect to the Hub endpoint, so offline users get an answer in seconds,
-    not after huggingface_hub's retries with back-off (≈25 s per file)."""
+    not after huggingface_hub's retries with back-off on every file."""
     from urllib.parse import urlparse
 
     parsed = urlparse(hub_endpoint())

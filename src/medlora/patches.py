@@ -124,7 +124,7 @@ PATCHES: dict[str, Patch] = {
             "packed row on its own (integrations.sdpa_attention.sdpa_attention_forward for the rest); "
             "reads config._attn_implementation to pick sdpa models (also medlora env)",
             "CPU packed rows without the row-wide block mask; CPU bf16 attention backward in float32 "
-            "(docs/benchmarks.md 'peer', 'memory-breakdown')",
+            "(docs/benchmarks.md 'peer', 'memory-breakdown-bf16')",
             "transformers' sdpa with its block-diagonal packed mask (exact, slower)",
             "train",
             _sdpa_entry_points,
@@ -135,8 +135,8 @@ PATCHES: dict[str, Patch] = {
             TRANSFORMERS,
             "swaps the class of Llama/Mistral/Qwen2/Qwen3/Phi-3 RMSNorm modules (by class name) for a "
             "frozen-weight autograd function; checked against the stock forward once per class",
-            "CPU step ~2.5 % faster, half the norm's saved activations (docs/benchmarks.md "
-            "'memory-breakdown')",
+            "a faster CPU step, half the norm's saved activations (docs/benchmarks.md "
+            "'engine-step', 'memory-breakdown-bf16')",
             "the model's own RMSNorm",
             "train",
             lambda: _has("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
@@ -147,7 +147,7 @@ PATCHES: dict[str, Patch] = {
             TRANSFORMERS,
             "swaps the class of Llama/Mistral/Qwen2/Qwen3 MLPs (by class name; gate_proj, up_proj, "
             "down_proj, act_fn) for one that saves gate and up only; checked once per class",
-            "a third less MLP activation memory on CPU (docs/benchmarks.md 'memory-breakdown')",
+            "less MLP activation memory on CPU (docs/benchmarks.md 'memory-breakdown-bf16')",
             "the model's own MLP",
             "train",
             lambda: _has("transformers.models.llama.modeling_llama", "LlamaMLP"),
@@ -180,7 +180,7 @@ PATCHES: dict[str, Patch] = {
             "transformers",
             TRANSFORMERS,
             "reads and writes DynamicCache.layers[i].keys / .values (serve/continuous.py)",
-            "1.18x static batching tokens/s (docs/serving.md)",
+            "more tokens/s than static batching (docs/benchmarks.md 'serve-load')",
             "static batching",
             "serve",
             _dynamic_cache_layers,
@@ -203,7 +203,8 @@ PATCHES: dict[str, Patch] = {
             PEFT,
             "LoraLayer.lora_A / lora_B / scaling / lora_variant / _disable_adapters "
             "(serve/stacked_lora.py)",
-            "several adapters in one batch, 1.39x (docs/serving.md)",
+            "several adapters in one batch, faster than PEFT's (docs/benchmarks.md "
+            "'serve-mixed-lora')",
             "peft's adapter_names path",
             "serve",
             _peft_lora_layer,
@@ -225,7 +226,7 @@ PATCHES: dict[str, Patch] = {
             PEFT,
             "passes adapter_names to each LoRA layer's forward from a pre-forward hook "
             "(serve/adapters.py), instead of PeftModel's per-call hook walk",
-            "25-45 ms less per decode step on SmolLM2 (serve/adapters.py)",
+            "a cheaper decode step than PeftModel's hook walk (serve/adapters.py)",
             "only one adapter (or the base) served per server",
             "serve",
             _peft_mixed_batch,
@@ -235,9 +236,8 @@ PATCHES: dict[str, Patch] = {
             "llama-cpp-python",
             ("0.3.36", "0.3.37"),
             "llama_adapter_lora_init / llama_set_adapters_lora and llama_get_logits_ith on Llama's "
-            "private _model / _ctx handles (serve/fast.py)",
-            "the llama.cpp engine: 5.8x the transformers snippet's tokens/s (docs/benchmarks.md "
-            "'inference')",
+            "private _model / _ctx handles (serve/llama_cpp.py)",
+            "the llama.cpp engine, faster than transformers (docs/benchmarks.md 'inference')",
             "the transformers engine",
             "serve",
             _llama_cpp_lora_api,
@@ -247,10 +247,9 @@ PATCHES: dict[str, Patch] = {
             "llama-cpp-python",
             ("0.3.36", "0.3.37"),
             "ggml's kernel-choice thresholds: prefill pieces of 2-63 tokens, a spare token past 256 "
-            "cells (serve/fast_continuous.py) and the GGUF LoRA's rank padded off tinyBLAS "
+            "cells (serve/llama_cpp_continuous.py) and the GGUF LoRA's rank padded off tinyBLAS "
             "(export/lora_pad.py), so rows decoded together answer as alone",
-            "1.46-1.74x the one-request engine's tokens/s (docs/benchmarks.md "
-            "'serve-load-llama.cpp')",
+            "more tokens/s than the one-request engine (docs/benchmarks.md 'serve-load-llama.cpp')",
             "the one-request llama.cpp engine",
             "serve",
             _llama_cpp_lora_api,

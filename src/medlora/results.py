@@ -1,5 +1,5 @@
 """Typed results: what `medlora eval`, `bench`, `compare` and `demo` write, and the run files the
-report reads (train_summary.json, data_card.json, best.json).
+report reads (train_summary.json, data/data_card.json, best.json).
 
 Every command writes its result with `write_result` (`model_dump_json`, atomically) and every reader
 reads one with `read_result` (`model_validate_json`). A figure a result may lack (no base model was
@@ -186,7 +186,7 @@ class SubjectScores(Result):
 
 
 class TaskScores(Result):
-    """One multiple-choice task (`evaluate.bench.summarize`, plus where its data came from)."""
+    """One multiple-choice task (`evaluate.multiple_choice.summarize`, plus where its data came from)."""
 
     acc: float
     acc_norm: float
@@ -286,7 +286,8 @@ class CompareResult(Result):
 
 
 class TrainSummary(Result):
-    """train_summary.json (written by medlora.train); every field optional for older runs."""
+    """A finished run: what `medlora.train.train` returns and writes as train_summary.json (SFT
+    and preference runs alike); every field optional for older runs."""
 
     run_dir: str | None = None
     train_examples: int | None = None
@@ -356,7 +357,8 @@ class DataUse(Result):
 
 
 class DataCard(Result):
-    """The parts of data_card.json (written by medlora.data / medlora.train) a report shows."""
+    """The parts of a run's data/data_card.json a report shows: written by `prepare_data`, then
+    completed by training (`used`, `format`, `attention`)."""
 
     splits: dict[str, int] | None = None
     used: DataUse | None = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from medlora.cli.app import (
     SetOption,
@@ -38,6 +40,8 @@ def data_prepare(
 ) -> None:
     """Read sources, clean, de-duplicate and split by topic; write JSONL splits + data_card.json."""
     _quiet_libraries()
+    # Nothing forks after this command's tokenizer runs: let it batch-encode on every core.
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     from medlora.data.format import token_counter
     from medlora.data.prepare import prepare_data
     from medlora.models import load_tokenizer
@@ -45,24 +49,36 @@ def data_prepare(
     config = _load(recipe, set_)
     sources = source or config.data.sources
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
-    with console.status("reading and splitting sources…"):
-        card = prepare_data(
-            sources,
-            out,
-            column_map=parse_map(column_map) or config.data.map or None,
-            exclude=config.data.exclude,
-            strict=strict or config.data.strict,
-            val_fraction=config.data.val_fraction,
-            test_fraction=config.data.test_fraction,
-            count_tokens=token_counter(tokenizer, config.data.system_prompt),
-            hygiene=config.data.clean,
-        )
-    console.print(f"wrote {out}/{{train,validation,test}}.jsonl and data_card.json")
-    console.print_json(
-        json.dumps(
-            {k: card[k] for k in ("splits", "skipped", "hygiene", "token_lengths") if k in card}
-        )
+    card = prepare_data(
+        sources,
+        out,
+        column_map=parse_map(column_map) or config.data.map or None,
+        exclude=config.data.exclude,
+        strict=strict or config.data.strict,
+        val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
+        count_tokens=token_counter(tokenizer, config.data.system_prompt),
+        hygiene=config.data.clean,
     )
+    console.print(_summary(card))
+    console.print(f"wrote {out}/{{train,validation,test}}.jsonl and {out}/data_card.json")
+
+
+def _summary(card: dict[str, Any]) -> Table:
+    """Records, topics and token lengths per split, and what cleaning and hygiene dropped."""
+    table = Table(title="data prepared (details: data_card.json)", title_justify="left")
+    for column in ("split", "records", "topics", "tokens p50", "p95", "max"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, count in card["splits"].items():
+        lengths = (card["token_lengths"] or {}).get(name) or {}
+        cells = [str(lengths.get(key, "")) for key in ("p50", "p95", "max")]
+        table.add_row(name, f"{count:,}", f"{card['topics'][name]:,}", *cells)
+    cleaning = sum(card["skipped"]["cleaning"].values())
+    hygiene = sum(rule["dropped"] for key, rule in card["hygiene"].items() if key != "rules")
+    table.add_section()
+    table.add_row("dropped", f"{cleaning + hygiene:,}", "", "", "", "")
+    table.caption = f"{len(card['warnings'])} warnings: see the card" if card["warnings"] else None
+    return table
 
 
 def _preview_hygiene(config: Any, data: str | None, n: int) -> None:

@@ -3,50 +3,89 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from medlora.cli.app import (
-    _quiet_libraries,
-    app,
-    console,
-    parse_map,
-    user_errors,
-)
+from medlora.cli.app import _quiet_libraries, app, console, parse_map, user_errors
 from medlora.errors import ConfigError
-from medlora.results import JudgeResult, QualityResult, write_result
+from medlora.results import EvalResult, JudgeResult, QualityResult, write_result
+
+if TYPE_CHECKING:
+    from medlora.evaluate.judge import JudgeOptions
+    from medlora.evaluate.quality import EvalOptions
+
+# Options that several commands share (each command names its own --out help).
+Adapter = Annotated[
+    Path | None, typer.Option("--adapter", "-a", help="Run directory with the adapter.")
+]
+CompareBase = Annotated[
+    bool, typer.Option("--compare-base", help="Also score the base model in the same run.")
+]
+MaxNewTokens = Annotated[
+    int | None, typer.Option("--max-new-tokens", help="Longest generated answer.")
+]
+BatchSize = Annotated[int, typer.Option("--batch-size")]
+
+# `medlora eval --judge …`: the judge's options.
+JudgeUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--judge",
+        help="Judge the answers with a model behind this OpenAI-compatible URL (vLLM, a hosted "
+        "API, medlora serve): pairwise tuned vs base in both orders, reference facts.",
+    ),
+]
+JudgeModel = Annotated[
+    str | None, typer.Option("--judge-model", help="The judge's model name at --judge.")
+]
+JudgeKeyEnv = Annotated[
+    str, typer.Option("--judge-key-env", help="Environment variable holding the judge's key.")
+]
+JudgePredictions = Annotated[
+    Path | None,
+    typer.Option(
+        "--judge-predictions",
+        help="Judge this predictions JSONL instead of generating answers (no --model/--data).",
+    ),
+]
+JudgeRubric = Annotated[
+    Path | None,
+    typer.Option(
+        "--judge-rubric",
+        help='Also score a rubric JSONL: {"question": …, "items": [{"text": …, "points": 5}]}.',
+    ),
+]
+JudgeFacts = Annotated[
+    int,
+    typer.Option("--judge-facts", min=0, help="Reference statements checked per answer (0: none)."),
+]
+
+
+def _out(help: str) -> Any:
+    return typer.Option("--out", "-o", help=help)
 
 
 @app.command("eval")
 @user_errors
 def eval_cmd(
     model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", help="Model spec (Hub id, folder, .gguf, alias)."),
+        str | None, typer.Option("--model", "-m", help="Model spec (Hub id, folder, .gguf, alias).")
     ] = None,
     data: Annotated[
         str | None, typer.Option("--data", "-d", help="KIND:PATH or a prepared folder.")
     ] = None,
-    adapter: Annotated[
-        Path | None, typer.Option("--adapter", "-a", help="Run directory with the adapter.")
-    ] = None,
+    adapter: Adapter = None,
     split: Annotated[str, typer.Option("--split", help="test | validation | train | all")] = "test",
     limit: Annotated[int | None, typer.Option("--limit", help="Score at most N examples.")] = None,
-    compare_base: Annotated[
-        bool, typer.Option("--compare-base", help="Also score the base model in the same run.")
-    ] = False,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Write results JSON here.")
-    ] = None,
+    compare_base: CompareBase = False,
+    out: Annotated[Path | None, _out("Write results JSON here.")] = None,
     column_map: Annotated[str | None, typer.Option("--map", help="question=COL,answer=COL")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
     metrics: Annotated[
         str, typer.Option("--metrics", help="Comma-separated: loss, rouge, f1, similarity.")
     ] = "loss",
-    max_new_tokens: Annotated[
-        int | None, typer.Option("--max-new-tokens", help="Longest generated answer.")
-    ] = None,
+    max_new_tokens: MaxNewTokens = None,
     predictions: Annotated[
         Path | None,
         typer.Option("--predictions", help="Per-example answers (default: beside --out)."),
@@ -58,69 +97,24 @@ def eval_cmd(
             help="With --compare-base: also score the run's eval.unseen_sources (second panel).",
         ),
     ] = True,
-    judge: Annotated[
-        str | None,
-        typer.Option(
-            "--judge",
-            help="Judge the answers with a model behind this OpenAI-compatible URL (vLLM, a hosted "
-            "API, medlora serve): pairwise tuned vs base in both orders, reference facts.",
-        ),
-    ] = None,
-    judge_model: Annotated[
-        str | None, typer.Option("--judge-model", help="The judge's model name at --judge.")
-    ] = None,
-    judge_key_env: Annotated[
-        str, typer.Option("--judge-key-env", help="Environment variable holding the judge's key.")
-    ] = "OPENAI_API_KEY",
-    judge_predictions: Annotated[
-        Path | None,
-        typer.Option(
-            "--judge-predictions",
-            help="Judge this predictions JSONL instead of generating answers (no --model/--data).",
-        ),
-    ] = None,
-    judge_rubric: Annotated[
-        Path | None,
-        typer.Option(
-            "--judge-rubric",
-            help='Also score a rubric JSONL: {"question": …, "items": [{"text": …, "points": 5}]}.',
-        ),
-    ] = None,
-    judge_facts: Annotated[
-        int,
-        typer.Option(
-            "--judge-facts", min=0, help="Reference statements checked per answer (0: none)."
-        ),
-    ] = 8,
+    judge: JudgeUrl = None,
+    judge_model: JudgeModel = None,
+    judge_key_env: JudgeKeyEnv = "OPENAI_API_KEY",
+    judge_predictions: JudgePredictions = None,
+    judge_rubric: JudgeRubric = None,
+    judge_facts: JudgeFacts = 8,
 ) -> None:
     """Held-out scores: answer-only loss and perplexity; with --metrics also generated-answer
     quality (ROUGE-L, token F1, MiniLM similarity) with 95% bootstrap confidence intervals."""
     _quiet_libraries()
     from medlora.evaluate.quality import EvalOptions, parse_metrics
-    from medlora.evaluate.unseen import evaluate_with_unseen
-    from medlora.report.format import fmt_ci
 
-    judging = None
-    if judge or judge_model or judge_predictions:
-        from medlora.evaluate.judge import JudgeOptions, check_judge, judge_eval
-        from medlora.evaluate.judge import judge_predictions as judge_file
-
-        if not (judge and judge_model):
-            raise ConfigError("--judge URL and --judge-model NAME go together")
-        judging = JudgeOptions(
-            url=judge,
-            model=judge_model,
-            key_env=judge_key_env,
-            rubric=judge_rubric,
-            max_statements=judge_facts,
-        )
-        if judge_predictions is not None:
-            judged = judge_file(judge_predictions, judging)
-            _print_judge(judged)
-            if out:
-                write_result(out, judged)
-                console.print(f"wrote {out}")
-            return
+    judging = _judge_options(
+        judge, judge_model, judge_key_env, judge_rubric, judge_facts, judge_predictions
+    )
+    if judging is not None and judge_predictions is not None:
+        _judge_file(judge_predictions, judging, out)
+        return
     if model is None or data is None:
         raise ConfigError("add --model SPEC and --data DATA (or --judge-predictions FILE to judge)")
     if compare_base and adapter is None:
@@ -139,12 +133,55 @@ def eval_cmd(
         max_new_tokens=max_new_tokens,
         predictions=predictions,
     )
+    _print_eval(_score(options, unseen, judging))
+    if out:
+        console.print(f"wrote {out}")
+
+
+def _judge_options(
+    url: str | None,
+    model: str | None,
+    key_env: str,
+    rubric: Path | None,
+    facts: int,
+    predictions: Path | None,
+) -> JudgeOptions | None:
+    """`--judge URL --judge-model NAME` as options for the judge (None: no judging asked)."""
+    from medlora.evaluate.judge import JudgeOptions
+
+    if not (url or model or predictions):
+        return None
+    if not (url and model):
+        raise ConfigError("--judge URL and --judge-model NAME go together")
+    return JudgeOptions(url=url, model=model, key_env=key_env, rubric=rubric, max_statements=facts)
+
+
+def _score(options: EvalOptions, unseen: bool, judging: JudgeOptions | None) -> EvalResult:
+    """The eval's scores and, with a judge, its verdicts (a dead judge fails before any answer)."""
+    from medlora.evaluate.judge import check_judge, judge_eval
+    from medlora.evaluate.unseen import evaluate_with_unseen
+
     if judging is not None:
-        check_judge(judging, options.metrics)  # a dead judge fails now, not after the answers
+        check_judge(judging, options.metrics)
     with console.status("scoring…"):
         result = evaluate_with_unseen(options, unseen)
-    if judging is not None:
-        result = judge_eval(result, judging, out)
+    return result if judging is None else judge_eval(result, judging, options.out)
+
+
+def _judge_file(path: Path, judging: JudgeOptions, out: Path | None) -> None:
+    """`--judge-predictions FILE`: judge answers already written, no model loaded."""
+    from medlora.evaluate.judge import judge_predictions
+
+    judged = judge_predictions(path, judging)
+    _print_judge(judged)
+    if out:
+        write_result(out, judged)
+        console.print(f"wrote {out}")
+
+
+def _print_eval(result: EvalResult) -> None:
+    from medlora.report.format import fmt_ci
+
     if result.loss is not None:
         line = f"{result.examples} examples, {result.answer_tokens} answer tokens: "
         line += f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}"
@@ -169,8 +206,6 @@ def eval_cmd(
         console.print(transfer_sentence(test_panel, result.unseen), markup=False)
     if result.judge is not None:
         _print_judge(result.judge)
-    if out:
-        console.print(f"wrote {out}")
 
 
 def _print_judge(judged: JudgeResult) -> None:
@@ -209,7 +244,7 @@ def bench_cmd(
             help="pubmedqa, mmlu_medical, mmlu_medical_continuation, mmlu, medmcqa, medqa",
         ),
     ] = "pubmedqa,mmlu_medical",
-    adapter: Annotated[Path | None, typer.Option("--adapter", "-a", help="Run directory.")] = None,
+    adapter: Adapter = None,
     data: Annotated[
         list[str] | None,
         typer.Option(
@@ -222,11 +257,9 @@ def bench_cmd(
         int | None, typer.Option("--limit", help="At most N questions per task.")
     ] = None,
     shots: Annotated[int, typer.Option("--shots", help="Few-shot exemplars (0: zero-shot).")] = 0,
-    compare_base: Annotated[
-        bool, typer.Option("--compare-base", help="Also score the base model in the same run.")
-    ] = False,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Results JSON.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    compare_base: CompareBase = False,
+    out: Annotated[Path | None, _out("Results JSON.")] = None,
+    batch_size: BatchSize = 8,
     chat: Annotated[
         bool, typer.Option("--chat", help="Wrap prompts in the chat template (default: raw).")
     ] = False,
@@ -234,7 +267,7 @@ def bench_cmd(
 ) -> None:
     """Multiple-choice medical benchmarks scored by option log-likelihood (lm-evaluation-harness)."""
     _quiet_libraries()
-    from medlora.evaluate.bench import BenchOptions, run_bench
+    from medlora.evaluate.multiple_choice import BenchOptions, run_bench
     from medlora.report.format import fmt, fmt_ci
 
     options = BenchOptions(
@@ -283,11 +316,9 @@ def compare_cmd(
         str | None, typer.Option("--from-split", help="Take questions from the run's split.")
     ] = None,
     n: Annotated[int, typer.Option("--n", help="How many questions.")] = 20,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Folder for compare.* (default: the run).")
-    ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
+    out: Annotated[Path | None, _out("Folder for compare.* (default: the run).")] = None,
+    max_new_tokens: MaxNewTokens = None,
+    batch_size: BatchSize = 4,
 ) -> None:
     """Base vs fine-tuned answers side by side: compare.html, compare.md, compare.json."""
     _quiet_libraries()

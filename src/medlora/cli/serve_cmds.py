@@ -79,36 +79,66 @@ def generate_cmd(
     console.print(f"wrote {len(rows)} answers to {out}")
 
 
+ServeAdapterOption = Annotated[
+    list[str],
+    typer.Option(
+        "--adapter",
+        "-a",
+        help="[NAME=]RUN_DIR, repeatable: each adapter is served under NAME (default: the "
+        "folder's name), all on one base.",
+    ),
+]
+BatchingOption = Annotated[
+    str,
+    typer.Option(
+        "--batching",
+        help="auto (continuous on transformers, one request at a time on llama.cpp) | "
+        "continuous (requests join and leave between tokens; on llama.cpp with GGUF LoRAs an "
+        "adapter's greedy answers then vary slightly with the traffic) | static.",
+    ),
+]
+LlamaCppAdaptersOption = Annotated[
+    str,
+    typer.Option(
+        "--llama-cpp-adapters",
+        help="llama.cpp: lora = one base GGUF plus each adapter as a GGUF LoRA, chosen per "
+        "request; merged = one merged GGUF per adapter.",
+    ),
+]
+AllowAdapterUpdatesOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-adapter-updates",
+        help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs an API key "
+        "and --adapter-root).",
+    ),
+]
+VllmPythonOption = Annotated[
+    str | None,
+    typer.Option(
+        "--vllm-python",
+        envvar="MEDLORA_VLLM_PYTHON",
+        help="--engine vllm: the Python whose environment has vLLM (`make vllm` builds one).",
+    ),
+]
+
+
 @app.command("serve")
 @user_errors
 def serve_cmd(
+    ctx: typer.Context,
+    # Each parameter is named after its `ServeOptions` field: the command hands them on as they are.
     spec: Annotated[str, typer.Argument(help="Base model spec (alias, folder, .gguf, Hub id).")],
-    adapter: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--adapter",
-            "-a",
-            help="[NAME=]RUN_DIR, repeatable: each adapter is served under NAME (default: the "
-            "folder's name), all on one base.",
-        ),
-    ] = None,
+    adapters: ServeAdapterOption = (),  # type: ignore[assignment]
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8000,
     engine: EngineOption = "auto",
-    batching: Annotated[
-        str,
-        typer.Option(
-            "--batching",
-            help="auto (continuous on transformers, one request at a time on llama.cpp) | "
-            "continuous (requests join and leave between tokens; on llama.cpp with GGUF LoRAs an "
-            "adapter's greedy answers then vary slightly with the traffic) | static.",
-        ),
-    ] = "auto",
+    batching: BatchingOption = "auto",
     api_key: Annotated[
         str | None,
         typer.Option("--api-key", envvar="MEDLORA_API_KEY", help="Require Bearer KEY on /v1."),
     ] = None,
-    base: Annotated[
+    with_base: Annotated[
         bool, typer.Option("--base/--no-base", help="Also serve the base model (side by side).")
     ] = True,
     max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", min=1)] = 1024,
@@ -120,7 +150,7 @@ def serve_cmd(
         int, typer.Option("--max-queue", min=1, help="Waiting requests before 429.")
     ] = 64,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests per batch.")] = 8,
-    timeout: Annotated[
+    timeout_s: Annotated[
         float, typer.Option("--timeout", help="Seconds before a request gets 504.")
     ] = 120.0,
     threads: Annotated[
@@ -129,21 +159,8 @@ def serve_cmd(
             "--threads", help="CPU threads (default: OMP_NUM_THREADS, else physical cores)."
         ),
     ] = None,
-    gguf_type: Annotated[
-        str,
-        typer.Option(
-            "--gguf-type",
-            help=GGUF_TYPE_HELP,
-        ),
-    ] = DEFAULT_GGUF_TYPE,
-    llama_cpp_adapters: Annotated[
-        str,
-        typer.Option(
-            "--llama-cpp-adapters",
-            help="llama.cpp: lora = one base GGUF plus each adapter as a GGUF LoRA, chosen per "
-            "request; merged = one merged GGUF per adapter.",
-        ),
-    ] = "lora",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help=GGUF_TYPE_HELP)] = DEFAULT_GGUF_TYPE,
+    llama_cpp_adapters: LlamaCppAdaptersOption = "lora",
     log_prompts: Annotated[
         bool, typer.Option("--log-prompts", help="Log prompts and answers.")
     ] = False,
@@ -151,15 +168,13 @@ def serve_cmd(
         str | None, typer.Option("--disclaimer", help="Text added to every answer.")
     ] = None,
     no_disclaimer: Annotated[bool, typer.Option("--no-disclaimer")] = False,
-    no_emergency_notice: Annotated[bool, typer.Option("--no-emergency-notice")] = False,
-    allow_adapter_updates: Annotated[
+    emergency_notices: Annotated[
         bool,
         typer.Option(
-            "--allow-adapter-updates",
-            help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs an API key "
-            "and --adapter-root).",
+            " /--no-emergency-notice", help="No emergency notice first.", show_default=False
         ),
-    ] = False,
+    ] = True,
+    allow_adapter_updates: AllowAdapterUpdatesOption = False,
     adapter_root: Annotated[
         Path | None,
         typer.Option("--adapter-root", help="Hot-loaded adapters must lie under this folder."),
@@ -167,47 +182,14 @@ def serve_cmd(
     max_lora_rank: Annotated[
         int, typer.Option("--max-lora-rank", min=1, help="Refuse adapters of a higher rank.")
     ] = 64,
-    vllm_python: Annotated[
-        str | None,
-        typer.Option(
-            "--vllm-python",
-            envvar="MEDLORA_VLLM_PYTHON",
-            help="--engine vllm: the Python whose environment has vLLM (`make vllm` builds one).",
-        ),
-    ] = None,
+    vllm_python: VllmPythonOption = None,
 ) -> None:
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), /health and a
     chat page at /; many adapters on one base, chosen per request by `model`."""
     _quiet_libraries()
     from medlora.serve.server import ServeOptions, serve
 
-    options = ServeOptions(
-        spec=spec,
-        adapters=tuple(adapter or ()),
-        engine=engine,
-        batching=batching,
-        allow_adapter_updates=allow_adapter_updates,
-        adapter_root=adapter_root,
-        max_lora_rank=max_lora_rank,
-        vllm_python=vllm_python,
-        with_base=base,
-        host=host,
-        port=port,
-        api_key=api_key,
-        max_prompt_tokens=max_prompt_tokens,
-        max_new_tokens=max_new_tokens,
-        max_body_kb=max_body_kb,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        timeout_s=timeout,
-        threads=threads,
-        gguf_type=gguf_type,
-        llama_cpp_adapters=llama_cpp_adapters,
-        log_prompts=log_prompts,
-        disclaimer=disclaimer,
-        no_disclaimer=no_disclaimer,
-        emergency_notices=not no_emergency_notice,
-    )
+    options = ServeOptions(**{**ctx.params, "adapters": tuple(adapters)})
     status = serve(options, console)
     if status:
         raise typer.Exit(status)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -37,13 +36,15 @@ def train_cmd(
     """Fine-tune with LoRA; writes the adapter, metrics.jsonl and charts into the run directory."""
     _quiet_libraries()
     from medlora.models import check_quantization
-    from medlora.train import train
+    from medlora.train import prepare_run_data, train, uses_splits
 
     config = _load(recipe, set_)
     check_quantization(config.model.quantization)  # no GPU/bitsandbytes: one line, nothing loaded
     run_dir = out or Path(config.output.dir)
+    if data is None and uses_splits(config):
+        data = prepare_run_data(config, run_dir / "data")
     result = train(config, run_dir, prepared_dir=data, resume=resume)
-    console.print_json(json.dumps(result.to_dict()))
+    console.print_json(result.model_dump_json())
 
 
 @app.command("sweep")

@@ -27,9 +27,9 @@ class EvalConfig(_Section):
     )
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32",
-        description="Matmuls of the answer-loss scoring: bf16 autocast scores 2x faster where the "
-        "CPU (AMX / AVX512-BF16) or GPU runs bf16 natively; auto = bf16 there, fp32 elsewhere. "
-        "Generated answers always use model.dtype.",
+        description="Matmuls of the answer-loss scoring: bf16 autocast scores faster where the "
+        "CPU (AMX / AVX512-BF16) or GPU runs bf16 natively (docs/benchmarks.md, demo-eval); "
+        "auto = bf16 there, fp32 elsewhere. Generated answers always use model.dtype.",
     )
     unseen_sources: list[str] = Field(
         default_factory=list,

@@ -153,8 +153,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# Options removed from the recipe, with the value every run saved before (a run's recipe.yaml still
+# loads: the key is dropped) and why (any other value is refused in one line: it asked for
+# something medlora no longer does).
+REMOVED = {
+    ("train", "group_by_length"): (False, "no recipe, test or bench used it"),
+    ("train", "compile"): (False, "it silently turned off the fused answer head"),
+}
+
+
+def _drop_removed(data: dict[str, Any]) -> dict[str, Any]:
+    for (section, key), (saved, why) in REMOVED.items():
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            if node[key] != saved:
+                raise ConfigError(f"{section}.{key} was removed ({why}): delete it from the recipe")
+            data[section] = {k: v for k, v in node.items() if k != key}
+    return data
+
+
 def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
-    data = apply_overrides(dict(data or {}), list(overrides or []))
+    data = _drop_removed(apply_overrides(dict(data or {}), list(overrides or [])))
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:

@@ -122,15 +122,9 @@ class TrainConfig(_Section):
         description="Token budget of one packed micro-batch (with packing: true); auto: the "
         "longest row that fits max_memory_gb, measured before the first step.",
     )
-    group_by_length: bool = Field(
-        False, description="Without packing: batch examples of similar length (less padding)."
-    )
     shuffle: bool = Field(
         True,
         description="Shuffle training examples each epoch (false: file order, for exact replays).",
-    )
-    compile: bool = Field(
-        False, description="torch.compile the model (helps on GPUs, static shapes)."
     )
     keep_best: int = Field(
         2, ge=1, description="Checkpoints kept: the best N by validation loss, plus the latest."

@@ -22,13 +22,16 @@ def normalize_text(text: str) -> str:
     one space, each line is stripped, single newlines (list items) are kept, two or more blank
     lines become one paragraph break, and the ends are stripped.
     """
+    raw = text
     text = unicodedata.normalize("NFC", html.unescape(text))
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n")
     if not text.isascii():  # skip the regex on plain-ASCII text (most of it): cleaning stays fast
         text = _ZERO_WIDTH.sub("", text)
     # str.split() with no argument splits on every Unicode space (no-break, narrow, tabs, …).
     lines = (" ".join(line.split()) for line in text.split("\n"))
-    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+    text = _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+    # Already-clean text (most of it) stays one string, not two equal copies in memory.
+    return raw if text == raw else text
 
 
 def _loose_key(text: str) -> str:

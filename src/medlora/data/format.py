@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,14 +228,18 @@ def format_records(
     return examples, stats
 
 
-def token_counter(tokenizer: Any, system_prompt: str | None) -> Any:
-    """A `Record -> int` that counts the full formatted length (for the data card's percentiles)."""
+def token_counter(
+    tokenizer: Any, system_prompt: str | None
+) -> Callable[[Sequence[Record]], list[int]]:
+    """Records → their full formatted lengths (the data card's percentiles), a batch at a time:
+    one template render and one batched tokenizer call per batch."""
 
-    def count(record: Record) -> int:
-        prompt, answer = split_prompt_answer(
-            tokenizer, record.question, record.answer, system_prompt
-        )
-        return len(tokenizer(prompt + answer, add_special_tokens=False)["input_ids"])
+    def count(records: Sequence[Record]) -> list[int]:
+        if not records:
+            return []
+        conversations = [build_messages(r.question, system_prompt, r.answer) for r in records]
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     return count
 

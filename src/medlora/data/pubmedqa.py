@@ -3,7 +3,7 @@
 The file is PubMedQA's JSON, `{pmid: {QUESTION, CONTEXTS, LONG_ANSWER, final_decision, …}}` (or a
 list of such objects, each with a `pubid`). `read_pubmedqa` is the one parser of that file: this
 loader reads it for training on answers, the multiple-choice benchmark
-(`medlora.evaluate.benchmarks.load_pubmedqa`) for yes/no/maybe items.
+(`medlora.evaluate.multiple_choice_sets.load_pubmedqa`) for yes/no/maybe items.
 """
 
 from __future__ import annotations

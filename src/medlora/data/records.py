@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)  # no per-instance __dict__: a large source holds many records
 class Record:
     """One question-answer pair, as read from a source and before any tokenization."""
 

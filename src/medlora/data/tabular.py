@@ -41,11 +41,19 @@ def read_text(path: Path) -> str:
 
 
 def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of every non-blank line of a JSONL file."""
-    # Split on "\n" only: str.splitlines would also break on U+2028 inside JSON strings.
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
-        if line.strip():
-            yield number, line
+    """(line number, line) of every non-blank line of a JSONL file, read a line at a time."""
+    if not Path(path).is_file():
+        read_text(path)  # raises the one "file not found" message
+    # Binary lines end at b"\n" only: U+2028 inside a JSON string does not break a line.
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                read_text(path)  # raises the message naming the bad byte's line
+                raise
+            if line.strip():
+                yield number, line
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

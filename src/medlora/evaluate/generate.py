@@ -87,10 +87,10 @@ def _mergeable(model: Any) -> bool:
 def adapter_merged(model: Any) -> Iterator[Any]:
     """The fine-tuned model with its LoRA weights folded into the base weights, unfolded on exit.
 
-    Each adapted layer then costs one matmul instead of three: the demo's 100 tuned answers took
-    59.5 s against 67.4 s, token for token the same (`python bench/demo_eval.py` measures the
-    demo's whole evaluation, docs/benchmarks.md "demo-eval"). Unfolding leaves the base weights within float32 rounding
-    of where they were (tests/test_generate.py measures it), so callers run the base model first.
+    Each adapted layer then costs one matmul instead of three, token for token the same answers
+    (`python bench/demo_eval.py` measures the demo's whole evaluation, docs/benchmarks.md
+    "demo-eval"). Unfolding leaves the base weights within float32 rounding of where they were
+    (tests/test_evaluate_loss.py checks it), so callers run the base model first.
     A no-op for a model without an adapter or with weights that do not merge exactly (bf16, 4-bit).
     """
     if not _mergeable(model):

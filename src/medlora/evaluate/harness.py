@@ -4,7 +4,7 @@ Scoring is lm-evaluation-harness itself (`lm_eval.evaluator.evaluate` with its `
 the in-memory model): each option is scored by the log-likelihood of " <option>" after the prompt;
 `acc` picks the highest log-likelihood, `acc_norm` the highest log-likelihood per character of the
 option. The prompts are the harness's own task templates. The harness's dataset download is replaced
-by our loaders (`custom_dataset`, evaluate/benchmarks.py), so nothing is fetched; each subject
+by our loaders (`custom_dataset`, evaluate/multiple_choice_sets.py), so nothing is fetched; each subject
 becomes one harness task.
 """
 
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from medlora.errors import DataError
-from medlora.evaluate.benchmarks import LETTERS, Benchmark, MCItem
+from medlora.evaluate.multiple_choice_sets import LETTERS, Benchmark, MCItem
 
 
 def _letters(item: MCItem) -> str:

@@ -35,6 +35,7 @@ from medlora.evaluate.judge_client import (
     CACHE_NAME,
     Ask,
     JudgeOptions,
+    Reply,
     api_base,
     ask_all,
     check_judge,
@@ -44,6 +45,7 @@ from medlora.evaluate.judge_prompts import (
     FACT_LETTERS,
     PAIR_LETTERS,
     RUBRIC_LETTERS,
+    RubricEntry,
     messages,
     pair_outcome,
     preference,
@@ -143,39 +145,36 @@ def _unparseable(marks: dict[str, list[list[str | None]]]) -> int:
     return sum(mark is None for side in marks.values() for question in side for mark in question)
 
 
-def judge_rows(
-    rows: Sequence[dict[str, Any]],
-    options: JudgeOptions,
-    ask: Ask | None = None,
-    predictions: str = "",
-) -> JudgeResult:
-    """Pairwise, reference facts and (with `options.rubric`) the rubric, in one batch of requests.
+Chat = list[dict[str, str]]
+Verdicts = dict[str, list[list[str | None]]]  # side → question → one letter (None: unparseable)
 
-    `ask`: one request → reply (default: the `openai` client on `options.url`; tests pass a fake).
-    Sides are "prediction" (tuned) and, when every row has one, "base_prediction"."""
-    has_base = all(isinstance(row.get("base_prediction"), str) for row in rows)
-    sides = ["prediction", "base_prediction"] if has_base else ["prediction"]
-    chats: list[list[dict[str, str]]] = []
 
-    def add(kind: str, **fields: str) -> int:
-        chats.append(messages(kind, **fields))
-        return len(chats) - 1
+def _add(chats: list[Chat], kind: str, **fields: str) -> int:
+    """Queue one judge request; its index in `chats`."""
+    chats.append(messages(kind, **fields))
+    return len(chats) - 1
 
-    pairs = []
-    for row in rows if has_base else []:
-        shared = {"question": row["question"], "reference": row["reference"]}
-        tuned, base = row["prediction"], row["base_prediction"]
-        pairs.append(
-            (add("pair", **shared, a=base, b=tuned), add("pair", **shared, a=tuned, b=base))
-        )
-    statements = [reference_items(row["reference"], options.max_statements) for row in rows]
-    facts = {
+
+def _item_requests(
+    chats: list[Chat],
+    kind: str,
+    sides: Sequence[str],
+    questions: Sequence[tuple[dict[str, Any], list[str]]],
+) -> dict[str, list[list[int]]]:
+    """One `kind` request per (side, question row, item): side → question → request indices."""
+    return {
         side: [
-            [add("fact", question=row["question"], answer=row[side], item=item) for item in items]
-            for row, items in zip(rows, statements, strict=True)
+            [_add(chats, kind, question=row["question"], answer=row[side], item=i) for i in items]
+            for row, items in questions
         ]
         for side in sides
     }
+
+
+def _rubric_questions(
+    rows: Sequence[dict[str, Any]], options: JudgeOptions
+) -> tuple[list[RubricEntry], list[tuple[RubricEntry, dict[str, Any]]]]:
+    """The rubric file's entries, and those whose question (by its text) is a predictions row."""
     entries = read_rubric(options.rubric) if options.rubric is not None else []
     by_question = {" ".join(row["question"].lower().split()): row for row in reversed(rows)}
     matched = [
@@ -188,26 +187,90 @@ def judge_rows(
             f"{options.rubric}: none of its {len(entries)} questions is among the predictions' "
             "questions (they are matched by their text)"
         )
-    criteria = {
-        side: [
-            [
-                add("rubric", question=row["question"], answer=row[side], item=i.text)
-                for i in e.items
-            ]
-            for e, row in matched
-        ]
-        for side in sides
+    return entries, matched
+
+
+def _verdicts(
+    replies: Sequence[Reply], requests: dict[str, list[list[int]]], letters: Sequence[str]
+) -> Verdicts:
+    return {
+        side: [[read_verdict(*replies[i], letters) for i in question] for question in questions]
+        for side, questions in requests.items()
     }
+
+
+def _fact_check(marks: Verdicts, statements: list[list[str]], options: JudgeOptions) -> FactCheck:
+    def shares(wanted: str) -> MetricCI:
+        per_side = {
+            side: [_share(q, wanted) for q in questions] for side, questions in marks.items()
+        }
+        return compare_scores(per_side["prediction"], per_side.get("base_prediction"), options.seed)
+
+    return FactCheck(
+        questions=len(statements),
+        statements=sum(map(len, statements)),
+        max_statements=options.max_statements,
+        unparseable=_unparseable(marks),
+        recall=shares("C"),
+        contradiction=shares("X"),
+    )
+
+
+def _rubric_scores(
+    met: Verdicts,
+    entries: list[RubricEntry],
+    matched: list[tuple[RubricEntry, dict[str, Any]]],
+    options: JudgeOptions,
+) -> RubricScores:
+    scores = {
+        side: [
+            None if None in q else rubric_score(entry.items, [m == "Y" for m in q])
+            for (entry, _), q in zip(matched, questions, strict=True)
+        ]
+        for side, questions in met.items()
+    }
+    return RubricScores(
+        file=str(options.rubric),
+        questions=len(matched),
+        unmatched=len(entries) - len(matched),
+        unparseable=_unparseable(met),
+        excluded=sum(score is None for side in scores.values() for score in side),
+        score=compare_scores(scores["prediction"], scores.get("base_prediction"), options.seed),
+    )
+
+
+def judge_rows(
+    rows: Sequence[dict[str, Any]],
+    options: JudgeOptions,
+    ask: Ask | None = None,
+    predictions: str = "",
+) -> JudgeResult:
+    """Pairwise, reference facts and (with `options.rubric`) the rubric, in one batch of requests.
+
+    `ask`: one request → reply (default: the `openai` client on `options.url`; tests pass a fake).
+    Sides are "prediction" (tuned) and, when every row has one, "base_prediction"."""
+    has_base = all(isinstance(row.get("base_prediction"), str) for row in rows)
+    sides = ["prediction", "base_prediction"] if has_base else ["prediction"]
+    chats: list[Chat] = []
+    pairs = []
+    for row in rows if has_base else []:
+        shared = {"question": row["question"], "reference": row["reference"]}
+        tuned, base = row["prediction"], row["base_prediction"]
+        pairs.append(
+            (
+                _add(chats, "pair", **shared, a=base, b=tuned),
+                _add(chats, "pair", **shared, a=tuned, b=base),
+            )
+        )
+    statements = [reference_items(row["reference"], options.max_statements) for row in rows]
+    facts = _item_requests(chats, "fact", sides, list(zip(rows, statements, strict=True)))
+    entries, matched = _rubric_questions(rows, options)
+    criteria = _item_requests(
+        chats, "rubric", sides, [(row, [i.text for i in entry.items]) for entry, row in matched]
+    )
 
     cache_path = options.cache or Path(predictions).parent / CACHE_NAME
     replies, sent = ask_all(chats, options, ask or openai_ask(options), cache_path)
-
-    def marks(indices: dict[str, list[list[int]]], letters: Sequence[str]) -> Any:
-        return {
-            side: [[read_verdict(*replies[i], letters) for i in question] for question in side_ids]
-            for side, side_ids in indices.items()
-        }
-
     result = JudgeResult(
         judge_model=options.model,
         judge_url=api_base(options.url),
@@ -224,39 +287,10 @@ def judge_rows(
         ]
         result.pairwise = summarize_pairs(letters, options.seed)
     if options.max_statements > 0:
-        fact = marks(facts, FACT_LETTERS)
-
-        def shares(wanted: str) -> MetricCI:
-            per_side = {side: [_share(q, wanted) for q in fact[side]] for side in sides}
-            return compare_scores(
-                per_side["prediction"], per_side.get("base_prediction"), options.seed
-            )
-
-        result.facts = FactCheck(
-            questions=len(rows),
-            statements=sum(map(len, statements)),
-            max_statements=options.max_statements,
-            unparseable=_unparseable(fact),
-            recall=shares("C"),
-            contradiction=shares("X"),
-        )
+        result.facts = _fact_check(_verdicts(replies, facts, FACT_LETTERS), statements, options)
     if matched:
-        met = marks(criteria, RUBRIC_LETTERS)
-        scores = {
-            side: [
-                None if None in q else rubric_score(entry.items, [m == "Y" for m in q])
-                for (entry, _), q in zip(matched, met[side], strict=True)
-            ]
-            for side in sides
-        }
-        result.rubric = RubricScores(
-            file=str(options.rubric),
-            questions=len(matched),
-            unmatched=len(entries) - len(matched),
-            unparseable=_unparseable(met),
-            excluded=sum(score is None for side in scores.values() for score in side),
-            score=compare_scores(scores["prediction"], scores.get("base_prediction"), options.seed),
-        )
+        met = _verdicts(replies, criteria, RUBRIC_LETTERS)
+        result.rubric = _rubric_scores(met, entries, matched, options)
     return result
 
 

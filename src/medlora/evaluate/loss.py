@@ -2,9 +2,8 @@
 
 Only answer positions go through the output layer: for a 49k-token vocabulary the logits of the
 prompt would cost more memory than the model itself, and they carry no score. The answer positions
-go through it in chunks of at most `CHUNK_ELEMENTS` logits: a batch of 24 demo examples held all
-its answer logits and their log-softmax at once: 2.46 GiB above the model, 0.45 GiB in chunks
-(same losses to the last bit, same time within noise).
+go through it in chunks of at most `CHUNK_ELEMENTS` logits, with the same losses to the last bit
+(the memory it saves: docs/benchmarks.md, "memory-budget").
 
 That shortcut is only taken where the model's logits are exactly `head(hidden)` (`has_plain_head`):
 Gemma 2 soft-caps them, Cohere and Granite scale them, so those (and any family not checked) go
@@ -21,10 +20,8 @@ from medlora.data.format import IGNORE_INDEX, Example, pad_batch
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in float32)
 # Padded tokens per forward pass on a CPU (a GPU's batch is eval.batch_size alone). Past a couple of
-# thousand tokens a CPU forward gets slower per token (the activations leave the cache): 48 demo
-# test answers took 1.15-1.25x as long at 24 per batch (~4k tokens) as at 8 (~1.4k tokens), and
-# with this cap the demo can answer 50 questions per `generate` call (docs/benchmarks.md,
-# "demo-eval").
+# thousand tokens a CPU forward gets slower per token (the activations leave the cache), and with
+# this cap the demo can answer 50 questions per `generate` call (docs/benchmarks.md, "demo-eval").
 CPU_BATCH_TOKENS = 2048
 # Families whose causal-LM forward is `logits = self.lm_head(hidden_states)` with nothing after it
 # (no soft-capping or logit scaling), checked in their transformers modeling files.
@@ -124,10 +121,8 @@ def _batches(
 def scoring_dtype(precision: str, device_type: str) -> Any:
     """The autocast dtype of `eval.precision` on this device: bf16, or None (model.dtype).
 
-    auto is bf16 where it runs natively (an AMX / AVX512-BF16 CPU, a bf16 GPU). On the demo's 100
-    unseen-source answers (AMX Xeon, 2 threads) bf16 scored base and tuned in 37-39 s against
-    71-89 s in fp32, and moved both losses by under 0.01 %: the change -7.797 % read -7.804 %
-    (docs/benchmarks.md, "demo-eval").
+    auto is bf16 where it runs natively (an AMX / AVX512-BF16 CPU, a bf16 GPU): faster there,
+    the losses nearly unmoved (docs/benchmarks.md, "demo-eval").
     """
     import torch
 

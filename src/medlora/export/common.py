@@ -15,20 +15,27 @@ FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_K", "q5_K_M", "q5_0", "q4_K_M", "q4_0")
 # What llama.cpp's converter writes itself; the others are quantized from its f16 output by
 # llama.cpp's quantizer. What each costs in answer loss and gains in speed on the demo model:
-# `python bench/inference.py` (docs/benchmarks.md, "gguf-types").
+# `python bench/inference.py` (docs/benchmarks.md, "inference").
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
-# `--gguf-type`'s default for export, serve and chat. q8_0: +0.1 % answer loss against the float
-# model and batch-invariant under llama.cpp's continuous batching (serve/fast_continuous.py; the
-# K-quants are not). q4_K_M decodes faster alone (1.19x with a GGUF LoRA on AVX-512, +1.8 % loss;
-# `python bench/inference.py`, docs/benchmarks.md "gguf-types"): give it for one-user serving.
+# `--gguf-type`'s default for export, serve and chat. q8_0: the float model's answer loss nearly
+# kept, and batch-invariant under llama.cpp's continuous batching (serve/llama_cpp_continuous.py; the
+# K-quants are not). q4_K_M decodes faster alone at a higher loss (docs/benchmarks.md,
+# "inference"): give it for one-user serving.
 DEFAULT_GGUF_TYPE = "q8_0"
 GGUF_TYPE_HELP = (
-    f"GGUF weights: {' | '.join(GGUF_TYPES)}; the default q8_0 is within 0.2 % of the float "
-    "model's answer loss and answers the same in continuous batches; q4_K_M is faster alone "
-    "(docs/benchmarks.md, gguf-types)."
+    f"GGUF weights: {' | '.join(GGUF_TYPES)}; the default q8_0 nearly keeps the float model's "
+    "answer loss and answers the same in continuous batches; q4_K_M is faster alone "
+    "(docs/benchmarks.md, inference)."
 )
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-PROVENANCE = ("recipe.yaml", "train_summary.json", "eval.json", "data_card.json")
+# Copied into the export's top folder; an older run kept its data card at RUN/data_card.json.
+PROVENANCE = (
+    "recipe.yaml",
+    "train_summary.json",
+    "eval.json",
+    "data/data_card.json",
+    "data_card.json",
+)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

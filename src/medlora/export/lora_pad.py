@@ -4,8 +4,8 @@ Why: llama.cpp's CPU backend multiplies a float LoRA A by the activations with i
 GEMM (tinyBLAS) when a decode step holds two or more tokens and with its per-row dot product when
 it holds one. The two sum in different orders, so a request's logits decoded beside others differ
 in the last bits from the same request alone, and the base's 8-bit activation rounding turns that
-into a different greedy token now and then: with the demo adapter on a q8_0 base, 5 of 8 rows
-decoded together parted from their single-request logits within 48 steps. tinyBLAS takes a float
+into a different greedy token now and then (with the demo adapter on a q8_0 base, within a few
+dozen steps: docs/benchmarks.md, "serve-load-llama.cpp"). tinyBLAS takes a float
 matrix only when its rows (here the rank) are a multiple of 4 (llama.cpp's
 ggml-cpu/llamafile/sgemm.cpp, `tinyBLAS::matmul`, llama-cpp-python 0.3.36), so a rank of 4 made 5
 keeps every step on the per-row product: the same rows then gave bit-identical logits alone and

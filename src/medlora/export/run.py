@@ -78,7 +78,7 @@ def export_run(
                     shutil.copy2(run / name, scratch / name)
         for name in PROVENANCE:
             if (run / name).is_file():
-                shutil.copy2(run / name, scratch / name)
+                shutil.copy2(run / name, scratch / Path(name).name)
         card = model_card(run, spec, merge, fmt, repo_id=str(out.resolve()))
         (scratch / "README.md").write_text(card, encoding="utf-8")
         copy_card_files(card, run, scratch)

@@ -1,8 +1,8 @@
 """What a run directory holds, read into typed results: the facts every card and page shows.
 
-Every figure comes from files in the run directory (recipe.yaml, train_summary.json, data_card.json,
-metrics.jsonl, charts/, eval.json, bench.json, compare.json, best.json); a missing file is None
-here, and the pages say which command produces it, never a made-up number.
+Every figure comes from files in the run directory (recipe.yaml, train_summary.json,
+data/data_card.json, metrics.jsonl, charts/, eval.json, bench.json, compare.json, best.json); a
+missing file is None here, and the pages say which command produces it, never a made-up number.
 """
 
 from __future__ import annotations
@@ -106,7 +106,10 @@ def collect(run_dir: str | os.PathLike[str], options: ReportOptions | None = Non
         run_dir=run,
         recipe=recipe,
         recipe_data=recipe_data,
-        data_card=read_optional(run / "data_card.json", DataCard) or DataCard(),
+        # RUN/data_card.json: the whole card of a run made before it moved into RUN/data.
+        data_card=read_optional(run / "data_card.json", DataCard)
+        or read_optional(run / "data" / "data_card.json", DataCard)
+        or DataCard(),
         train_summary=read_optional(run / "train_summary.json", TrainSummary) or TrainSummary(),
         metrics=metrics,
         eval=read_optional(options.eval_path or run / "eval.json", EvalResult),

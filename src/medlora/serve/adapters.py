@@ -194,7 +194,7 @@ class ServedModel:
 
 
 class AdapterHost(Protocol):
-    """Where hot-loaded adapters go: `ModelSet` (transformers) or `fast.GgufLoraHost` (llama.cpp).
+    """Where hot-loaded adapters go: `ModelSet` (transformers) or `llama_cpp.GgufLoraHost` (llama.cpp).
 
     `prepare` runs off the engine's thread (slow work: a conversion); `load` and `unload` run in it,
     between decode steps. `base` is a PyTorch module with the base's layers, for `check_shapes`."""
@@ -217,7 +217,7 @@ class ModelSet:
     products, a forward hook per LoRA layer) when every adapter is a plain LoRA; otherwise PEFT's
     own mixed-batch path (`LoraLayer._mixed_batch_forward`), with the rows' names handed to each
     layer by a pre-forward hook rather than PEFT's `model(..., adapter_names=...)`, which walks all
-    modules to add and remove hooks on every call (25-45 ms per decode step on SmolLM2-135M here).
+    modules to add and remove hooks on every call (docs/benchmarks.md, "serve-mixed-lora").
     Relies on PEFT internals: LoRA layers' `forward(x, adapter_names=)` keyword (peft 0.21).
     Loading and unloading happen in the engine's thread between decode steps (the scheduler runs
     them there), so no forward pass ever sees an adapter half-loaded.

@@ -28,7 +28,8 @@ from typing import Any
 
 from medlora.evaluate.generate import stop_token_ids
 from medlora.serve.adapters import ModelSet
-from medlora.serve.engine import MAX_TOP_LOGPROBS, Job, RowTracker, Sampling, TokenLogprob
+from medlora.serve.engine import Job, RowTracker
+from medlora.serve.token_rules import TokenRules
 
 
 class NotContinuous(Exception):
@@ -44,31 +45,7 @@ class Row:
     ids: list[int]  # prompt + generated so far: what repetition control looks at
     length: int  # this row's tokens in the cache (padding excluded): its next position
     next_token: int  # fed at the next decode step
-    processors: Any  # transformers LogitsProcessorList for this row's sampling
-    generator: Any  # torch.Generator when sampling, else None
-
-
-def row_processors(sampling: Sampling) -> Any:
-    """The logits processors `generate` would build for these settings, in its order."""
-    from transformers import (
-        LogitsProcessorList,
-        NoRepeatNGramLogitsProcessor,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    processors = LogitsProcessorList()
-    if sampling.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-    if sampling.no_repeat_ngram_size > 0:
-        processors.append(NoRepeatNGramLogitsProcessor(sampling.no_repeat_ngram_size))
-    if not sampling.greedy:
-        if sampling.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_p < 1.0:
-            processors.append(TopPLogitsWarper(sampling.top_p))
-    return processors
+    rules: TokenRules  # how this row picks its tokens (serve/token_rules.py)
 
 
 class ContinuousEngine:
@@ -117,19 +94,13 @@ class ContinuousEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        generator = None
-        if not job.sampling.greedy:
-            generator = torch.Generator(device=device)
-            seed = job.sampling.seed
-            generator.manual_seed(seed if seed is not None else torch.seed())
         row = Row(
             job=job,
             tracker=RowTracker(job, self.tokenizer, self.stops),
             ids=list(job.prompt_ids),
             length=len(job.prompt_ids),
             next_token=-1,
-            processors=row_processors(job.sampling),
-            generator=generator,
+            rules=TokenRules(job.sampling),
         )
         if self._take_token(row, out.logits[0, -1]):
             return
@@ -181,37 +152,10 @@ class ContinuousEngine:
 
     def _take_token(self, row: Row, logits: Any) -> bool:
         """Pick the row's next token from its logits; True when the row is finished."""
-        import torch
-
-        scores = logits.float()[None]
-        logprob = None
-        if row.job.sampling.top_logprobs is not None:
-            logprob = self._logprob(scores[0], row.job.sampling.top_logprobs)
-        if row.processors:
-            scores = row.processors(torch.tensor([row.ids], device=scores.device), scores)
-        if row.generator is None:
-            token = int(torch.argmax(scores[0]))
-        else:
-            probs = torch.softmax(scores[0], dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=row.generator))
-        if logprob is not None and logprob.token_id != token:
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            logprob = TokenLogprob(token, float(log_probs[token]), logprob.top)
+        token, logprob = row.rules.next_token(logits, row.ids)
         row.ids.append(token)
         row.next_token = token
         return row.tracker.push(token, logprob)
-
-    @staticmethod
-    def _logprob(scores: Any, top: int) -> TokenLogprob:
-        import torch
-
-        log_probs = torch.log_softmax(scores, dim=-1)
-        values, indices = torch.topk(log_probs, max(1, min(top, MAX_TOP_LOGPROBS)))
-        best = int(indices[0])
-        alternatives = tuple(
-            (int(i), float(v)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)
-        )
-        return TokenLogprob(best, float(values[0]), alternatives[:top])
 
     # --- the shared cache --------------------------------------------------------------------
 

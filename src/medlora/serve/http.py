@@ -1,5 +1,7 @@
-"""HTTP plumbing shared by every route: OpenAI's error shape, the API key, the body size limit.
+"""What every route shares: the server's state, OpenAI's error shape, the API key, the body limit.
 
+The state (`ServerState`: the served models, the limits, the queue) lives on `app.state.server`;
+a route asks for it with a `server: Server` parameter, so a router works on any app that holds one.
 Every error the server answers, its own or the framework's (no such route, wrong method, a body that
 is not JSON or not UTF-8, a schema violation), is `{"error": {"message", "type", "code", "param"}}`,
 the shape OpenAI's clients parse.
@@ -7,14 +9,60 @@ the shape OpenAI's clients parse.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-from typing import Any
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medlora.serve.loader import Served
+from medlora.serve.safety import Safety
+from medlora.serve.scheduler import Scheduler
+
+
+@dataclass
+class Limits:
+    """What the server allows a request; `ServeOptions.limits` fills it from `medlora serve`."""
+
+    api_key: str | None = None  # required as `Bearer KEY` on /v1 when set
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 512  # the most a request may ask for
+    default_max_tokens: int = 256  # when a request does not say
+    max_body_bytes: int = 256 * 1024
+    max_queue: int = 64
+    request_timeout_s: float = 120.0
+    log_prompts: bool = False
+    safety: Safety = field(default_factory=Safety)
+    allow_adapter_updates: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    adapter_root: Path | None = None  # hot-loaded adapters come from under this folder only
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the served models, the limits and the queue in front of the engine."""
+
+    served: Served
+    limits: Limits = field(default_factory=Limits)
+    scheduler: Scheduler = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))  # /v1/models' `created`
+    adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # names are taken atomically
+
+    def __post_init__(self) -> None:
+        self.scheduler = Scheduler(self.served.engine, max_queue=self.limits.max_queue)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+Server = Annotated[ServerState, Depends(server_state)]  # a route's `server: Server` parameter
 
 
 class APIError(HTTPException):
@@ -52,8 +100,9 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, "invalid_request"), 422)
 
 
-def check_api_key(request: Request, api_key: str | None) -> None:
+def require_key(request: Request, server: Server) -> None:
     """401 unless the request carries `Authorization: Bearer KEY` (or `api-key: KEY`)."""
+    api_key = server.limits.api_key
     if not api_key:
         return
     given = request.headers.get("authorization", "")

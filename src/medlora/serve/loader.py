@@ -183,7 +183,7 @@ def adapter_names(specs: list[AdapterSpec], base_id: str) -> list[tuple[str, Pat
 
 
 def _want_llama_cpp(engine: str, spec: str) -> bool:
-    from medlora.serve.fast import llama_cpp_available
+    from medlora.serve.llama_cpp import llama_cpp_available
 
     if engine == "llama.cpp":
         if not llama_cpp_available():
@@ -243,12 +243,12 @@ def _build_llama_cpp(
     """`adapters_as`: "lora" = one base GGUF of `gguf_type` plus each adapter as a GGUF LoRA, one
     request at a time, or batched continuously with `batching` "continuous" (opt-in: a greedy
     answer can then part from the same request alone after another row ends, see
-    serve/fast_continuous.py);
+    serve/llama_cpp_continuous.py);
     "merged" = each adapter merged into its own GGUF (the base: its shipped GGUF when it has one),
     one request at a time."""
     from medlora.export import base_gguf, cached_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
-    from medlora.serve.fast import GgufLoraHost, LlamaCppEngine
+    from medlora.serve.llama_cpp import GgufLoraHost, LlamaCppEngine
 
     models = _catalog(named, base_id, load_tokenizer(spec), with_base, prompt)
     first = next(iter(models.values()))
@@ -258,7 +258,7 @@ def _build_llama_cpp(
         }
         base = base_gguf(spec, gguf_type, shipped=False)
         if batching == "continuous" and patches.allowed("llama_cpp_continuous"):
-            from medlora.serve.fast_continuous import LlamaCppContinuous
+            from medlora.serve.llama_cpp_continuous import LlamaCppContinuous
 
             fast = LlamaCppContinuous(base, loras, first.tokenizer, threads, n_ctx, max_batch)
         else:  # one request at a time: the baseline bench/load_test.py measures against

@@ -50,12 +50,24 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
 
+    @property
+    def include_usage(self) -> bool:
+        """A stream ends with a usage chunk when `stream_options.include_usage` asks for one."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them (a `developer` message is a system one)."""
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": str(m.content)}
+            for m in self.messages
+        ]
 
 
 class CompletionRequest(GenerationRequest):

@@ -18,7 +18,8 @@ from typing import Any
 from medlora.errors import ConfigError
 from medlora.export.common import DEFAULT_GGUF_TYPE
 from medlora.serve.adapters import adapter_rank
-from medlora.serve.app import Limits, create_app
+from medlora.serve.app import create_app
+from medlora.serve.http import Limits
 from medlora.serve.loader import (
     Served,
     adapter_names,
@@ -176,8 +177,8 @@ def vllm_command(options: ServeOptions) -> list[str]:
 
 def vllm_environment(options: ServeOptions) -> dict[str, str]:
     """vLLM's environment: this one plus the API key; on a machine without CUDA, a KV cache of
-    VLLM_CPU_KVCACHE_SPACE GiB (default 1: left unset, vLLM's CPU build reserves most of the RAM;
-    it reached 22 of 24 GiB here)."""
+    VLLM_CPU_KVCACHE_SPACE GiB (default 1: left unset, vLLM's CPU build reserves most of the RAM,
+    docs/serving.md)."""
     import torch
 
     env = dict(os.environ)
@@ -199,11 +200,11 @@ def serve(options: ServeOptions, console: Any = None) -> int:
     console = console or Console()
     options.check()
     if options.engine == "vllm":
-        import subprocess
-
         command = vllm_command(options)
         console.print(f"starting: {' '.join(command)}", highlight=False)
-        return subprocess.call(command, env=vllm_environment(options))
+        # vLLM takes this process's place: a SIGTERM to `medlora serve` reaches vLLM itself (a
+        # child started with subprocess kept serving, orphaned, when medlora was terminated).
+        os.execvpe(command[0], command, vllm_environment(options))
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

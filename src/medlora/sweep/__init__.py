@@ -37,7 +37,6 @@ from medlora.sweep.plan import (
 )
 from medlora.sweep.run import (
     adapter_parameter_count,
-    prepare_shared_data,
     run_sweep,
     validation_loss,
 )
@@ -64,7 +63,6 @@ __all__ = [
     "markdown_table",
     "plan_sweep",
     "plot_sweep",
-    "prepare_shared_data",
     "recipe_value",
     "run_dir_name",
     "run_sweep",

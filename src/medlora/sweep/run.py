@@ -14,6 +14,7 @@ from typing import Any
 from medlora.config import Recipe
 from medlora.errors import ConfigError
 from medlora.io import write_json_atomic
+from medlora.results import TrainSummary
 from medlora.sweep.plan import (
     PER_RUN_DATA_KEYS,
     SweepPlan,
@@ -74,26 +75,6 @@ class _Bases:
         return sum(p.numel() for p in self.pristine.parameters())
 
 
-def prepare_shared_data(recipe: Recipe, out: Path, tokenizer: Any) -> Path:
-    """Split the data once for the whole sweep (the same validation set scores every run)."""
-    from medlora.data.format import token_counter
-    from medlora.data.prepare import prepare_data
-
-    d = recipe.data
-    prepare_data(
-        d.sources,
-        out,
-        column_map=d.map or None,
-        exclude=d.exclude,
-        strict=d.strict,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        count_tokens=token_counter(tokenizer, d.system_prompt),
-        hygiene=d.clean,
-    )
-    return out
-
-
 def validation_loss(
     recipe: Recipe, data_dir: Path, run_dir: Path, base: tuple[Any, Any]
 ) -> dict[str, Any] | None:
@@ -123,7 +104,7 @@ def validation_loss(
 
 
 def _row_for(
-    plan: SweepPlan, index: int, run_dir: Path, result: Any, val: dict[str, Any] | None
+    plan: SweepPlan, index: int, run_dir: Path, result: TrainSummary, val: dict[str, Any] | None
 ) -> dict[str, Any]:
     recipe = plan.recipes[index]
     return {
@@ -172,7 +153,7 @@ def run_sweep(
 
     from medlora.evaluate.unseen import score_run_unseen
     from medlora.models import check_quantization
-    from medlora.train import train
+    from medlora.train import prepare_run_data, train
 
     console = console or Console(stderr=True)
     plan = plan_sweep(recipe_path, overrides)
@@ -189,14 +170,9 @@ def run_sweep(
     base_params = bases.parameter_count()
     shared: Path | None = Path(prepared_dir) if prepared_dir else None
     if shared is None and plan.key not in PER_RUN_DATA_KEYS:
-        tokenizer = bases.tokenizer
-        if tokenizer is None:
-            from medlora.models import load_tokenizer
-
-            first = plan.recipes[0].model
-            tokenizer = load_tokenizer(first.name, first.revision, first.trust_remote_code)
+        # The data split once for the whole sweep: the same validation set scores every run.
         with console.status("preparing data once for all runs…"):
-            shared = prepare_shared_data(plan.recipes[0], out / "data", tokenizer)
+            shared = prepare_run_data(plan.recipes[0], out / "data", bases.tokenizer)
 
     sets = " ".join(f"--set {_quoted(item)}" for item in overrides)
     data = f"--data {prepared_dir} " if prepared_dir else ""
@@ -218,14 +194,15 @@ def run_sweep(
             console.rule(f"{label}{eta}")
             run_started = time.perf_counter()
             model, tokenizer = bases.fresh(recipe, training=True)
+            data_dir = shared or prepare_run_data(recipe, run_dir / "data", tokenizer)
             trained = train(
-                recipe, run_dir, prepared_dir=shared, model_and_tokenizer=(model, tokenizer)
+                recipe, run_dir, prepared_dir=data_dir, model_and_tokenizer=(model, tokenizer)
             )
             del model  # the adapted copy; the next run starts from the untouched base
             _free_memory()
             with console.status(f"{label}: scoring the validation split…"):
                 val = validation_loss(
-                    recipe, shared or run_dir / "data", run_dir, bases.fresh(recipe, training=False)
+                    recipe, data_dir, run_dir, bases.fresh(recipe, training=False)
                 )
             _free_memory()
             row = _row_for(plan, i, run_dir, trained, val)

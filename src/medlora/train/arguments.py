@@ -36,10 +36,8 @@ def resolve_precision(recipe: Recipe) -> Recipe:
 
 def hold_frozen_weights_in_bf16(model: Any, recipe: Recipe) -> Any:
     """CPU bf16 training: keep the frozen float32 base in bf16 (the LoRA weights stay float32:
-    peft's `autocast_adapter_dtype`). Under autocast alone every step re-casts all frozen
-    weights: 12 demo steps ran at 152 tokens/s either way, and at 209 with bf16 weights (1.32x,
-    peak RSS 0.82x; `medlora train smollm2-135m-cpu --set train.max_steps=12` A/B on an AMX
-    Xeon)."""
+    peft's `autocast_adapter_dtype`). Under autocast alone every step re-casts all frozen weights
+    (faster and smaller with bf16 weights: docs/benchmarks.md "CPU bf16: frozen base weights held in bf16")."""
     if recipe.train.precision != "bf16" or torch.cuda.is_available():
         return model
     if recipe.model.quantization != "none" or model.dtype != torch.float32:
@@ -58,10 +56,6 @@ def training_kwargs(recipe: Recipe, run_dir: Path, has_eval: bool) -> dict[str, 
             "(or bf16) on this machine"
         )
     report_to = [sink for sink in recipe.output.report_to if sink not in ("jsonl", "tensorboard")]
-    if t.packing or not t.group_by_length:
-        sampling = "random" if t.shuffle else "sequential"
-    else:
-        sampling = "group_by_length"
     return dict(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=t.epochs,
@@ -92,9 +86,8 @@ def training_kwargs(recipe: Recipe, run_dir: Path, has_eval: bool) -> dict[str, 
         seed=t.seed,
         data_seed=t.seed,
         # "sequential" keeps file order, for runs that must replay exactly (and the DDP test).
-        train_sampling_strategy=sampling,
+        train_sampling_strategy="random" if t.shuffle else "sequential",
         gradient_checkpointing=t.gradient_checkpointing,
-        torch_compile=t.compile,
         report_to=report_to or "none",
         project="medlora",
         run_name=run_dir.name,

@@ -1,11 +1,12 @@
 """Preference tuning (`train.method: dpo | orpo`) of medlora's LoRA adapter with TRL.
 
-train.train() calls `train_preference` when the recipe's method is not `sft`. The model is the same
-PEFT LoRA model as in SFT (or the adapter of an earlier run, `train.init_adapter`), trained with
-TRL's DPOTrainer or ORPOTrainer on (question, chosen, rejected) pairs rendered with the run's chat
-template and `data.system_prompt`, so prompts match SFT training and serving. The run directory
-gets what SFT writes (adapter, tokenizer files, recipe.yaml, metrics.jsonl through train.py's
-metrics callback, charts, data_card.json, train_summary.json), so eval/serve/export are unchanged.
+train/loop.py `train()` runs every method through one skeleton and one model builder; for dpo / orpo
+it takes the batches and trainer from `preference_fit` here. The model is the same PEFT LoRA model
+as in SFT (or the adapter of an earlier run, `train.init_adapter`), trained with TRL's DPOTrainer
+or ORPOTrainer on (question, chosen, rejected) pairs rendered with the run's chat template and
+`data.system_prompt`, so prompts match SFT training and serving. The run directory gets what SFT
+writes (adapter, tokenizer files, recipe.yaml, metrics.jsonl, charts, data_card.json,
+train_summary.json), so eval/serve/export are unchanged.
 
 Pairs come from train/preference_pairs.py.
 
@@ -17,7 +18,7 @@ Tested with TRL 1.16.0 (transformers 5.24, peft 0.21, torch 2.13). TRL internals
   worth of extra memory. The "ref" adapter is deleted before saving, so the run has one adapter.
 - ORPOTrainer and ORPOConfig live in `trl.experimental.orpo` (experimental API in TRL 1.x).
 - Both trainers merge their `rewards/*`, `logps/*`, ... metrics into the dict given to
-  `Trainer.log`, where train.py's metrics callback writes them to metrics.jsonl.
+  `Trainer.log`, where the metrics callback (train/callbacks.py) writes them to metrics.jsonl.
 - Batch keys for token counts: DPO `attention_mask`/`completion_mask` (chosen and rejected rows
   stacked), ORPO `{chosen,rejected}_attention_mask` / `{chosen,rejected}_labels`.
 - TRL's `disable_dropout` zeroes `nn.Dropout` modules only, so medlora's CPU FastDropout swap is not
@@ -38,22 +39,9 @@ from medlora.data.format import (
     build_messages,
     split_prompt_answer,
 )
+from medlora.data.records import Record
 from medlora.errors import TrainingError
-from medlora.io import write_json_atomic, write_text_atomic
-from medlora.train.arguments import (
-    hold_frozen_weights_in_bf16,
-    lora_config,
-    resolve_precision,
-    supported_arguments,
-    training_kwargs,
-)
-from medlora.train.callbacks import (
-    Checkpoints,
-    MetricsJsonl,
-    last_checkpoint,
-    resume_from,
-    tracking_callbacks,
-)
+from medlora.train.arguments import supported_arguments, training_kwargs
 from medlora.train.preference_pairs import (
     MIN_TRL,
     PreferencePair,
@@ -61,14 +49,10 @@ from medlora.train.preference_pairs import (
     self_generated_pairs,
 )
 from medlora.train.run_files import (
-    check_writable,
-    is_main_process,
-    load_or_prepare_splits,
+    Fit,
     process_state,
-    run_trainer,
+    run_callbacks,
     sample_training_records,
-    save_run_files,
-    train_result,
 )
 from medlora.train.trainer import LoraPlusOptimizer, NonFiniteLoss, RunState, TokenAndClockLogs
 
@@ -90,50 +74,22 @@ def _require_trl(method: str) -> None:
         )
 
 
-def _check_init_adapter(recipe: Recipe) -> Path | None:
-    spec = recipe.train.init_adapter
-    if spec is None:
-        return None
-    folder = Path(spec).expanduser()
-    if not (folder / "adapter_config.json").is_file():
+def check_preference_recipe(recipe: Recipe) -> Recipe:
+    """Fail in one line before any model is loaded (TRL missing or untested, no adapter at
+    `train.init_adapter`); the recipe without packing (an SFT batch layout: preference batches are
+    chosen/rejected rows, padded)."""
+    t = recipe.train
+    _require_trl(t.method)
+    folder = Path(t.init_adapter or ".").expanduser()
+    if t.init_adapter is not None and not (folder / "adapter_config.json").is_file():
         raise TrainingError(
-            f"train.init_adapter={spec}: no adapter_config.json there; give the run directory of "
-            "an earlier `medlora train` (e.g. the SFT run)"
+            f"train.init_adapter={t.init_adapter}: no adapter_config.json there; give the run "
+            "directory of an earlier `medlora train` (e.g. the SFT run)"
         )
-    return folder
-
-
-def _build_model(
-    recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None, init_adapter: Path | None
-) -> tuple[Any, Any]:
-    """The SFT LoRA model (no packing, no FastDropout), or the base plus `init_adapter`."""
-    import torch
-    from peft import PeftModel, get_peft_model
-
-    from medlora.families import family_of
-    from medlora.models import load_recipe_model
-    from medlora.train.kernels import run_kernels, use_kernels_after_lora, use_kernels_before_lora
-    from medlora.train.kernels.liger import check_liger
-
-    kernels = recipe.train.kernels
-    if kernels == "liger":  # before loading: a CPU run stops with one line
-        check_liger("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
-    family_of(model.config)  # a family the matrix has not proven stops here, in one line
-    model = hold_frozen_weights_in_bf16(model, recipe)
-    # No packing here; CPU bf16: attention backward in float32 (packed_attention).
-    # TRL switches dropout off and computes the loss itself (no fused head there).
-    plan = run_kernels(recipe, model, lora_dropout=False)
-    applied = use_kernels_before_lora(model, plan)
-    if init_adapter is not None:
-        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-    else:
-        model = get_peft_model(model, lora_config(recipe))
-    applied += use_kernels_after_lora(model, plan)
-    model.medlora_kernels = applied  # for the run's env.json
-    if recipe.train.gradient_checkpointing:
-        model.enable_input_require_grads()
-    return model, tokenizer
+    if t.preference_data != "self":
+        assert t.preference_data is not None  # the recipe validator requires it
+        load_preference_pairs(t.preference_data)  # a bad file: one line, now
+    return recipe.model_copy(update={"train": t.model_copy(update={"packing": False})})
 
 
 def _dataset_rows(
@@ -225,43 +181,46 @@ def _preference_args(config_cls: Any, recipe: Recipe, run_dir: Path) -> Any:
 # Training
 
 
-def train_preference(
+def preference_fit(
     recipe: Recipe,
     run_dir: Path,
-    *,
-    prepared_dir: str | Path | None = None,
-    resume: bool = False,
-    model_and_tokenizer: tuple[Any, Any] | None = None,
-) -> Any:
-    """DPO/ORPO on the recipe's LoRA adapter; the run directory looks like an SFT run's."""
-    import torch
-    from transformers import set_seed
+    model: Any,
+    tokenizer: Any,
+    splits: dict[str, list[Record]],
+    checkpoint: Path | None,
+) -> Fit:
+    """DPO / ORPO: the pairs (a file, or generated from the training split), and TRL's trainer with
+    medlora's token counts, clock, NaN stop and callbacks."""
+    from datasets import Dataset
 
-    recipe = resolve_precision(recipe)
-    t, d = recipe.train, recipe.data
-    # Fail in one line before any model is loaded.
-    _require_trl(t.method)
-    init_adapter = _check_init_adapter(recipe)
-    file_pairs: list[PreferencePair] | None = None
-    skipped: dict[str, int] = {}
-    if t.preference_data != "self":
-        assert t.preference_data is not None  # the recipe validator requires it
-        file_pairs, skipped = load_preference_pairs(t.preference_data)
-    check_writable(run_dir)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    set_seed(t.seed)
-    # Packing is an SFT batch layout: preference batches are chosen/rejected rows, padded.
-    recipe = recipe.model_copy(update={"train": t.model_copy(update={"packing": False})})
     t = recipe.train
-
-    model, tokenizer = _build_model(recipe, model_and_tokenizer, init_adapter)
-    card: dict[str, Any] = {}
-    preference: dict[str, Any] = {"method": t.method, "data": t.preference_data, "beta": t.beta}
-    if file_pairs is None:
-        splits, card = load_or_prepare_splits(
-            recipe, run_dir / "data", tokenizer, Path(prepared_dir) if prepared_dir else None
+    pairs, preference = _pairs(recipe, run_dir, model, tokenizer, splits)
+    config_cls, trainer_cls = _trl_classes(t.method)
+    run = RunState(stop_on_nan=t.stop_on_nan, loraplus_lr_ratio=t.loraplus_lr_ratio)
+    rows = _dataset_rows(t.method, tokenizer, pairs, recipe.data.system_prompt)
+    try:
+        trainer = _medlora_trainer(trainer_cls)(
+            model=model,
+            args=_preference_args(config_cls, recipe, run_dir),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=run_callbacks(recipe, run_dir, run),
+            run=run,
         )
+    except ValueError as error:  # TRL's own set-up checks (e.g. a LoRA on lm_head)
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise TrainingError(f"TRL refused train.method={t.method}: {first}") from None
+    card = {"preference": preference, "used": {"train": len(pairs), "validation": 0}}
+    return Fit(trainer, run, card, len(pairs), 0, advice="Lower train.lr or train.beta")
+
+
+def _pairs(
+    recipe: Recipe, run_dir: Path, model: Any, tokenizer: Any, splits: dict[str, list[Record]]
+) -> tuple[list[PreferencePair], dict[str, Any]]:
+    """The pairs to train on and what the data card says of them."""
+    t = recipe.train
+    preference: dict[str, Any] = {"method": t.method, "data": t.preference_data, "beta": t.beta}
+    if t.preference_data == "self":
         records, _, _ = sample_training_records(splits["train"], recipe)
         state = process_state()
         if state.device.type != "cpu" and next(model.parameters()).device.type == "cpu":
@@ -271,63 +230,18 @@ def train_preference(
             pairs, stats = self_generated_pairs(model, tokenizer, records, recipe, run_dir)
         preference.update(records=len(records), **stats)
     else:
-        pairs = file_pairs
+        assert t.preference_data is not None  # the recipe validator requires it
+        pairs, skipped = load_preference_pairs(t.preference_data)
         preference.update(skipped=skipped)
     if not pairs:
-        floor = recipe.train.self_pairs_min_repetition
+        floor = t.self_pairs_min_repetition
         why = (
             f"no generated answer repeats >= {floor} of its 4-grams; lower "
             "train.self_pairs_min_repetition or raise data.max_train_examples"
-            if floor and file_pairs is None
+            if floor and t.preference_data == "self"
             else "every generated answer equals its reference; use a preference file "
             "(train.preference_data=jsonl:PATH) instead"
         )
         raise TrainingError(f"no preference pair to train on: {why}")
     preference["pairs"] = len(pairs)
-    card["preference"] = preference
-    card["used"] = {"train": len(pairs), "validation": 0}
-    if is_main_process():
-        from medlora.train.environment import environment
-
-        write_json_atomic(run_dir / "env.json", environment(recipe, model).model_dump())
-        write_json_atomic(run_dir / "data_card.json", card)
-        write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-
-    from datasets import Dataset
-
-    config_cls, trainer_cls = _trl_classes(t.method)
-    run = RunState(stop_on_nan=t.stop_on_nan, loraplus_lr_ratio=t.loraplus_lr_ratio)
-    metrics_path = run_dir / "metrics.jsonl"
-    checkpoint = last_checkpoint(run_dir) if resume else None
-    resume_from(checkpoint, run, metrics_path)
-    try:
-        trainer = _medlora_trainer(trainer_cls)(
-            model=model,
-            args=_preference_args(config_cls, recipe, run_dir),
-            train_dataset=Dataset.from_list(
-                _dataset_rows(t.method, tokenizer, pairs, d.system_prompt)
-            ),
-            processing_class=tokenizer,
-            callbacks=[
-                MetricsJsonl(metrics_path),
-                Checkpoints(run, t.keep_best),
-                *tracking_callbacks(recipe, run_dir),
-            ],
-            run=run,
-        )
-    except ValueError as error:  # TRL's own set-up checks (e.g. a LoRA on lm_head)
-        first = (str(error).splitlines() or [type(error).__name__])[0]
-        raise TrainingError(f"TRL refused train.method={t.method}: {first}") from None
-    output, runtime = run_trainer(trainer, checkpoint, run_dir, "Lower train.lr or train.beta")
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if "ref" in getattr(unwrapped, "peft_config", {}):
-        unwrapped.delete_adapter("ref")  # DPO's frozen reference copy: not part of the result
-    save_run_files(trainer, tokenizer, run_dir)
-    result = train_result(trainer, run, run_dir, len(pairs), 0, output, runtime)
-    if not trainer.is_world_process_zero():
-        return result
-    from medlora.train.charts import plot_training_charts
-
-    plot_training_charts(metrics_path, run_dir / "charts")
-    write_json_atomic(run_dir / "train_summary.json", result.to_dict())
-    return result
+    return pairs, preference

@@ -190,8 +190,8 @@ def attach_quality_callback(
     e = recipe.eval
     benchmark = None
     if e.during_training_every and e.during_training_benchmark:
-        from medlora.evaluate.benchmarks import load_benchmark
         from medlora.evaluate.harness import task_units
+        from medlora.evaluate.multiple_choice_sets import load_benchmark
 
         bench = load_benchmark(e.during_training_benchmark, e.during_training_benchmark_data)
         items = sample_records(bench.items, e.during_training_benchmark_limit, recipe.data.seed)

@@ -1,13 +1,14 @@
 """The run directory's side of training, shared by SFT (train/loop.py) and preference tuning
-(train/preference.py): splits in, the records to train on, adapter files and train_summary.json out,
-and the one-line errors a stopped run gives. Only the main process writes (torchrun / accelerate).
+(train/preference.py): the recipe's data prepared (by the commands), the records to train on, the
+run's files written before and after fitting, and the one-line errors a stopped run gives. Only the
+main process writes (torchrun / accelerate).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,18 @@ from medlora.data.canaries import (
 from medlora.data.format import token_counter
 from medlora.data.hygiene import drop_repetitive
 from medlora.data.mix import training_records
-from medlora.data.prepare import load_splits, prepare_data
+from medlora.data.prepare import prepare_data
 from medlora.data.records import Record
 from medlora.errors import TrainingError
-from medlora.io import move_files_atomic
-from medlora.train.callbacks import last_checkpoint
+from medlora.io import move_files_atomic, write_json_atomic, write_text_atomic
+from medlora.results import TrainSummary, write_result
+from medlora.train.callbacks import Checkpoints, MetricsJsonl, last_checkpoint, tracking_callbacks
+from medlora.train.charts import plot_training_charts
+from medlora.train.environment import environment
 from medlora.train.trainer import NonFiniteLoss, RunState, peak_memory
+
+DATA_CARD = "data_card.json"  # beside the splits; a run's own is RUN/data/data_card.json
+METRICS = "metrics.jsonl"
 
 
 def process_state() -> Any:
@@ -45,56 +52,67 @@ def is_main_process() -> bool:
     return bool(process_state().is_main_process)
 
 
+def prepare_run_data(recipe: Recipe, data_dir: Path, tokenizer: Any = None) -> Path:
+    """The recipe's `data:` sources read, cleaned and split into `data_dir` (what `medlora data
+    prepare` writes), for `medlora train` / `sweep` / `demo` without `--data`; token lengths with
+    `tokenizer` (default: the recipe model's). Under torchrun the main process prepares; the others
+    wait for it."""
+    from medlora.models import load_tokenizer
+
+    d, m = recipe.data, recipe.model
+    check_writable(data_dir.parent)  # the run (or sweep) folder: one line before any work
+    tokenizer = tokenizer or load_tokenizer(m.name, m.revision, m.trust_remote_code)
+    state = process_state()
+    with state.main_process_first():
+        if state.is_main_process:
+            prepare_data(
+                d.sources,
+                data_dir,
+                column_map=d.map or None,
+                exclude=d.exclude,
+                strict=d.strict,
+                val_fraction=d.val_fraction,
+                test_fraction=d.test_fraction,
+                count_tokens=token_counter(tokenizer, d.system_prompt),
+                hygiene=d.clean,
+            )
+    return data_dir
+
+
+def uses_splits(recipe: Recipe) -> bool:
+    """Whether a run reads prepared splits: SFT, and preference pairs the model makes itself."""
+    return recipe.train.method == "sft" or recipe.train.preference_data == "self"
+
+
+def read_data_card(data_dir: Path) -> dict[str, Any]:
+    """The card `prepare_data` wrote beside the splits ({} when there is none)."""
+    path = data_dir / DATA_CARD
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 @dataclass
-class TrainResult:
-    run_dir: Path
+class Fit:
+    """One method's part of a run (SFT: loop.py, DPO/ORPO: preference.py), ready for `train`'s
+    skeleton to write the run's files, train, and save."""
+
+    trainer: Any
+    run: RunState
+    card: dict[str, Any]  # what the run used: merged into the data card
     train_examples: int
     val_examples: int
-    steps: int
-    train_loss: float | None
-    eval_loss: float | None
-    runtime_s: float
-    tokens_per_s: float
-    trained_tokens: int
-    train_seconds: float = 0.0
-    peak_rss_mb: float | None = None
-    peak_gpu_memory_mb: float | None = None
-    # tokens_per_batch: auto — what was measured and chosen (medlora.train.memory.RowChoice)
-    row_choice: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
-        data["run_dir"] = str(self.run_dir)
-        return data
+    advice: str  # what to change when the loss stops being finite
+    trained: list[Record] = field(default_factory=list)  # the real records (trained_ids.json)
+    canaries: list[Canary] = field(default_factory=list)
+    row_choice: dict[str, Any] | None = None  # tokens_per_batch: auto, what was measured
 
 
-def load_or_prepare_splits(
-    recipe: Recipe, data_dir: Path, tokenizer: Any, prepared_dir: Path | None = None
-) -> tuple[dict[str, list[Record]], dict[str, Any]]:
-    """Read splits written by `medlora data prepare`, or prepare them now into `data_dir`."""
-    source_dir = prepared_dir or data_dir
-    state = process_state()
-    # Under torchrun the main process prepares the splits; the others wait, then read them.
-    with state.main_process_first():
-        if prepared_dir is None and state.is_main_process:
-            _prepare(recipe, data_dir, tokenizer)
-    card_path = source_dir / "data_card.json"
-    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
-    return load_splits(source_dir), card
-
-
-def _prepare(recipe: Recipe, data_dir: Path, tokenizer: Any) -> None:
-    prepare_data(
-        recipe.data.sources,
-        data_dir,
-        column_map=recipe.data.map or None,
-        exclude=recipe.data.exclude,
-        strict=recipe.data.strict,
-        val_fraction=recipe.data.val_fraction,
-        test_fraction=recipe.data.test_fraction,
-        count_tokens=token_counter(tokenizer, recipe.data.system_prompt),
-        hygiene=recipe.data.clean,
-    )
+def run_callbacks(recipe: Recipe, run_dir: Path, run: RunState) -> list[Any]:
+    """metrics.jsonl, the best-K checkpoints and the recipe's trackers (every method)."""
+    return [
+        MetricsJsonl(run_dir / METRICS),
+        Checkpoints(run, recipe.train.keep_best),
+        *tracking_callbacks(recipe, run_dir),
+    ]
 
 
 def sample_training_records(
@@ -202,32 +220,6 @@ def unwritable_error(error: OSError, run_dir: Path) -> TrainingError:
     )
 
 
-def train_result(
-    trainer: Any,
-    run: RunState,
-    run_dir: Path,
-    train_examples: int,
-    val_examples: int,
-    output: Any,
-    runtime: float,
-) -> TrainResult:
-    """What `train_summary.json` holds (SFT and preference runs alike)."""
-    seconds = run.train_seconds()
-    return TrainResult(
-        run_dir=run_dir,
-        train_examples=train_examples,
-        val_examples=val_examples,
-        steps=trainer.state.global_step,
-        train_loss=output.training_loss,
-        eval_loss=None,
-        runtime_s=round(runtime, 2),
-        train_seconds=round(seconds, 2),
-        tokens_per_s=round(run.counter.tokens_seen / max(seconds, 1e-9), 2),
-        trained_tokens=run.counter.answer_tokens_seen,
-        **peak_memory(),
-    )
-
-
 def run_trainer(
     trainer: Any, checkpoint: Path | None, run_dir: Path, advice: str
 ) -> tuple[Any, float]:
@@ -243,3 +235,54 @@ def run_trainer(
     except OSError as error:
         raise unwritable_error(error, run_dir) from None
     return output, time.perf_counter() - start
+
+
+def write_run_start(run_dir: Path, recipe: Recipe, model: Any, data_dir: Path, fit: Fit) -> None:
+    """Before fitting: env.json, the run's one data card (RUN/data/data_card.json: the prepared
+    card plus what this run used; a shared `--data` folder is left as it is), trained_ids.json /
+    canaries.json for `medlora audit`, and the resolved recipe.yaml."""
+    facts = environment(recipe, model)
+    card = {**read_data_card(data_dir), **fit.card}
+    card["attention"] = facts.run.attention if facts.run else None
+    if not is_main_process():
+        return
+    write_json_atomic(run_dir / "env.json", facts.model_dump())
+    write_json_atomic(run_dir / "data" / DATA_CARD, card)
+    (run_dir / DATA_CARD).unlink(missing_ok=True)  # where an older version kept the run's card
+    if fit.trained:
+        write_audit_files(run_dir, fit.trained, data_dir, fit.canaries)
+    write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+
+
+def finish_run(
+    fit: Fit, run_dir: Path, tokenizer: Any, output: Any, runtime: float
+) -> TrainSummary:
+    """After fitting: the final validation loss, the adapter and tokenizer saved, the charts and
+    train_summary.json."""
+    trainer = fit.trainer
+    eval_loss = trainer.evaluate()["eval_loss"] if fit.val_examples else None
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(unwrapped, "peft_config", {}):
+        unwrapped.delete_adapter("ref")  # DPO's frozen reference copy: not part of the result
+    save_run_files(trainer, tokenizer, run_dir)
+    seconds = fit.run.train_seconds()
+    memory = peak_memory()
+    summary = TrainSummary(
+        run_dir=str(run_dir),
+        train_examples=fit.train_examples,
+        val_examples=fit.val_examples,
+        steps=trainer.state.global_step,
+        train_loss=output.training_loss,
+        eval_loss=eval_loss,
+        runtime_s=round(runtime, 2),
+        tokens_per_s=round(fit.run.counter.tokens_seen / max(seconds, 1e-9), 2),
+        trained_tokens=fit.run.counter.answer_tokens_seen,
+        train_seconds=round(seconds, 2),
+        peak_rss_mb=memory.get("peak_rss_mb"),
+        peak_gpu_memory_mb=memory.get("peak_gpu_memory_mb"),
+        row_choice=fit.row_choice,
+    )
+    if trainer.is_world_process_zero():
+        plot_training_charts(run_dir / METRICS, run_dir / "charts")
+        write_result(run_dir / "train_summary.json", summary)
+    return summary

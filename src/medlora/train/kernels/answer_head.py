@@ -32,9 +32,9 @@ from medlora.data.format import IGNORE_INDEX
 from medlora.evaluate.loss import has_plain_head
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk on GPUs (128 MiB in float32): big GEMMs, bounded memory
-# On a CPU, chunks of 256 answer positions: with SmolLM2's 49k vocabulary the head plus its loss ran
-# 35 % faster in bf16 than with 682-row (2^25-logit) chunks and 9 % slower in float32, and the float32
-# logits scratch kept between steps shrinks from 128 to 48 MiB (multiple of 64: see `_head_rows`).
+# On a CPU, chunks of 256 answer positions: with SmolLM2's 49k vocabulary faster in bf16 than
+# 682-row (2^25-logit) chunks, a little slower in float32, and a smaller float32 logits scratch
+# kept between steps (multiple of 64: see `_head_rows`; docs/benchmarks.md, "engine-step").
 CPU_CHUNK_ROWS = 256
 # Unlikelihood's p(candidate) is clamped here, so -log(1 - p) stays finite.
 UL_MAX_PROB = 1 - 1e-5
@@ -229,8 +229,8 @@ def _logits_buffer(rows: int, vocab: int, device: Any) -> Any:
     """A float32 (rows x vocab) scratch for the chunks' logits, softmaxed in place.
 
     On CPU a fresh vocabulary-sized tensor is a fresh mmap, paid again in page faults on every
-    step (measured: the head and loss 28% slower than with this buffer kept between steps), so
-    the CPU buffer is kept; on GPUs the caching allocator already reuses memory.
+    step (slower: docs/benchmarks.md, "engine-step"), so the CPU buffer is kept; on GPUs the
+    caching allocator already reuses memory.
     """
     import torch
 
@@ -261,6 +261,111 @@ def _head_rows(positions: int, weight: Any) -> tuple[int, int]:
     return max(1, min(positions, CHUNK_ELEMENTS // weight.shape[0])), 1
 
 
+def _chunk_inputs(
+    hidden: Any, targets: Any, weight: Any, width_multiple: int
+) -> tuple[Any, Any, Any]:
+    """A chunk's hidden states in the head's dtype, which rows are trained, and the targets (0 where
+    not trained), padded with untrained zero rows to a multiple of `width_multiple`."""
+    import torch
+    import torch.nn.functional as F
+
+    valid = targets != IGNORE_INDEX
+    safe = torch.where(valid, targets, 0)
+    if weight.dtype != torch.float32 and hidden.dtype != weight.dtype:
+        # bf16 frozen weights after a float32 norm (CPU bf16): the head's dtype leads.
+        hidden = hidden.to(weight.dtype)
+    if width_multiple > 1:
+        # CPU bf16 matmuls keep a kernel per shape (data/pack.py row_width_multiple).
+        pad = _round_up(len(hidden), width_multiple) - len(hidden)
+        hidden = F.pad(hidden, (0, 0, 0, pad))
+        valid, safe = F.pad(valid, (0, pad)), F.pad(safe, (0, pad))
+    return hidden, valid, safe
+
+
+def _chunk_cross_entropy(
+    buffer: Any, chunk: Any, weight: Any, safe: Any, valid: Any
+) -> tuple[Any, Any, Any]:
+    """The chunk's summed cross-entropy, its logits and each row's softmax denominator. The logits
+    (chunk @ weight.T, in the float32 scratch `buffer`) are left as exp(logits - row max), so
+    dividing them by the denominator gives the softmax."""
+    import torch
+
+    logits = buffer[: len(chunk)]
+    if chunk.dtype == torch.float32 and weight.dtype == torch.float32:
+        torch.mm(chunk, weight.t(), out=logits)
+    else:
+        logits.copy_(chunk @ weight.t())
+    picked = logits.gather(1, safe[:, None]).squeeze(1)
+    peak = logits.amax(dim=-1, keepdim=True)
+    norm = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+    log_norm = (peak + norm.log()).squeeze(1)
+    return ((log_norm - picked) * valid).sum(), logits, norm
+
+
+def _chunk_unlikelihood(probs: Any, ids: Any, mask: Any, alpha: float, needs_grad: bool) -> Any:
+    """alpha * sum_c -log(1 - p(c)) over the chunk's candidates; with `needs_grad` its gradient in
+    the logits, sum_c w_c (one_hot(c) - p) with w_c = alpha p(c) / (1 - p(c)), is added to the
+    softmax `probs` in place."""
+    import torch
+    import torch.nn.functional as F
+
+    if len(ids) < len(probs):  # the bf16 padding rows: no candidates
+        ids = F.pad(ids, (0, 0, 0, len(probs) - len(ids)))
+        mask = F.pad(mask, (0, 0, 0, len(probs) - len(mask)))
+    p = probs.gather(1, ids)
+    clamped = p.clamp(max=UL_MAX_PROB)
+    term = alpha * -(torch.log1p(-clamped) * mask).sum()
+    if needs_grad:
+        # Zero past the clamp, like autograd through `clamp`.
+        w = alpha * p / (1 - clamped) * (mask & (p <= UL_MAX_PROB))
+        probs.mul_(1 - w.sum(dim=1, keepdim=True)).scatter_add_(1, ids, w)
+    return term
+
+
+def _head_loss_and_grads(
+    hidden: Any,
+    weight: Any,
+    targets: Any,
+    candidates: tuple[Any, Any] | None,
+    alpha: float,
+    needs_hidden: bool,
+    needs_weight: bool,
+) -> tuple[Any, Any, Any]:
+    """The fused head's summed loss and its gradients in `hidden` and `weight` (None where not
+    needed), chunk by chunk (`_head_cross_entropy` says what is summed)."""
+    import torch
+
+    needs_grad = needs_hidden or needs_weight
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+    rows, width_multiple = _head_rows(hidden.shape[0], weight)
+    buffer = _logits_buffer(_round_up(rows, width_multiple), weight.shape[0], hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        part = slice(start, start + rows)
+        chunk, valid, safe = _chunk_inputs(hidden[part], targets[part], weight, width_multiple)
+        if not bool(valid.any()):
+            continue
+        loss, logits, norm = _chunk_cross_entropy(buffer, chunk, weight, safe, valid)
+        total += loss
+        if not (needs_grad or candidates is not None):
+            continue
+        probs = logits.div_(norm)  # softmax, in place
+        if candidates is not None:
+            ids, mask = candidates
+            total += _chunk_unlikelihood(probs, ids[part], mask[part], alpha, needs_grad)
+        if not needs_grad:
+            continue
+        # d CE / d logits = softmax - one_hot(target), zero for untrained rows; in place.
+        probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0
+        grad_logits = probs.mul_(valid[:, None]).to(chunk.dtype)
+        if needs_hidden:
+            grad_hidden[part] = (grad_logits @ weight)[: len(hidden[part])]
+        if needs_weight:
+            grad_weight += (grad_logits.t() @ chunk).float()
+    return total, grad_hidden, grad_weight
+
+
 @functools.cache  # built on first use: importing this module does not import torch
 def _head_cross_entropy() -> Any:
     import torch
@@ -271,9 +376,7 @@ def _head_cross_entropy() -> Any:
         sum_c -log(1 - p_t(c)).
 
         The gradient is computed in the forward, chunk by chunk (softmax minus one-hot, times the
-        weight), so no vocabulary-sized tensor outlives its chunk; backward only scales it. The
-        unlikelihood term's gradient in the logits is sum_c w_c (one_hot(c) - p) with
-        w_c = alpha p(c) / (1 - p(c)), added to the same chunk in place.
+        weight), so no vocabulary-sized tensor outlives its chunk; backward only scales it.
         """
 
         @staticmethod
@@ -286,67 +389,12 @@ def _head_cross_entropy() -> Any:
             candidate_mask: Any = None,
             alpha: float = 0.0,
         ) -> Any:
-            needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            needs_grad = needs_hidden or needs_weight
-            unlikelihood = candidate_ids is not None and alpha > 0
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
-            rows, width_multiple = _head_rows(hidden.shape[0], weight)
-            buffer = _logits_buffer(_round_up(rows, width_multiple), weight.shape[0], hidden.device)
-            for start in range(0, hidden.shape[0], rows):
-                chunk = hidden_chunk = hidden[start : start + rows]
-                chunk_targets = targets[start : start + rows]
-                valid = chunk_targets != IGNORE_INDEX
-                if not bool(valid.any()):
-                    continue
-                safe = torch.where(valid, chunk_targets, 0)
-                logits = buffer[: len(chunk)]
-                if weight.dtype != torch.float32 and chunk.dtype != weight.dtype:
-                    # bf16 frozen weights after a float32 norm (CPU bf16): the head's dtype leads.
-                    chunk = chunk.to(weight.dtype)
-                if width_multiple > 1:
-                    # CPU bf16 matmuls keep a kernel per shape (data/pack.py row_width_multiple):
-                    # pad the answer count to a multiple of 64 with ignored zero rows.
-                    width = _round_up(len(chunk), width_multiple)
-                    chunk = torch.nn.functional.pad(chunk, (0, 0, 0, width - len(chunk)))
-                    valid = torch.nn.functional.pad(valid, (0, width - len(valid)))
-                    safe = torch.nn.functional.pad(safe, (0, width - len(safe)))
-                    logits = buffer[:width]
-                if chunk.dtype == torch.float32 and weight.dtype == torch.float32:
-                    torch.mm(chunk, weight.t(), out=logits)
-                else:
-                    logits.copy_(chunk @ weight.t())
-                picked = logits.gather(1, safe[:, None]).squeeze(1)
-                peak = logits.amax(dim=-1, keepdim=True)
-                norm = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
-                log_norm = (peak + norm.log()).squeeze(1)
-                total += ((log_norm - picked) * valid).sum()
-                if not (needs_grad or unlikelihood):
-                    continue
-                probs = logits.div_(norm)  # softmax, in place
-                if unlikelihood:
-                    ids = candidate_ids[start : start + rows]
-                    mask = candidate_mask[start : start + rows]
-                    if len(ids) < len(probs):  # the bf16 padding rows: no candidates
-                        ids = torch.nn.functional.pad(ids, (0, 0, 0, len(probs) - len(ids)))
-                        mask = torch.nn.functional.pad(mask, (0, 0, 0, len(probs) - len(mask)))
-                    p = probs.gather(1, ids)
-                    clamped = p.clamp(max=UL_MAX_PROB)
-                    total += alpha * -(torch.log1p(-clamped) * mask).sum()
-                    if needs_grad:
-                        # Zero past the clamp, like autograd through `clamp`.
-                        w = alpha * p / (1 - clamped) * (mask & (p <= UL_MAX_PROB))
-                        probs.mul_(1 - w.sum(dim=1, keepdim=True)).scatter_add_(1, ids, w)
-                if not needs_grad:
-                    continue
-                # d CE / d logits = softmax - one_hot(target), zero for ignored rows; in place.
-                probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0
-                grad_logits = probs.mul_(valid[:, None]).to(chunk.dtype)
-                if needs_hidden:
-                    grad_hidden[start : start + rows] = (grad_logits @ weight)[: len(hidden_chunk)]
-                if needs_weight:
-                    grad_weight += (grad_logits.t() @ chunk).float()
+            with_ul = candidate_ids is not None and alpha > 0
+            candidates = (candidate_ids, candidate_mask) if with_ul else None
+            needs_hidden, needs_weight = ctx.needs_input_grad[:2]
+            total, grad_hidden, grad_weight = _head_loss_and_grads(
+                hidden, weight, targets, candidates, alpha, needs_hidden, needs_weight
+            )
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
             return total
@@ -355,13 +403,10 @@ def _head_cross_entropy() -> Any:
         def backward(ctx: Any, grad_total: Any) -> tuple[Any, ...]:
             grad_hidden, grad_weight = ctx.saved_tensors
             scale = grad_total.to(torch.float32)
-            return (
-                None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
-                None,
-                None,
-                None,
-                None,
-            )
+            if grad_hidden is not None:
+                grad_hidden = grad_hidden * scale.to(grad_hidden.dtype)
+            if grad_weight is not None:
+                grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
+            return grad_hidden, grad_weight, None, None, None, None
 
     return _HeadCrossEntropy

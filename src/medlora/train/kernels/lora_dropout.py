@@ -79,7 +79,7 @@ class _KeepAndScale(torch.autograd.Function):
 class _DroppedLinear(torch.autograd.Function):
     """(x * keep * scale) @ weight.T, keeping x itself and the one-byte mask, not the dropped
     copy. (Keeping a seed instead of the mask and drawing it again in the backward saved another
-    byte per element, but the demo's training steps took ~25 % longer: docs/benchmarks.md,
+    byte per element, but the demo's training steps took longer: docs/benchmarks.md,
     `memory-breakdown-fp32`.)"""
 
     @staticmethod

@@ -125,11 +125,11 @@ def _needs_float32(query: Any, key: Any, value: Any) -> bool:
 
     torch 2.13's CPU flash-attention backward in bf16 keeps memory for every sequence length it
     meets (freed memory is not the cause: malloc_trim does not return it; it looks like a
-    per-shape kernel cache). 72 distinct lengths of 40-253 tokens with SmolLM2's heads grew RSS by
-    420 MiB, and ran 4.4x slower than float32 (1.32 vs 0.30 s, AMX Xeon). Packed rows bring a new
-    length with nearly every example, so a bf16 run's RSS climbed step after step past
-    `train.max_memory_gb` (tests/test_packed_attention.py checks it stays flat). Forward-only
-    calls (evaluation, generation) grew ~0.3 MiB per length and stay in bf16.
+    per-shape kernel cache), and it ran slower than float32 (docs/benchmarks.md,
+    "memory-breakdown-bf16"). Packed rows bring a new length with nearly every example, so a bf16
+    run's RSS climbed step after step past `train.max_memory_gb` (tests/test_packed_attention.py
+    checks it stays flat). Forward-only calls (evaluation, generation) grow far less and stay in
+    bf16.
     """
     import torch
 
@@ -149,9 +149,9 @@ def _float32_recomputed() -> Any:
         """`attend(q, k, v)` in float32 for bf16 inputs, saving the bf16 inputs only.
 
         Autograd through a float32 SDPA keeps float32 copies of q, k, v plus the float32 output
-        (180 KB per token on SmolLM2, the largest item of a bf16 step's saved activations,
-        `bench/memory_breakdown.py`). This keeps the bf16 q, k, v (56 KB) and runs the float32
-        forward again inside the backward: exact (no dropout), for one more attention forward.
+        (once the largest item of a bf16 step's saved activations). This keeps the bf16 q, k, v
+        only and runs the float32 forward again inside the backward: exact (no dropout), for one
+        more attention forward (docs/benchmarks.md, "memory-breakdown-bf16").
         """
 
         @staticmethod
@@ -195,10 +195,9 @@ def _attend_runs(
 
     A run of b examples of n tokens is a (b, heads, n, d) view of the row, so it takes a single
     causal SDPA call with the key/value heads shared in the kernel (`enable_gqa`); the outputs are
-    concatenated straight into the (1, T, heads, d) layout the output projection reads. Measured
-    on CPU against the per-example loop (SmolLM2 heads, fwd+bwd per layer): 4 x 256 tokens
-    24.5 -> 20.9 ms, 3 x 256 + 200 + 56 tokens 23.7 -> 21.8 ms; rows without a run stay on the
-    loop, which is faster there (28.7 vs 30.9 ms for six distinct lengths).
+    concatenated straight into the (1, T, heads, d) layout the output projection reads. On a CPU
+    it is faster than the per-example loop where a run exists; rows without one stay on the loop,
+    which is faster there (docs/benchmarks.md, "engine-step").
     """
     import torch
     import torch.nn.functional as F

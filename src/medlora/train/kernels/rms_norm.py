@@ -8,13 +8,12 @@ needs only the input gradient, which has a closed form:
     x̂ = x·r,  r = 1/sqrt(mean(x²) + eps),  y = w·x̂
     dx = r·(w·dy) - x · r³ · mean(w·dy·x)
 
-`FrozenRMSNorm` computes the forward in three passes and that gradient in four. On this
-project's 2-core CPU, one SmolLM2 norm over a 1024-token row took 7.0 ms forward plus backward
-stock and 2.9 ms this way, and the whole training step about 2.5% less (interleaved A/B on the
-`engine-step` rows; the model has 61 norms). `use_fast_rms_norm` switches a
-model's norms to it in place: the module keeps its class (a subclass), weight and state dict.
-Norms with a trainable weight take the stock forward. bf16 inputs (CPU bf16 training) are normalized
-in float32 like the stock norm's, and saved in bf16 (see `FrozenRMSNorm`).
+`FrozenRMSNorm` computes the forward in three passes and that gradient in four: faster than the
+stock norm on a CPU, and so the training step (docs/benchmarks.md, "engine-step").
+`use_fast_rms_norm` switches a model's norms to it in place: the module keeps its class (a
+subclass), weight and state dict. Norms with a trainable weight take the stock forward. bf16 inputs
+(CPU bf16 training) are normalized in float32 like the stock norm's, and saved in bf16 (see
+`FrozenRMSNorm`).
 
 Used: CPU training, SFT and preference (train/loop.py and train/preference.py `build_model`).
 Relies on transformers' RMSNorm modules by class name (`STOCK_NAMES`) and their `weight` /
@@ -41,8 +40,8 @@ class FrozenRMSNorm(torch.autograd.Function):
 
     A bf16 (or fp16) input is normalized in float32 and rounded back before the weight, as the
     stock norm does, but saved for the backward in its own dtype: the stock norm's autograd keeps
-    a float32 copy of every norm input, 2.3 KB per token per norm on SmolLM2 (a sixth of what a
-    bf16 step saves, `bench/memory_breakdown.py`); this keeps 1.15 KB.
+    a float32 copy of every norm input; this keeps half of that (docs/benchmarks.md,
+    "memory-breakdown-bf16").
     """
 
     @staticmethod

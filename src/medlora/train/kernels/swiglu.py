@@ -3,9 +3,8 @@
 Llama-style MLPs compute `down(silu(gate(x)) * up(x))`. Autograd through the stock modules keeps
 three (tokens x intermediate) tensors per layer for the backward: silu's input (gate), and both
 factors of the product (silu(gate) and up). `SiluMul` keeps gate and up only and recomputes
-silu(gate) in the backward, one extra elementwise pass per layer. On SmolLM2 (intermediate 1536,
-30 layers) that is 90 KB less per bf16 token, 180 KB per float32 token, and the MLP's share of a
-step's saved activations drops by a third (`bench/memory_breakdown.py`). liger-kernel's SwiGLU
+silu(gate) in the backward, one extra elementwise pass per layer: one (tokens x intermediate)
+tensor less per layer (docs/benchmarks.md, "memory-breakdown-bf16"). liger-kernel's SwiGLU
 does the same on CUDA with Triton; it does not run on a CPU, hence this file.
 
 Used: CPU training, SFT and preference (train/loop.py and train/preference.py `build_model`).

@@ -4,20 +4,20 @@ The same scheduler contract as the transformers engine's (serve/continuous.py: `
 `active`): each request is its own llama.cpp sequence; a new request is prefilled, then joins the
 decode steps; a finished one leaves at once (its cache cells are retired, see below). llama.cpp
 applies LoRA adapters per context, not per sequence, and switching a context's adapters re-plans
-its compute graph (measured: 4 models mixed in one context decoded at 0.75x one model's speed), so
+its compute graph (slower than one model per context: docs/benchmarks.md, "serve-load-llama.cpp"), so
 each served model gets its own context (created at its first request) on the one model in memory:
 a decode step runs one `llama_decode` per model in use, over that model's rows.
 
 Written here on llama.cpp's C API (llama-cpp-python's ctypes bindings, tested with 0.3.36:
 `llama_batch_init`, `llama_decode`, `llama_get_logits_ith`, `llama_memory_seq_rm`,
 `llama_set_adapters_lora`), because llama-cpp-python's `Llama` decodes one sequence at a time.
-Measured on SmolLM2-135M q8_0, 2 cores: 8 rows decode 3.2x the tokens/s of one.
+How decode speed grows with rows: docs/benchmarks.md, "llama-cpp-rows".
 
 Tokens are picked from llama.cpp's logits with transformers' rules (serve/token_rules.py), as in
-the one-sequence engine (serve/fast.py).
+the one-sequence engine (serve/llama_cpp.py).
 
 Opt-in (`--batching continuous`; `auto` keeps llama.cpp at one request at a time): it pays off
-under many users, while one user is served a little slower by it (below) in ~1.2x the memory, and
+under many users, while one user is served a little slower by it (below) in more memory, and
 K-quant bases are not batch-invariant. Three causes made a greedy answer part from the same
 request's answer alone, each measured and fixed (docs/benchmarks.md, "serve-load-llama.cpp"):
 - LoRA products, fixed: llama.cpp multiplies a float LoRA A by a batch with its llamafile GEMM and
@@ -34,8 +34,8 @@ request's answer alone, each measured and fixed (docs/benchmarks.md, "serve-load
   no running row. Retired cells count against `n_ctx` until then, so under unbroken traffic a
   context now and then admits nothing until its running rows finish. Measured under 32 clients
   (docs/benchmarks.md, "serve-load-llama.cpp"): every answer equal to the same request alone,
-  where freed cells gave 52 of 128, for fewer tokens/s than with freed cells (a second context per
-  model, to admit while the first drains, was measured and gave no more tokens/s for +190 MB).
+  where freed cells gave fewer, for fewer tokens/s than with freed cells (a second context per
+  model, to admit while the first drains, gave no more tokens/s for more memory).
 - Attention paths (ggml-cpu's `ggml_compute_forward_flash_attn_ext_f16`, llama-cpp-python
   0.3.36): its plain kernel gives each query row all of the context's cells in order and skips the
   masked ones, so a row's sum is the same whoever else holds cells. Two other kernels are not: one
@@ -43,10 +43,9 @@ request's answer alone, each measured and fixed (docs/benchmarks.md, "serve-load
   (`GGML_FA_TILE_Q`) a tiled one (masked cells inside its tiles). Both are kept off, alone and in
   company alike: a step with one row over 256+ cells gets a throwaway second token (`step`), and
   prompts are prefilled in chunks of 2 to 63 tokens (`prefill_chunks`). `max_batch` stays under 63
-  for the same reason. Measured on one request alone (`bench/llama_cpp_plain_attention.py`, SmolLM2
-  q8_0 + LoRA, 2 AVX2 cores): a 247-token prompt's first token takes 1.17x as long as in one piece,
-  and a lone row past 256 cells decodes at 0.64x with the spare token (44.8 against 70.2 tokens/s);
-  rows in company take neither kernel anyway.
+  for the same reason. What that costs one request alone (a long prompt's first token, a lone row's
+  decode past 256 cells): docs/benchmarks.md, "llama-cpp-plain-attention"; rows in company take
+  neither kernel anyway.
 
 Each context has `n_ctx` cache cells, shared by its running requests (llama.cpp allocates and
 clears them when the context is made). A request is admitted when its prompt plus
@@ -66,8 +65,8 @@ from medlora.errors import ModelError
 from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
 from medlora.serve.engine import Job, RowTracker
-from medlora.serve.fast import PREFILL_BATCH, WARM_PROMPT, load_lora, set_lora
-from medlora.serve.token_rules import new_rng, next_token
+from medlora.serve.llama_cpp import PREFILL_BATCH, WARM_PROMPT, load_lora, set_lora
+from medlora.serve.token_rules import TokenRules
 
 # ggml-cpu's flash attention tiles 64+ query rows (GGML_FA_TILE_Q in ggml-cpu/common.h, 0.3.36)
 # and splits one query row's cells across threads from 512 cells (256 rounded up by llama.cpp's
@@ -107,7 +106,7 @@ class Sequence:
     ids: list[int]  # prompt + answer so far: what repetition control looks at
     cells: int  # prompt + max_new_tokens, reserved at admission
     next_token: int = -1
-    rng: np.random.Generator | None = None  # when sampling (token_rules.new_rng)
+    rules: TokenRules | None = None  # set when the row starts
 
 
 class LlamaCppContinuous:
@@ -305,8 +304,8 @@ class LlamaCppContinuous:
             tracker = RowTracker(job, self.tokenizer, self.stops)
             seq = context.free_seqs.pop()
             row = Sequence(job, tracker, context, seq, list(job.prompt_ids), cells)
+            row.rules = TokenRules(job.sampling)
             context.cells_used += cells
-            row.rng = new_rng(job.sampling)
             ids = job.prompt_ids
             try:
                 for start, end in prefill_chunks(len(ids)):
@@ -323,7 +322,8 @@ class LlamaCppContinuous:
 
     def _take(self, row: Sequence, logits: np.ndarray) -> bool:
         """Pick the row's next token; True when the row is finished (or cancelled)."""
-        token, logprob = next_token(logits, row.job.sampling, row.ids, row.rng)
+        assert row.rules is not None
+        token, logprob = row.rules.next_token(logits, row.ids)
         row.ids.append(token)
         row.next_token = token
         return row.tracker.push(token, logprob)

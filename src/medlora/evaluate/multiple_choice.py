@@ -10,9 +10,9 @@ from pydantic import BaseModel
 
 from medlora.data.sample import sample_records
 from medlora.errors import ConfigError, DataError
-from medlora.evaluate.benchmarks import KINDS, TASKS, load_benchmark
 from medlora.evaluate.generate import adapter_disabled, adapter_merged
 from medlora.evaluate.harness import score_items, task_units
+from medlora.evaluate.multiple_choice_sets import KINDS, TASKS, load_benchmark
 from medlora.results import BenchResult, TaskScores, write_result
 
 

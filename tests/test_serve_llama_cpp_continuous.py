@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medlora.serve.fast_continuous import TILED_ATTENTION_ROWS, prefill_chunks
+from medlora.serve.llama_cpp_continuous import TILED_ATTENTION_ROWS, prefill_chunks
 
 
 @pytest.mark.parametrize("n", [1, 2, 62, 63, 64, 65, 126, 127, 200, 1000])

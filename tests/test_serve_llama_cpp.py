@@ -18,7 +18,7 @@ from medlora.config import recipe_from_dict
 from medlora.evaluate.generate import generate_answers
 from medlora.export import export_run, llama_cpp_tools_dir
 from medlora.models import SMOLLM2_ALIAS
-from medlora.serve.fast import llama_cpp_available
+from medlora.serve.llama_cpp import llama_cpp_available
 
 TOOLS = llama_cpp_tools_dir()
 pytestmark = [
@@ -86,7 +86,7 @@ def test_gguf_export_has_model_and_card(smollm2_run: dict[str, Any]) -> None:
 def test_llama_cpp_answers_match_transformers(smollm2_run: dict[str, Any]) -> None:
     from medlora.models import load_model
     from medlora.serve.engine import Job, Sampling
-    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.llama_cpp import LlamaCppEngine
     from medlora.serve.loader import run_system_prompt
     from medlora.serve.prompt import conversation_ids
 
@@ -113,8 +113,8 @@ def test_llama_cpp_logprobs_are_the_models_on_both_engines(smollm2_run: dict[str
     from medlora.export import base_gguf, cached_gguf_lora
     from medlora.models import load_model
     from medlora.serve.engine import Job, Sampling
-    from medlora.serve.fast import LlamaCppEngine
-    from medlora.serve.fast_continuous import LlamaCppContinuous
+    from medlora.serve.llama_cpp import LlamaCppEngine
+    from medlora.serve.llama_cpp_continuous import LlamaCppContinuous
     from medlora.serve.prompt import conversation_ids
 
     export = smollm2_run["export"]
@@ -150,7 +150,7 @@ def test_q4_0_export_is_smaller_and_still_answers(
 ) -> None:
     from medlora.models import load_model
     from medlora.serve.engine import Job, Sampling
-    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.llama_cpp import LlamaCppEngine
     from medlora.serve.prompt import conversation_ids
 
     q4 = export_run(smollm2_run["run"], tmp_path / "q4", fmt="gguf", gguf_type="q4_0")
@@ -235,7 +235,7 @@ def test_one_base_gguf_with_gguf_loras_answers_like_transformers_per_request(
     from medlora.export import base_gguf, cached_gguf_lora
     from medlora.models import load_model
     from medlora.serve.engine import Job, Sampling
-    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.llama_cpp import LlamaCppEngine
     from medlora.serve.loader import run_system_prompt
     from medlora.serve.prompt import conversation_ids
 
@@ -277,7 +277,7 @@ def test_hot_load_and_unload_on_llama_cpp_loras(
     from medlora.export import base_gguf, cached_gguf_lora
     from medlora.serve.app import Limits, create_app
     from medlora.serve.engine import Job, Sampling
-    from medlora.serve.fast import LlamaCppEngine
+    from medlora.serve.llama_cpp import LlamaCppEngine
     from medlora.serve.loader import build_engine, run_system_prompt
     from medlora.serve.prompt import conversation_ids
 
@@ -359,14 +359,14 @@ def test_continuous_llama_cpp_mixes_adapters_and_answers_as_the_one_request_engi
     (each model its own context on the one base); a short request finishes while long ones still
     run. Every greedy answer equals the one-request engine's: q8_0's integer dot products, the GGUF
     LoRA's padded rank (export/lora_pad.py) and a finished row's cells kept until its context is
-    idle (serve/fast_continuous.py) keep each row's logits the same as alone. With a run's
+    idle (serve/llama_cpp_continuous.py) keep each row's logits the same as alone. With a run's
     repetition settings too: both engines pick by transformers' rules (serve/token_rules.py), where
     the one-request engine once used llama.cpp's sampler and answered otherwise."""
     from medlora.export import base_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
     from medlora.serve.engine import Job
-    from medlora.serve.fast import LlamaCppEngine
-    from medlora.serve.fast_continuous import LlamaCppContinuous
+    from medlora.serve.llama_cpp import LlamaCppEngine
+    from medlora.serve.llama_cpp_continuous import LlamaCppContinuous
 
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
     loras = {"tuned": cached_gguf_lora(smollm2_run["run"], SMOLLM2_ALIAS), "base": None}
@@ -410,7 +410,7 @@ def test_continuous_llama_cpp_answers_long_requests_as_alone(smollm2_run: dict[s
     from medlora.export import base_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
     from medlora.serve.engine import Job
-    from medlora.serve.fast_continuous import SPLIT_ATTENTION_CELLS, LlamaCppContinuous
+    from medlora.serve.llama_cpp_continuous import SPLIT_ATTENTION_CELLS, LlamaCppContinuous
 
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
     loras = {"tuned": cached_gguf_lora(smollm2_run["run"], SMOLLM2_ALIAS), "base": None}

@@ -13,7 +13,7 @@ from helpers import lora_on_q_v, tiny_records
 from medlora.data.format import format_records
 from medlora.data.pack import collate_packed, pack_rows
 from medlora.models import load_model
-from medlora.train.kernels import answer_head as answer_loss
+from medlora.train.kernels import answer_head
 from medlora.train.kernels.answer_head import answer_loss_sum, output_head
 
 
@@ -52,7 +52,7 @@ def test_fused_head_loss_equals_materialised_logits(
             if "lora_B" in name:  # non-zero B, so the LoRA A gradients are not all zero
                 param.data.normal_(0, 0.1)
     if chunk_rows is not None:  # several chunks, some of them holding no answer token at all
-        monkeypatch.setattr(answer_loss, "CHUNK_ELEMENTS", chunk_rows * model.config.vocab_size)
+        monkeypatch.setattr(answer_head, "CHUNK_ELEMENTS", chunk_rows * model.config.vocab_size)
     model.train()  # the tiny Llama has no dropout: both passes see the same function
     batch = _packed_batch(tokenizer)
     assert output_head(model) is not None
@@ -125,9 +125,9 @@ def test_fused_head_with_bf16_weights_on_cpu_equals_float32(
     hidden = torch.randn(37, weight.shape[1])  # not a multiple of 64
     targets = torch.randint(0, 12, (37,))  # few distinct tokens: unlikelihood has candidates
     targets[::5] = -100
-    ids, mask = answer_loss.unlikelihood_candidates(targets[None], torch.arange(37))
+    ids, mask = answer_head.unlikelihood_candidates(targets[None], torch.arange(37))
     assert int(mask.sum()) > 10
-    fused = answer_loss._head_cross_entropy()
+    fused = answer_head._head_cross_entropy()
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         h = hidden.clone().requires_grad_()
@@ -206,19 +206,19 @@ def test_cpu_head_scratch_stays_at_256_rows_for_any_number_of_answer_tokens(
     # The float32 logits scratch is kept between steps: with 682-row chunks it held 128 MiB on
     # SmolLM2's vocabulary; 256-row chunks hold 48 MiB and ran faster in bf16.
     torch.manual_seed(0)
-    answer_loss._CPU_BUFFER.clear()
+    answer_head._CPU_BUFFER.clear()
     weight = (torch.randn(500, 32) * 0.3).to(dtype)
     hidden = torch.randn(600, 32).to(dtype).requires_grad_()
     targets = torch.randint(0, 500, (600,))
     targets[::7] = -100
-    total = answer_loss._head_cross_entropy().apply(hidden, weight, targets)
+    total = answer_head._head_cross_entropy().apply(hidden, weight, targets)
     total.backward()
     expected_hidden = hidden.detach().float().requires_grad_()
     expected = torch.nn.functional.cross_entropy(
         expected_hidden @ weight.float().t(), targets, ignore_index=-100, reduction="sum"
     )
     expected.backward()
-    assert answer_loss._CPU_BUFFER["logits"].shape[0] <= answer_loss.CPU_CHUNK_ROWS == 256
+    assert answer_head._CPU_BUFFER["logits"].shape[0] <= answer_head.CPU_CHUNK_ROWS == 256
     tolerance = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(total.float(), expected.detach(), **tolerance)
     torch.testing.assert_close(hidden.grad.float(), expected_hidden.grad, **tolerance)

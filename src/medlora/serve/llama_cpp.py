@@ -10,7 +10,7 @@ Two ways to serve adapters (`LlamaCppEngine.with_loras` / `LlamaCppEngine(ggufs)
 
 One sequence at a time (`max_batch = 1`): llama-cpp-python's `Llama` holds one KV cache. Each job
 starts from an empty cache, so an answer never depends on which request came before it. Many
-sequences at once, opt-in: serve/fast_continuous.py. Tokens are picked from llama.cpp's logits with
+sequences at once, opt-in: serve/llama_cpp_continuous.py. Tokens are picked from llama.cpp's logits with
 transformers' rules (serve/token_rules.py), as in the continuous engine and the transformers
 engines, not by llama.cpp's sampler chain (its repetition penalty sees only the last 64 tokens).
 
@@ -35,7 +35,7 @@ from medlora.evaluate.generate import stop_token_ids
 from medlora.machine import default_threads
 from medlora.serve.adapters import AdapterError
 from medlora.serve.engine import Job, RowTracker
-from medlora.serve.token_rules import new_rng, next_token
+from medlora.serve.token_rules import TokenRules
 
 
 def load_lora(model: Any, path: Path | None) -> Any:
@@ -116,7 +116,7 @@ class LlamaCppEngine:
                 n_ubatch=PREFILL_BATCH,
                 n_threads=self.threads,
                 n_threads_batch=self.threads,
-                # Fused attention: ≈10-25% faster prefill and decode on CPU (measured, SmolLM2 q8_0).
+                # Fused attention: faster prefill and decode on CPU (docs/benchmarks.md, "inference").
                 flash_attn=flash_attn,
                 verbose=False,
             )
@@ -183,17 +183,16 @@ class LlamaCppEngine:
 
     def _run(self, job: Job) -> None:
         llm, adapter = self._routes[job.model]
-        sampling = job.sampling
         row = RowTracker(job, self.tokenizer, self.stops)
         if job.cancelled.is_set():
             row.finish("cancelled")
             return
         self._use(llm, adapter)
         llm.reset()  # no prefix reuse: the same prompt always gets the same computation
-        ids, rng = list(job.prompt_ids), new_rng(sampling)
+        ids, rules = list(job.prompt_ids), TokenRules(job.sampling)
         llm.eval(ids)  # the prompt in pieces of PREFILL_BATCH; logits of its last token
         while True:
-            token, logprob = next_token(last_logits(llm), sampling, ids, rng)
+            token, logprob = rules.next_token(last_logits(llm), ids)
             ids.append(token)
             if row.push(token, logprob):
                 break
@@ -211,7 +210,7 @@ class GgufLoraHost:
     """
 
     def __init__(self, engine: Any, spec: str) -> None:
-        """`engine`: LlamaCppEngine with LoRAs, or fast_continuous.LlamaCppContinuous."""
+        """`engine`: LlamaCppEngine with LoRAs, or llama_cpp_continuous.LlamaCppContinuous."""
         self.engine = engine
         self.spec = spec
         self._base: Any = None

@@ -1,7 +1,7 @@
 """Medical multiple-choice sets (PubMedQA, MMLU medical, MedMCQA, MedQA) read from local files.
 
 Bad rows are counted and skipped (or refused with `strict`); nothing is downloaded. Scoring lives in
-`evaluate/harness.py` (lm-evaluation-harness) and the run + summary in `evaluate/bench.py`.
+`evaluate/harness.py` (lm-evaluation-harness) and the run + summary in `evaluate/multiple_choice.py`.
 """
 
 from __future__ import annotations
