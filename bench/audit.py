@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import DOC, update_section  # noqa: E402
 
-from medlora.evaluate.audit_text import audit_markdown  # noqa: E402
 from medlora.evaluate.memorization import AUDIT_FILE, run_audit  # noqa: E402
+from medlora.report.audit import audit_markdown  # noqa: E402
 
 
 def main() -> None:

@@ -123,16 +123,16 @@ def main() -> None:
     from transformers.generation.streamers import BaseStreamer
 
     from medlora.evaluate.generate import generate_answers
+    from medlora.evaluate.heldout import run_recipe
     from medlora.models import load_model, prepare_tokenizer
     from medlora.serve.adapters import ModelSet
     from medlora.serve.engine import StaticEngine
     from medlora.serve.llama_cpp import llama_cpp_available
-    from medlora.serve.loader import run_system_prompt
     from medlora.serve.prompt import conversation_ids
 
     torch.set_num_threads(args.threads)
     run = args.run or default_run()
-    system = run_system_prompt(run)
+    system = run_recipe(run).data.system_prompt
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(run))
     ids = conversation_ids(tokenizer, [{"role": "user", "content": CASE}], system)
     n_new = args.new_tokens
@@ -226,7 +226,8 @@ def main() -> None:
     if llama_cpp_available():
         from medlora.evaluate.gguf_loss import gguf_answer_loss
         from medlora.evaluate.loss import score_examples
-        from medlora.export import base_gguf, cached_gguf, cached_gguf_lora
+        from medlora.export.gguf import base_gguf, cached_gguf_lora
+        from medlora.export.run import cached_gguf
         from medlora.serve.llama_cpp import LlamaCppEngine
 
         lora = cached_gguf_lora(run, SPEC)

@@ -40,12 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import DOC, update_section  # noqa: E402
 
 from medlora.evaluate.heldout import run_recipe  # noqa: E402
-from medlora.evaluate.judge import (  # noqa: E402
-    JudgeOptions,
-    judge_markdown,
-    judge_rows,
-    read_predictions,
-)
+from medlora.evaluate.judge import JudgeOptions, judge_rows, read_predictions  # noqa: E402
+from medlora.report.judge import judge_markdown  # noqa: E402
 from medlora.results import write_result  # noqa: E402
 
 FILES = {"unseen": "predictions_unseen.jsonl", "test": "predictions_test.jsonl"}

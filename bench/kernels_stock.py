@@ -99,7 +99,7 @@ def main() -> None:
     lines += [
         "",
         f"medlora / stock: **{speed:.2f}x** the tokens/s at **{memory:.2f}x** the peak RSS; mean "
-        f"training loss {loss_gap:+.1e} relative (LoRA dropout draws other masks: FastDropout).",
+        f"training loss {loss_gap:+.1e} relative.",
     ]
     update_section("kernels-stock", "\n".join(lines))
     print("\n".join(lines))

@@ -23,7 +23,7 @@ import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
 from _markdown import update_section
 
 import medlora.serve.llama_cpp_continuous as continuous
-from medlora.export import base_gguf, cached_gguf_lora
+from medlora.export.gguf import base_gguf, cached_gguf_lora
 from medlora.models import SMOLLM2_ALIAS, load_tokenizer
 from medlora.serve.engine import Job, Sampling
 from medlora.serve.prompt import conversation_ids

@@ -22,7 +22,7 @@ from pathlib import Path
 import _shared  # noqa: F401  (MEDLORA_DATA_DIR: ../shared/datasets, as in make)
 from _markdown import update_section
 
-from medlora.export import base_gguf, cached_gguf_lora
+from medlora.export.gguf import base_gguf, cached_gguf_lora
 from medlora.models import SMOLLM2_ALIAS, load_tokenizer
 from medlora.serve.llama_cpp_continuous import LlamaCppContinuous
 

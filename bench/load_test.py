@@ -145,7 +145,7 @@ def start_medlora(
 def start_llama_server(adapters: list[str], extra: list[str], args: argparse.Namespace) -> Server:
     from transformers import AutoTokenizer
 
-    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.export.gguf import base_gguf, cached_gguf_lora
 
     port = free_port()
     named = [a.split("=", 1) for a in adapters]

@@ -22,7 +22,7 @@ sys.path.insert(0, str(BENCH))
 from _markdown import DOC, update_section  # noqa: E402
 
 from medlora.cli import BUNDLED_RECIPES  # noqa: E402
-from medlora.sweep import markdown_table, run_sweep  # noqa: E402
+from medlora.sweep import markdown, run_sweep, runs_table  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
         + f" --out {args.out}`). Everything but the rank is the bundled recipe (all linear layers, "
         "alpha 16, lr 5e-4, packed rows); the same examples and validation split for every rank. "
         "Validation loss: token-weighted answer-token loss of the saved adapter.\n\n"
-        f"{markdown_table(result)}\n\n"
+        f"{markdown(runs_table(result))}\n\n"
         f"Spread of validation loss across ranks: {spread:.4f}. Train times vary with the shared "
         "machine's load (every run does the same work but for the adapter size).\n\n"
         f"![validation loss vs LoRA rank]({plot.name})\n"

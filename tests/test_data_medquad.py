@@ -41,7 +41,7 @@ def test_full_checkout_has_the_readme_counts(
     # README: 14,656 answered <QAPair>s; the legacy NINDS files add 16 more real pairs.
     assert len(records) - len(legacy) == 14_656
     assert len(legacy) == 16
-    assert report.records == len(records) == 14_672
+    assert len(records) == 14_672
     assert report.skipped["answerless_collection"] == 3
     for name in ("10_MPlus_ADAM_QA", "11_MPlusDrugs_QA", "12_MPlusHerbsSupplements_QA"):
         assert any(w.startswith(name) for w in report.warnings)

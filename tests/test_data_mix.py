@@ -12,7 +12,7 @@ import pytest
 
 from medlora.cli import BUNDLED_RECIPES
 from medlora.config import load_recipe, recipe_from_dict
-from medlora.data.mix import mix_records, source_group, tag_source_group, training_records
+from medlora.data.mix import source_group, tag_source_group, training_records
 from medlora.data.prepare import load_splits, prepare_data
 from medlora.data.records import Record
 from medlora.data.sources import load_source
@@ -41,14 +41,14 @@ def _write_jsonl(path: Path, prefix: str, count: int, answer_words: int) -> str:
     return f"jsonl:{path}"
 
 
-# --- mix_records -------------------------------------------------------------------------------
+# --- training_records: mixing by weight ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("total", [80, 81, 7])
 def test_weights_give_the_requested_shares(total: int) -> None:
     records = _records("big", 100) + _records("mid", 30) + _records("small", 10)
     weights = {"big": 2.0, "mid": 1.0, "small": 1.0}
-    mixed, stats = mix_records(records, weights, total, seed=3)
+    mixed, stats = training_records(records, weights, total, seed=3)
 
     assert len(mixed) == total
     drawn = Counter(source_group(r) for r in mixed)
@@ -56,13 +56,17 @@ def test_weights_give_the_requested_shares(total: int) -> None:
         assert abs(drawn[group] - total * weight / 4) <= 1, (group, drawn)
         assert stats["groups"][group]["drawn"] == drawn[group]
     # Same seed, same draw (and order); another seed draws differently.
-    assert [r.id for r in mix_records(records, weights, total, seed=3)[0]] == [r.id for r in mixed]
-    assert [r.id for r in mix_records(records, weights, total, seed=4)[0]] != [r.id for r in mixed]
+    assert [r.id for r in training_records(records, weights, total, seed=3)[0]] == [
+        r.id for r in mixed
+    ]
+    assert [r.id for r in training_records(records, weights, total, seed=4)[0]] != [
+        r.id for r in mixed
+    ]
 
 
 def test_unweighted_groups_weigh_one_and_total_defaults_to_the_split() -> None:
     records = _records("a", 40) + _records("b", 20)
-    mixed, stats = mix_records(records, {"a": 1.0}, None, seed=0)
+    mixed, stats = training_records(records, {"a": 1.0}, None, seed=0)
     assert len(mixed) == 60
     assert Counter(source_group(r) for r in mixed) == {"a": 30, "b": 30}
     assert stats["groups"]["b"]["weight"] == 1.0
@@ -70,7 +74,7 @@ def test_unweighted_groups_weigh_one_and_total_defaults_to_the_split() -> None:
 
 def test_upsampling_repeats_a_small_source_and_says_so() -> None:
     records = _records("big", 100) + _records("small", 10)
-    mixed, stats = mix_records(records, {"big": 1.0, "small": 1.0}, 50, seed=0)
+    mixed, stats = training_records(records, {"big": 1.0, "small": 1.0}, 50, seed=0)
 
     small = Counter(r.id for r in mixed if source_group(r) == "small")
     assert len(small) == 10 and sum(small.values()) == 25
@@ -84,7 +88,7 @@ def test_upsampling_repeats_a_small_source_and_says_so() -> None:
 
 def test_a_weight_for_a_source_with_no_training_records_is_explained() -> None:
     with pytest.raises(DataError, match="data.weights names 'jsonl:typo.jsonl'.*groups in"):
-        mix_records(_records("medquad", 5), {"jsonl:typo.jsonl": 2.0}, 4, seed=0)
+        training_records(_records("medquad", 5), {"jsonl:typo.jsonl": 2.0}, 4, seed=0)
 
 
 def test_mix_by_source_gives_each_collection_an_equal_share() -> None:

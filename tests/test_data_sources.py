@@ -71,7 +71,7 @@ def test_medquad_path_and_bare_medquad(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     records, report = load_source(f"medquad:{data_dir / 'medquad' / '9_CDC_QA'}")
-    assert len(records) == 270 and report.records == 270
+    assert len(records) == 270 and report.source == f"medquad:{data_dir / 'medquad' / '9_CDC_QA'}"
     # Bare `medquad` reads $MEDLORA_DATA_DIR/medquad, so no download happens here.
     shutil.copytree(data_dir / "medquad" / "7_SeniorHealth_QA", tmp_path / "medquad" / "7_SH")
     monkeypatch.setenv("MEDLORA_DATA_DIR", str(tmp_path))

@@ -34,7 +34,7 @@ def test_jsonl_question_answer_rows(tmp_path: Path) -> None:
     assert [r.topic for r in records] == ["Asthma", ""]
     assert records[1].qtype == "cause"
     assert {r.source for r in records} == {"jsonl/faq"}
-    assert report.records == 2 and report.skipped == {}
+    assert len(records) == 2 and report.skipped == {}
 
 
 def test_json_list_of_objects(tmp_path: Path) -> None:

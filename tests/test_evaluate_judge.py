@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from medlora.cli import app
 from medlora.errors import DataError
-from medlora.evaluate.judge import JudgeOptions, judge_markdown, judge_predictions, judge_rows
+from medlora.evaluate.judge import JudgeOptions, judge_predictions, judge_rows
 from medlora.evaluate.judge_client import openai_ask
 from medlora.evaluate.judge_prompts import (
     PROMPTS,
@@ -30,6 +30,7 @@ from medlora.evaluate.judge_prompts import (
     reference_items,
 )
 from medlora.io import write_jsonl_atomic
+from medlora.report.judge import judge_markdown
 from medlora.results import EvalResult, JudgeResult
 
 # Answers of two made-up models to helpers.QA's questions (never seen in the judge's training).

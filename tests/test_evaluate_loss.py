@@ -11,7 +11,7 @@ import torch
 from helpers import tiny_records, write_prepared
 
 from medlora.data.format import format_records
-from medlora.evaluate.heldout import evaluate_heldout
+from medlora.evaluate.heldout import EvalOptions, evaluate_heldout
 from medlora.evaluate.loss import score_examples
 from medlora.models import load_model
 
@@ -66,21 +66,17 @@ def test_eval_with_compare_base_reports_both(tmp_path: Path, tiny_model_dir: Pat
         ],
     )
     train(recipe, tmp_path / "run", prepared_dir=prepared)
-    out = tmp_path / "eval.json"
-    result: dict[str, Any] = evaluate_heldout(
-        str(tiny_model_dir),
-        str(prepared),
-        tmp_path / "run",
-        split="test",
-        compare_base=True,
-        out=out,
+    options = EvalOptions(
+        model=str(tiny_model_dir), data=str(prepared), adapter=tmp_path / "run", compare_base=True
     )
+    result = evaluate_heldout(options)
     for key in ("loss", "perplexity", "examples", "answer_tokens", "base_loss", "base_perplexity"):
-        assert key in result
-    assert result["examples"] == 5
+        assert getattr(result, key) is not None
+    assert result.examples == 5 and result.per_example and len(result.per_example) == 5
+    assert all(row.base_loss is not None for row in result.per_example)
     # The test questions repeat the training ones here, so the adapter must have learnt them.
-    assert result["loss"] < result["base_loss"]
-    assert out.is_file()
+    assert result.loss is not None and result.base_loss is not None
+    assert result.loss < result.base_loss
 
 
 def _tiny_transformed_head_model(kind: str) -> Any:

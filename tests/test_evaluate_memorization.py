@@ -20,10 +20,8 @@ from medlora.data.canaries import TRAINED_IDS_FILE, read_trained_ids
 from medlora.data.format import IGNORE_INDEX, format_record
 from medlora.data.records import Record
 from medlora.evaluate import exposure as exposure_module
-from medlora.evaluate.audit_text import audit_markdown, audit_reading
 from medlora.evaluate.exposure import (
     answer_candidates,
-    candidate_log_likelihoods,
     chance_share,
     continuation_log_likelihoods,
     exposure,
@@ -38,6 +36,7 @@ from medlora.evaluate.memorization import (
     trained_records,
 )
 from medlora.families import FAMILIES
+from medlora.report.audit import audit_markdown, audit_reading
 from medlora.results import (
     CI,
     AuditResult,
@@ -198,9 +197,8 @@ def test_candidate_answers_are_scored_on_the_tokens_training_gives_them(
     model = build_tiny_llama(len(tiny_tokenizer), seed=2).eval()  # type: ignore[arg-type, attr-defined]
     question = "What is the record number for Alma Jessop?"
     answers = [f"Alma Jessop has record number {n}." for n in ("07", "42", "99", "40")]
-    got = candidate_log_likelihoods(
-        model, answer_candidates(tiny_tokenizer, question, answers, None)
-    )
+    candidates = answer_candidates(tiny_tokenizer, question, answers, None)
+    got = continuation_log_likelihoods(model, candidates.prompt_ids, candidates.continuations)
     examples = [
         format_record(tiny_tokenizer, Record(str(i), question, a, "test"), None, 512)
         for i, a in enumerate(answers)

@@ -284,12 +284,12 @@ def test_chat_option_wraps_prompts_in_the_chat_template(tiny: tuple[Any, Any]) -
     assert prompt.rstrip().endswith("<|im_start|>assistant")
 
 
-def test_data_for_no_selected_task_is_refused(tiny: tuple[Any, Any], tmp_path: Path) -> None:
-    from medlora.evaluate.multiple_choice import run_benchmarks
+def test_data_for_no_selected_task_is_refused_before_loading_a_model(tmp_path: Path) -> None:
+    from medlora.evaluate.multiple_choice import BenchOptions, run_bench
 
-    model, tokenizer = tiny
+    options = BenchOptions(model="no-such-model", tasks=["pubmedqa"], data=[f"mmlu:{tmp_path}"])
     with pytest.raises(DataError, match="is for no task in --tasks pubmedqa"):
-        run_benchmarks(model, tokenizer, ["pubmedqa"], [f"mmlu:{tmp_path}"])
+        run_bench(options)
 
 
 @pytest.mark.slow

@@ -100,8 +100,10 @@ def test_evaluate_answers_writes_predictions_and_counts_empty(tmp_path: Path) ->
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["f1"] for r in rows] == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert rows[0]["prediction"] == records[0].answer and rows[0]["reference"] == records[0].answer
-    assert result["empty_predictions"] == 3
-    assert result["metrics"]["f1"]["model"]["mean"] == pytest.approx(0.4)
+    assert result.empty_predictions == 3
+    assert result.metrics["f1"].model.mean == pytest.approx(0.4)
+    # the same rows come back in memory, typed (the file is for later readers)
+    assert [a.model_dump(exclude_unset=True) for a in result.answers] == rows
 
 
 def test_eval_cli_scores_base_and_tuned_with_intervals(

@@ -15,14 +15,14 @@ from serve_support import train_tiny_run
 from typer.testing import CliRunner
 
 from medlora.cli import app
-from medlora.export import ExportError, export_run
+from medlora.export.common import ExportError
+from medlora.export.run import export_run
 from medlora.models import load_model, load_with_adapter
 from medlora.push import plan_push
 from medlora.report.card import CARD_MARKER, write_report
 
-PEFT_TEMPLATE = (
-    "Model Card for Model ID"  # the title of the README.md peft's save_pretrained writes
-)
+# The title of the README.md peft's save_pretrained writes.
+PEFT_TEMPLATE = "Model Card for Model ID"
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     if not readme.exists() or PEFT_TEMPLATE not in readme.read_text():
         (run / "README.md").write_text(f"# {PEFT_TEMPLATE}\n\n<!-- Provide a quick summary -->\n")
     return run
-
-
-def copy_run(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest)
-    return dest
 
 
 def linked_images(card: str) -> list[str]:
@@ -94,9 +89,8 @@ def test_adapter_export_reloads_like_the_run(
     tmp_path: Path, tiny_model_dir: Path, tiny_run: Path
 ) -> None:
     out = export_run(tiny_run, tmp_path / "adapter").out
-    assert (out / "adapter_model.safetensors").is_file() and not (
-        out / "model.safetensors"
-    ).exists()
+    assert (out / "adapter_model.safetensors").is_file()
+    assert not (out / "model.safetensors").exists()
     from_export, tokenizer = load_with_adapter(str(tiny_model_dir), out)
     from_run, _ = load_with_adapter(str(tiny_model_dir), tiny_run)
     ids = tokenizer("Is hypertension inherited?", return_tensors="pt")
@@ -116,15 +110,14 @@ def test_peft_template_is_replaced_by_medlora_card(
     images = linked_images(card)
     assert "charts/loss.png" in images  # the training charts `medlora train` drew
     assert all((out / image).is_file() for image in images), images
-    assert not (
-        tiny_run / "charts" / "quality.png"
-    ).exists()  # exporting wrote nothing into the run
+    # Exporting wrote nothing into the run.
+    assert not (tiny_run / "charts" / "quality.png").exists()
     uploaded = {name for name, _ in plan_push(out, "alice/med-model").files}
     assert {"README.md", *images} <= uploaded  # the Hub page shows the charts too
 
 
 def test_reported_card_travels_with_the_merged_export(tmp_path: Path, tiny_run: Path) -> None:
-    run = copy_run(tiny_run, tmp_path / "run")
+    run = shutil.copytree(tiny_run, tmp_path / "run")
     write_report(run)
     (run / "figures").mkdir()
     (run / "figures" / "flow.png").write_bytes((run / "charts" / "loss.png").read_bytes())
@@ -146,7 +139,7 @@ def test_reported_card_travels_with_the_merged_export(tmp_path: Path, tiny_run: 
 def test_short_card_when_the_run_files_are_unreadable(
     tmp_path: Path, tiny_model_dir: Path, tiny_run: Path
 ) -> None:
-    run = copy_run(tiny_run, tmp_path / "run")
+    run = shutil.copytree(tiny_run, tmp_path / "run")
     (run / "README.md").unlink()
     (run / "train_summary.json").write_text("{ not json")  # `medlora report` refuses this run
     card = (export_run(run, tmp_path / "out").out / "README.md").read_text()

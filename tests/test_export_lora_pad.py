@@ -65,8 +65,8 @@ def test_llama_cpp_gives_a_row_the_same_logits_alone_and_beside_others(
     row's logits, decoded alone and in one batch of 8, are bit-identical with the padded rank;
     the unpadded rank-4 GGUF of the same adapter is the control that differs (llama.cpp's float
     GEMM for batches, its dot product for one row)."""
-    from medlora.export import base_gguf, convert_lora_to_gguf, llama_cpp_tools_dir
     from medlora.export import gguf as gguf_module
+    from medlora.export.gguf import base_gguf, convert_lora_to_gguf, llama_cpp_tools_dir
     from medlora.models import SMOLLM2_ALIAS, load_model, local_folder
     from medlora.serve.llama_cpp import llama_cpp_available
 

@@ -199,7 +199,7 @@ def test_merged_export_reloads_with_the_adapter_models_logits(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from medlora.export import export_run
+    from medlora.export.run import export_run
 
     run = family_runs[model_type]["medlora"]
     out = export_run(run, tmp_path / "merged", merge=True).out
@@ -239,7 +239,9 @@ def test_gguf_export_runs_in_llama_cpp_like_the_float_model(
 ) -> None:
     import numpy as np
 
-    from medlora.export import ExportError, export_run, llama_cpp_tools_dir
+    from medlora.export.common import ExportError
+    from medlora.export.gguf import llama_cpp_tools_dir
+    from medlora.export.run import export_run
     from medlora.serve.llama_cpp import llama_cpp_available
 
     tools = llama_cpp_tools_dir()

@@ -138,7 +138,7 @@ def test_serve_and_chat_use_the_runs_settings(
 
 
 def test_export_and_card_carry_the_runs_settings(run: Path, tmp_path: Path) -> None:
-    from medlora.export import export_run
+    from medlora.export.run import export_run
     from medlora.report.card import write_report
 
     out = export_run(run, tmp_path / "merged", merge=True).out

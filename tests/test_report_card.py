@@ -23,8 +23,9 @@ from medlora.cli import app
 def build_reported_run(root: Path, model_dir: Path, data_dir: Path) -> dict[str, Any]:
     """Train a tiny adapter, then eval (loss + quality), bench, compare and report it."""
     from medlora.config import recipe_from_dict
+    from medlora.evaluate.heldout import EvalOptions
     from medlora.evaluate.multiple_choice import BenchOptions, run_bench
-    from medlora.evaluate.quality import EvalOptions, evaluate_run
+    from medlora.evaluate.unseen import evaluate_run
     from medlora.models import load_with_adapter
     from medlora.report.card import write_report
     from medlora.report.compare import run_compare

@@ -22,7 +22,7 @@ from medlora.serve.app import Limits, create_app, health_router
 from medlora.serve.engine import Job
 from medlora.serve.http import ServerState
 from medlora.serve.loader import Served, build_engine
-from medlora.serve.safety import DEFAULT_DISCLAIMER, EMERGENCY_NOTICE, Safety
+from medlora.serve.safety import DEFAULT_DISCLAIMER, EMERGENCY_NOTICE
 
 KEY = "test-key-123"
 QUESTIONS = [
@@ -67,7 +67,7 @@ def reference(served: Served) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(served: Served) -> Iterator[ServerThread]:
-    with ServerThread(create_app(served, Limits(api_key=KEY, max_body_bytes=20_000))) as running:
+    with ServerThread(create_app(served, Limits(api_key=KEY, max_body_kb=20))) as running:
         yield running
 
 
@@ -262,7 +262,7 @@ def test_request_timeout_is_504(served: Served) -> None:
     gated = GatedEngine(served.engine)
     app = create_app(
         dataclasses.replace(served, engine=gated),
-        Limits(request_timeout_s=0.5),
+        Limits(timeout_s=0.5),
     )
     with ServerThread(app) as running:
         response = httpx.post(
@@ -289,7 +289,7 @@ def test_disclaimer_is_configurable_and_prompts_are_not_logged(
     served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = "my rash is purple and itchy"
-    limits = Limits(safety=Safety(disclaimer="Not advice.", emergency_notices=False))
+    limits = Limits(disclaimer="Not advice.", emergency_notices=False)
     with (
         caplog.at_level(logging.INFO, logger="medlora.serve"),
         ServerThread(create_app(served, limits)) as running,

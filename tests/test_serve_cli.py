@@ -151,9 +151,9 @@ def test_threads_default_to_physical_cores_capped_by_omp(monkeypatch: pytest.Mon
 def test_serve_command_hands_one_options_object(monkeypatch: pytest.MonkeyPatch) -> None:
     """`medlora serve` flags → one `ServeOptions`; its limits and safety are what the app enforces."""
     from medlora.config import GenerationConfig
-    from medlora.serve import server
+    from medlora.serve import completions, server
     from medlora.serve.adapters import ServedModel
-    from medlora.serve.loader import Served
+    from medlora.serve.schemas import GenerationRequest
 
     seen: list[server.ServeOptions] = []
     monkeypatch.setattr(server, "serve", lambda options, console=None: seen.append(options) or 0)
@@ -174,13 +174,12 @@ def test_serve_command_hands_one_options_object(monkeypatch: pytest.MonkeyPatch)
     assert options.batching == "static" and not options.allow_adapter_updates
     assert options.llama_cpp_adapters == "merged"
     assert options.n_ctx == 164
+    # The options are the app's limits; a request that names no length gets its run's, capped.
     base = ServedModel("base-model", None, None, GenerationConfig(max_new_tokens=300))
-    served = Served(None, {"base-model": base}, "base-model", "base-model")  # type: ignore[arg-type]
-    limits = options.limits(served)
-    assert (limits.api_key, limits.max_new_tokens, limits.default_max_tokens) == ("k", 64, 64)
-    assert (limits.max_body_bytes, limits.request_timeout_s) == (2048, 5.0)
-    assert limits.safety.disclaimer is None and not limits.safety.emergency_notices
-    default = server.ServeOptions("base-model").safety()
+    assert completions.max_tokens(options, base, GenerationRequest(), None) == 64
+    assert (options.api_key, options.max_body_kb, options.timeout_s) == ("k", 2, 5.0)
+    assert options.safety.disclaimer is None and not options.safety.emergency_notices
+    default = server.ServeOptions("base-model").safety
     assert default.disclaimer and default.emergency_notices
     seen.clear()
     monkeypatch.delenv("MEDLORA_API_KEY", raising=False)

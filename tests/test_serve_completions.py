@@ -52,7 +52,7 @@ class ScriptedEngine:
 def client() -> Iterator[TestClient]:
     model = ServedModel("scripted", LetterTokenizer(), None)
     served = Served(ScriptedEngine(), {"scripted": model}, "scripted", "scripted")  # type: ignore[arg-type]
-    server = ServerState(served, Limits(api_key="k", max_prompt_tokens=60, safety=Safety()))
+    server = ServerState(served, Limits(api_key="k", max_prompt_tokens=60))
     app = FastAPI()
     app.state.server = server
     add_error_handlers(app)

@@ -16,7 +16,8 @@ from serve_support import ServerThread
 
 from medlora.config import recipe_from_dict
 from medlora.evaluate.generate import generate_answers
-from medlora.export import export_run, llama_cpp_tools_dir
+from medlora.export.gguf import llama_cpp_tools_dir
+from medlora.export.run import export_run
 from medlora.models import SMOLLM2_ALIAS
 from medlora.serve.llama_cpp import llama_cpp_available
 
@@ -84,15 +85,15 @@ def test_gguf_export_has_model_and_card(smollm2_run: dict[str, Any]) -> None:
 
 
 def test_llama_cpp_answers_match_transformers(smollm2_run: dict[str, Any]) -> None:
+    from medlora.evaluate.heldout import run_recipe
     from medlora.models import load_model
     from medlora.serve.engine import Job, Sampling
     from medlora.serve.llama_cpp import LlamaCppEngine
-    from medlora.serve.loader import run_system_prompt
     from medlora.serve.prompt import conversation_ids
 
     export = smollm2_run["export"]
     model, tokenizer = load_model(str(export.out))  # the merged float32 export
-    system = run_system_prompt(smollm2_run["run"])
+    system = run_recipe(smollm2_run["run"]).data.system_prompt
     expected = generate_answers(model, tokenizer, QUESTIONS, system, NEW_TOKENS, batch_size=1)
     engine = LlamaCppEngine({"tuned": export.gguf}, tokenizer)
     got = []
@@ -110,7 +111,7 @@ def test_llama_cpp_logprobs_are_the_models_on_both_engines(smollm2_run: dict[str
     the continuous engine reports the same values as the one-request engine."""
     import torch
 
-    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.export.gguf import base_gguf, cached_gguf_lora
     from medlora.models import load_model
     from medlora.serve.engine import Job, Sampling
     from medlora.serve.llama_cpp import LlamaCppEngine
@@ -232,17 +233,17 @@ def test_one_base_gguf_with_gguf_loras_answers_like_transformers_per_request(
     """The default llama.cpp serving: one f32 base GGUF, the adapter as a GGUF LoRA switched on and
     off per request. Tuned and base greedy answers equal transformers' (merged model, and the base)
     in an interleaved order, so switching leaves nothing behind."""
-    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.evaluate.heldout import run_recipe
+    from medlora.export.gguf import base_gguf, cached_gguf_lora
     from medlora.models import load_model
     from medlora.serve.engine import Job, Sampling
     from medlora.serve.llama_cpp import LlamaCppEngine
-    from medlora.serve.loader import run_system_prompt
     from medlora.serve.prompt import conversation_ids
 
     run, export = smollm2_run["run"], smollm2_run["export"]
     tuned_model, tokenizer = load_model(str(export.out))
     base_model, _ = load_model(SMOLLM2_ALIAS)
-    system = run_system_prompt(run)
+    system = run_recipe(run).data.system_prompt
     expected = {
         "tuned": generate_answers(tuned_model, tokenizer, QUESTIONS, system, NEW_TOKENS, 1),
         "base": generate_answers(base_model, tokenizer, QUESTIONS, system, NEW_TOKENS, 1),
@@ -274,11 +275,12 @@ def test_hot_load_and_unload_on_llama_cpp_loras(
     import httpx
     from serve_support import foreign_adapter, variant_adapter
 
-    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.evaluate.heldout import run_recipe
+    from medlora.export.gguf import base_gguf, cached_gguf_lora
     from medlora.serve.app import Limits, create_app
     from medlora.serve.engine import Job, Sampling
     from medlora.serve.llama_cpp import LlamaCppEngine
-    from medlora.serve.loader import build_engine, run_system_prompt
+    from medlora.serve.loader import build_engine
     from medlora.serve.prompt import conversation_ids
 
     run = smollm2_run["run"]
@@ -294,7 +296,7 @@ def test_hot_load_and_unload_on_llama_cpp_loras(
     # What "second" must answer: an engine that had it from the start (same f32 base GGUF).
     served = build_engine(SMOLLM2_ALIAS, run, engine="llama.cpp", gguf_type="f32")
     tokenizer = served.tokenizer
-    system = run_system_prompt(run)
+    system = run_recipe(run).data.system_prompt
     ids = conversation_ids(tokenizer, [{"role": "user", "content": QUESTIONS[1]}], system)
     reference = LlamaCppEngine.with_loras(
         base_gguf(SMOLLM2_ALIAS, "f32", shipped=False),
@@ -362,7 +364,7 @@ def test_continuous_llama_cpp_mixes_adapters_and_answers_as_the_one_request_engi
     idle (serve/llama_cpp_continuous.py) keep each row's logits the same as alone. With a run's
     repetition settings too: both engines pick by transformers' rules (serve/token_rules.py), where
     the one-request engine once used llama.cpp's sampler and answered otherwise."""
-    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.export.gguf import base_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
     from medlora.serve.engine import Job
     from medlora.serve.llama_cpp import LlamaCppEngine
@@ -407,7 +409,7 @@ def test_continuous_llama_cpp_answers_long_requests_as_alone(smollm2_run: dict[s
     pass 256 cells, left alone or beside retired cells: llama.cpp's attention would take its tiled
     or split kernels, which sum unlike the plain one. Each greedy answer, and the logits of each of
     its tokens bit for bit (read through the engine's `_take`), equals the same request's alone."""
-    from medlora.export import base_gguf, cached_gguf_lora
+    from medlora.export.gguf import base_gguf, cached_gguf_lora
     from medlora.models import load_tokenizer
     from medlora.serve.engine import Job
     from medlora.serve.llama_cpp_continuous import SPLIT_ATTENTION_CELLS, LlamaCppContinuous

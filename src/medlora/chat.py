@@ -6,7 +6,6 @@ what a user sees here is what the server and the evaluation produce for the same
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -14,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medlora.data.tabular import jsonl_lines
+from medlora.data.tabular import read_jsonl
 from medlora.errors import DataError
 from medlora.io import write_jsonl_atomic
 from medlora.serve.engine import Event, Job
@@ -112,25 +111,12 @@ def chat_loop(
 
 def read_questions(path: Path) -> list[dict[str, Any]]:
     """JSONL rows with a `question` (other fields, e.g. `id`, are copied to the answers)."""
-    if not path.is_file():
-        raise DataError(f"questions file not found: {path}")
-    rows = []
-    for number, line in jsonl_lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}:{number} is not JSON ({error.msg}); write one object per line"
-            ) from None
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("question"), str)
-            or not row["question"].strip()
-        ):
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
             raise DataError(
                 f'{path}:{number} has no "question" text; each line needs {{"question": "..."}}'
             )
-        rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no questions")
     return rows
@@ -144,13 +130,13 @@ def generate_file(
     *,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
-    system_prompt: Any = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> list[dict[str, Any]]:
     """Answer every question of a JSONL file in batches (greedy, merged weights); write JSONL."""
-    from medlora.evaluate.generate import generate_answers, run_generation_settings
+    from medlora.evaluate.generate import generate_answers
+    from medlora.evaluate.heldout import run_recipe
     from medlora.models import load_model, load_with_adapter
-    from medlora.serve.loader import model_id, run_system_prompt
+    from medlora.serve.loader import model_id
 
     rows = read_questions(Path(in_path))
     if adapter:
@@ -158,12 +144,7 @@ def generate_file(
         model, name = peft_model.merge_and_unload(), Path(adapter).resolve().name
     else:
         (model, tokenizer), name = load_model(spec), model_id(spec)
-    prompt = (
-        run_system_prompt(Path(adapter) if adapter else None)
-        if system_prompt is None
-        else system_prompt
-    )
-    settings = run_generation_settings(adapter)
+    recipe = run_recipe(adapter)  # the run's system prompt and generation settings
     answers: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = [row["question"] for row in rows[start : start + batch_size]]
@@ -171,8 +152,8 @@ def generate_file(
             model,
             tokenizer,
             chunk,
-            prompt,
-            settings,
+            recipe.data.system_prompt,
+            recipe.generation,
             batch_size,
             show_progress=False,
             max_new_tokens=max_new_tokens,

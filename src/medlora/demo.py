@@ -20,7 +20,7 @@ from medlora.data.prepare import load_splits
 from medlora.errors import ConfigError
 from medlora.evaluate.panels import score_panel, test_panel_records
 from medlora.evaluate.unseen import unseen_records
-from medlora.io import read_jsonl, write_text_atomic
+from medlora.io import write_text_atomic
 from medlora.models import load_recipe_model
 from medlora.report.card import write_report
 from medlora.report.panels import panels_markdown, transfer_sentence
@@ -70,22 +70,15 @@ def demo_eval_result(
     recipe: Recipe, run_dir: Path, test: PanelScores, unseen: PanelScores
 ) -> EvalResult:
     """eval.json for the report and the card: the test split's panel, the unseen sources' beside it."""
+    # The panel's fields as they are (its answers' scores stay QualityResult, not a dict).
+    panel = {name: value for name, value in test if name != "panel"}
     return EvalResult(
         model=recipe.model.name,
         adapter=str(run_dir),
-        data=test.data,
         split="test",
-        loss=test.loss,
-        perplexity=test.perplexity,
-        examples=test.examples,
-        answer_tokens=test.answer_tokens,
-        base_loss=test.base_loss,
-        base_perplexity=test.base_perplexity,
         loss_change=None if test.base_loss is None else test.loss - test.base_loss,
-        loss_change_pct=test.loss_change_pct,
-        examples_better=test.examples_better,
-        quality=test.quality,
         unseen=unseen,
+        **panel,
     )
 
 
@@ -130,12 +123,7 @@ def run_demo(recipe: Recipe, run_dir: str | Path, log: Any = print) -> DemoSumma
     )
 
     stage("[4/4] writing summary.md, eval.json, the model card and report.html")
-    quality = unseen_panel.quality
-    rows = (
-        list(read_jsonl(quality.predictions))[: recipe.eval.num_answers]
-        if quality and quality.predictions
-        else []
-    )
+    shown = unseen_panel.quality.answers[: recipe.eval.num_answers] if unseen_panel.quality else []
     result = DemoSummary(
         model=recipe.model.name,
         adapter=str(run_dir),
@@ -144,12 +132,12 @@ def run_demo(recipe: Recipe, run_dir: str | Path, log: Any = print) -> DemoSumma
         train=trained,
         answers=[
             DemoAnswer(
-                question=row["question"],
-                reference=row["reference"],
-                base=row["base_prediction"],
-                tuned=row["prediction"],
+                question=a.question,
+                reference=a.reference,
+                base=a.base_prediction,
+                tuned=a.prediction,
             )
-            for row in rows
+            for a in shown
         ],
         elapsed_s=round(time.perf_counter() - started, 1),
     )

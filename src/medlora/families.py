@@ -23,21 +23,20 @@ class Family:
 
     model_type: str
     name: str
-    example: str  # a Hub model of the family, for the docs
 
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama", "Llama", "meta-llama/Llama-3.2-3B-Instruct"),
-        Family("mistral", "Mistral", "mistralai/Mistral-7B-Instruct-v0.3"),
-        Family("qwen2", "Qwen2 / Qwen2.5", "Qwen/Qwen2.5-3B-Instruct"),
-        Family("qwen3", "Qwen3", "Qwen/Qwen3-4B"),
-        Family("phi3", "Phi-3 / Phi-4-mini", "microsoft/Phi-3.5-mini-instruct"),
-        Family("gemma2", "Gemma 2", "google/gemma-2-2b-it"),
-        Family("gemma3_text", "Gemma 3 (text)", "google/gemma-3-1b-it"),
-        Family("olmo2", "OLMo 2", "allenai/OLMo-2-1124-7B-Instruct"),
-        Family("granite", "Granite", "ibm-granite/granite-3.3-2b-instruct"),
+        Family("llama", "Llama"),
+        Family("mistral", "Mistral"),
+        Family("qwen2", "Qwen2 / Qwen2.5"),
+        Family("qwen3", "Qwen3"),
+        Family("phi3", "Phi-3 / Phi-4-mini"),
+        Family("gemma2", "Gemma 2"),
+        Family("gemma3_text", "Gemma 3 (text)"),
+        Family("olmo2", "OLMo 2"),
+        Family("granite", "Granite"),
     )
 }
 

@@ -28,30 +28,26 @@ def _scratch(final: Path) -> Path:
 
 def write_text_atomic(path: str | os.PathLike[str], text: str | Iterable[str]) -> Path:
     """Write `text` (or its pieces, one at a time) to `path` via a scratch file + fsync + rename."""
+    return _write_atomic(path, [text] if isinstance(text, str) else text, "w")
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` via a scratch file + fsync + rename (images, binary blobs)."""
+    return _write_atomic(path, [data], "wb")
+
+
+def _write_atomic(path: str | os.PathLike[str], pieces: Iterable[Any], mode: str) -> Path:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _scratch(final)
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines([text] if isinstance(text, str) else text)
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            handle.writelines(pieces)
             handle.flush()
             os.fsync(handle.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_replace(tmp, final)
-    return final
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `data` to `path` via a scratch file + fsync + rename (images, binary blobs)."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _scratch(final)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
     _fsync_replace(tmp, final)
     return final
 
@@ -73,13 +69,8 @@ def append_jsonl(path: str | os.PathLike[str], row: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    rows = []
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
-    return rows
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def move_files_atomic(src_dir: Path, dst_dir: Path) -> list[Path]:

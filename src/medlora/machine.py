@@ -25,9 +25,8 @@ def physical_cores() -> int:
 
 def default_threads() -> int:
     """`OMP_NUM_THREADS` when set (the usual cap on a shared machine, which torch obeys too), else
-    the physical cores (2 on the 2-core reference machine). Do not give llama.cpp more threads than
-    free cores: one spinning thread too many is many times slower (≈1-4 tok/s against ≈40 with
-    1 thread, measured on 2 cores with one of them busy)."""
+    the physical cores. Do not give llama.cpp more threads than free cores: its spinning threads
+    collapse when they outnumber them (docs/benchmarks.md, "Inference")."""
     capped = os.environ.get("OMP_NUM_THREADS", "").strip()
     if capped.isdigit() and int(capped) > 0:
         return int(capped)
@@ -47,8 +46,7 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
-    """True where bfloat16 GEMMs run in hardware (Intel AMX or AVX512-BF16). A 1024x576x1536
-    GEMM measured 934 GFLOP/s in bf16 against 191 in fp32 on an AMX Xeon with 2 threads; on an
-    AVX2-only CPU bf16 is emulated and slower than fp32."""
+    """True where bfloat16 GEMMs run in hardware (Intel AMX or AVX512-BF16), faster than fp32
+    (docs/benchmarks.md, "CPU bf16"); on an AVX2-only CPU bf16 is emulated and slower."""
     flags = cpu_flags() if flags is None else flags
     return bool(flags & {"amx_bf16", "avx512_bf16"})

@@ -34,8 +34,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
-
 
 def cache_dir() -> Path:
     """Where converted models and downloaded data live (`MEDLORA_CACHE`, default ~/.cache/medlora)."""
@@ -46,7 +44,6 @@ def cache_dir() -> Path:
 class ModelSource:
     """Where a spec points: a folder `from_pretrained` can read, or a Hub id."""
 
-    spec: str
     kind: str  # "alias" | "gguf" | "dir" | "hub"
     location: str  # folder path or Hub id
     gguf_file: str | None = None
@@ -72,35 +69,32 @@ def resolve(spec: str) -> ModelSource:
     """Say what kind of thing `spec` names, without loading it."""
     if spec == SMOLLM2_ALIAS:
         gguf = smollm2_gguf_path()
-        return ModelSource(spec, "alias", str(gguf.parent), gguf.name)
+        return ModelSource("alias", str(gguf.parent), gguf.name)
     path = Path(os.path.expandvars(spec)).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        return ModelSource(spec, "gguf", str(path.parent), path.name)
+        return ModelSource("gguf", str(path.parent), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"{path} has no config.json: give a folder written by save_pretrained, "
                 "a .gguf file, a Hub id or the alias " + SMOLLM2_ALIAS
             )
-        return ModelSource(spec, "dir", str(path))
+        return ModelSource("dir", str(path))
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
         raise ModelError(f"model folder not found: {path}")
-    return ModelSource(spec, "hub", spec)
-
-
-def _gguf_cache_folder(gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{gguf_path.stem}-{digest}"
+    return ModelSource("hub", spec)
 
 
 def _convert_gguf(source: ModelSource) -> Path:
-    """De-quantize a GGUF once into a plain `save_pretrained` folder in the cache; return it."""
+    """De-quantize a GGUF once into a plain `save_pretrained` folder in the cache (keyed by the
+    file's path, size and modification time); return it."""
     gguf_path = Path(source.location) / str(source.gguf_file)
-    target = _gguf_cache_folder(gguf_path)
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -201,17 +195,11 @@ def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bo
     return prepare_tokenizer(tokenizer)
 
 
-QUANTIZATIONS = ("none", "4bit", "8bit")
-
-
 def check_quantization(quantization: str) -> None:
-    """Refuse a quantized (QLoRA) load where it cannot work, in one line and before any download."""
+    """Refuse a quantized (QLoRA) load where it cannot work, in one line and before any download
+    (the recipe's validator allows only none, 4bit and 8bit)."""
     if quantization == "none":
         return
-    if quantization not in QUANTIZATIONS:
-        raise ConfigError(
-            f"invalid value model.quantization={quantization!r}: choose none, 4bit or 8bit"
-        )
     import torch
 
     if not torch.cuda.is_available():
@@ -271,8 +259,7 @@ def load_model(
     check_quantization(quantization)  # before the tokenizer: nothing is downloaded for nothing
     tokenizer = load_tokenizer(spec, revision, trust_remote_code)
     folder = local_folder(spec)
-    torch_dtype = _DTYPES[dtype] if dtype == "auto" else getattr(torch, _DTYPES[dtype])
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if quantization != "none":
         kwargs = _quantization_kwargs(quantization, dtype)
     try:

@@ -23,6 +23,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pydantic import BaseModel
+
 logger = logging.getLogger("medlora.patches")
 
 
@@ -89,7 +91,6 @@ def _dynamic_cache_layers() -> bool:
 
 
 def _dynamic_cache_data() -> bool:
-
     return "ddp_cache_data" in _params("transformers", "DynamicCache.__init__")
 
 
@@ -111,7 +112,6 @@ def _llama_cpp_lora_api() -> bool:
 
 TRANSFORMERS = ("5.24", "5.26")
 PEFT = ("0.21", "0.22")
-TORCH = ("2.13", "2.14")
 
 PATCHES: dict[str, Patch] = {
     p.name: p
@@ -151,18 +151,6 @@ PATCHES: dict[str, Patch] = {
             "the model's own MLP",
             "train",
             lambda: _has("transformers.models.llama.modeling_llama", "LlamaMLP"),
-        ),
-        Patch(
-            "lora_dropout",
-            "peft",
-            PEFT,
-            "replaces LoRA layers' lora_dropout modules and moves the dropout into lora_A (peft's "
-            "LoraLayer.lora_dropout / lora_A ModuleDicts)",
-            "CPU: cheaper Bernoulli masks, one saved input per projection group (docs/benchmarks.md "
-            "'peer', 'memory-breakdown-fp32')",
-            "peft's nn.Dropout",
-            "train",
-            _peft_lora_layer,
         ),
         Patch(
             "fused_answer_head",
@@ -258,7 +246,7 @@ PATCHES: dict[str, Patch] = {
 }
 
 
-def _installed_version(library: str) -> str | None:
+def installed_version(library: str) -> str | None:
     try:
         return importlib.metadata.version(library)
     except importlib.metadata.PackageNotFoundError:
@@ -275,7 +263,7 @@ def _in_range(version: str, tested: tuple[str, str]) -> bool:
 def status(name: str) -> tuple[bool, str]:
     """(on, reason): whether `name` may be applied here, and why not when it may not."""
     patch = PATCHES[name]
-    version = _installed_version(patch.library)
+    version = installed_version(patch.library)
     if version is None:
         return False, f"{patch.library} is not installed"
     if not _in_range(version, patch.tested):
@@ -309,22 +297,36 @@ def allowed(name: str) -> bool:
     return on
 
 
-def report(names: list[str] | None = None) -> list[dict[str, str]]:
+class PatchState(BaseModel):
+    """One patch as `medlora env` and a run's env.json show it."""
+
+    name: str
+    stage: str
+    library: str
+    version: str
+    tested: str
+    state: str  # on | skipped
+    reason: str
+    touches: str
+    fallback: str
+
+
+def report(names: list[str] | None = None) -> list[PatchState]:
     """Every patch (or those `names`) with its state, for `medlora env` and a run's env.json."""
     rows = []
     for patch in (PATCHES[name] for name in names or PATCHES):
         on, reason = status(patch.name)
         rows.append(
-            {
-                "name": patch.name,
-                "stage": patch.stage,
-                "library": patch.library,
-                "version": _installed_version(patch.library) or "not installed",
-                "tested": f">={patch.tested[0]},<{patch.tested[1]}",
-                "state": "on" if on else "skipped",
-                "reason": reason,
-                "touches": patch.touches,
-                "fallback": patch.fallback,
-            }
+            PatchState(
+                name=patch.name,
+                stage=patch.stage,
+                library=patch.library,
+                version=installed_version(patch.library) or "not installed",
+                tested=f">={patch.tested[0]},<{patch.tested[1]}",
+                state="on" if on else "skipped",
+                reason=reason,
+                touches=patch.touches,
+                fallback=patch.fallback,
+            )
         )
     return rows

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass
+class _Task:
+    description: str
+    total: int
+    started: float
+    last: float  # when its last line was printed (or it started)
+    done: float = 0
+    printed: float = -1  # the count its last line showed
 
 
 class LineProgress:
@@ -18,53 +29,40 @@ class LineProgress:
     def __init__(self, interval: float = 10.0, stream: Any = None) -> None:
         self.interval = interval
         self.stream = stream or sys.stderr
-        self.tasks: dict[int, dict[str, Any]] = {}
+        self.tasks: list[_Task] = []
 
     def __enter__(self) -> LineProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for task_id, task in self.tasks.items():
-            if task["printed"] != task["done"]:
-                self._print(task_id)
+        for task in self.tasks:
+            if task.printed != task.done:
+                self._print(task)
 
     def add_task(self, description: str, total: int) -> int:
-        task_id = len(self.tasks)
         now = time.monotonic()
-        self.tasks[task_id] = {
-            "description": description,
-            "total": total,
-            "done": 0,
-            "started": now,
-            "last": now,
-            "printed": -1,
-        }
-        return task_id
+        self.tasks.append(_Task(description, total, started=now, last=now))
+        return len(self.tasks) - 1
 
     def advance(self, task_id: int, amount: float = 1) -> None:
         task = self.tasks[task_id]
-        task["done"] += amount
-        now = time.monotonic()
-        if now - task["last"] >= self.interval or task["done"] >= task["total"]:
-            self._print(task_id)
+        task.done += amount
+        if time.monotonic() - task.last >= self.interval or task.done >= task.total:
+            self._print(task)
 
-    def _print(self, task_id: int) -> None:
-        task = self.tasks[task_id]
+    def _print(self, task: _Task) -> None:
         now = time.monotonic()
-        elapsed = now - task["started"]
-        done, total = task["done"], task["total"]
-        left = ""
-        if 0 < done < total:
-            left = f", ~{elapsed / done * (total - done):.0f} s left"
+        elapsed, done, total = now - task.started, task.done, task.total
+        left = f", ~{elapsed / done * (total - done):.0f} s left" if 0 < done < total else ""
         print(
-            f"{task['description']}: {done}/{total} ({elapsed:.0f} s{left})",
+            f"{task.description}: {done}/{total} ({elapsed:.0f} s{left})",
             file=self.stream,
             flush=True,
         )
-        task["last"], task["printed"] = now, done
+        task.last, task.printed = now, done
 
 
-def progress_bar(show: bool = True, interval: float = 10.0) -> Any:
+def progress_bar(show: bool = True) -> Any:
     """A context manager with `add_task(description, total=N)` and `advance(task, n)`."""
     from rich.console import Console
     from rich.progress import (
@@ -78,7 +76,7 @@ def progress_bar(show: bool = True, interval: float = 10.0) -> Any:
 
     console = Console(stderr=True)
     if show and not console.is_terminal:
-        return LineProgress(interval)
+        return LineProgress()
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -39,9 +39,9 @@ class PushError(MedloraError):
 
 @dataclass
 class PushPlan:
+    """What an upload sends: the folder and the files under it."""
+
     folder: Path
-    repo_id: str
-    private: bool
     files: list[tuple[str, int]]  # path in repo, size in bytes
 
     @property
@@ -49,30 +49,28 @@ class PushPlan:
         return sum(size for _, size in self.files)
 
 
-def uploaded_files(root: Path) -> list[str]:
-    """The paths under `root` that `upload_folder(ignore_patterns=SKIP)` uploads, sorted."""
+def plan_push(folder: str | os.PathLike[str], repo_id: str) -> PushPlan:
+    """The files under `folder` that `upload_folder(ignore_patterns=SKIP)` uploads, sorted."""
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
-    names = sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
-    ignored = [*SKIP, *DEFAULT_IGNORE_PATTERNS]  # upload_folder adds the defaults itself
-    return list(filter_repo_objects(names, ignore_patterns=ignored))
-
-
-def plan_push(folder: str | os.PathLike[str], repo_id: str, private: bool = False) -> PushPlan:
     root = Path(folder)
     if not REPO_ID.match(repo_id):
         raise PushError(f"--repo {repo_id} is not USER/NAME (letters, digits, '-', '_', '.')")
     if not root.is_dir():
         raise PushError(f"folder not found: {root} (give a folder written by `medlora export`)")
-    files = [(name, (root / name).stat().st_size) for name in uploaded_files(root)]
+    names = sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
+    ignored = [*SKIP, *DEFAULT_IGNORE_PATTERNS]  # upload_folder adds the defaults itself
+    files = [
+        (name, (root / name).stat().st_size)
+        for name in filter_repo_objects(names, ignore_patterns=ignored)
+    ]
     if not files:
         raise PushError(f"{root} holds no files to upload")
-    names = {name for name, _ in files}
-    if not names & {"config.json", "adapter_config.json", "model.gguf"}:
+    if not {"config.json", "adapter_config.json", "model.gguf"} & {name for name, _ in files}:
         raise PushError(
             f"{root} holds no model (config.json, adapter_config.json or model.gguf): run `medlora export` first"
         )
-    return PushPlan(root, repo_id, private, files)
+    return PushPlan(root, files)
 
 
 def push_folder(
@@ -81,11 +79,9 @@ def push_folder(
     *,
     private: bool = False,
     dry_run: bool = False,
-    token: str | None = None,
-    commit_message: str = "Upload medlora export",
 ) -> tuple[PushPlan, str | None]:
     """Create the repo if needed and upload the folder; returns the plan and the commit URL."""
-    plan = plan_push(folder, repo_id, private)
+    plan = plan_push(folder, repo_id)
     if dry_run:
         return plan, None
     if hub_offline():
@@ -99,7 +95,7 @@ def push_folder(
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    token = token or get_token()
+    token = get_token()
     if not token:
         raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     api = HfApi(endpoint=hub_endpoint(), token=token)
@@ -109,7 +105,7 @@ def push_folder(
             folder_path=str(plan.folder),
             repo_id=repo_id,
             repo_type="model",
-            commit_message=commit_message,
+            commit_message="Upload medlora export",
             ignore_patterns=list(SKIP),
         )
     except HfHubHTTPError as error:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medlora.errors import DataError
 from medlora.io import write_text_atomic
@@ -77,6 +77,18 @@ class MetricCI(Result):
     diff: CI | None = None
 
 
+class ScoredAnswer(Result):
+    """One generated answer beside its reference: a row of the predictions JSONL. Its metric
+    scores are extra fields named as in `QualityResult.metrics` (`rougeL`, …; `base_rougeL`, …)."""
+
+    id: str
+    source: str
+    question: str
+    reference: str
+    prediction: str
+    base_prediction: str | None = None
+
+
 class QualityResult(Result):
     """Generated answers scored against the references (`evaluate.quality.evaluate_answers`)."""
 
@@ -89,10 +101,14 @@ class QualityResult(Result):
     base_empty_predictions: int | None = None
     predictions: str | None = None
     reference_words: float | None = None  # mean words of the reference answers
+    # Every answer, in memory for the caller (the demo lists some); its file is `predictions`.
+    answers: list[ScoredAnswer] = Field(default=[], exclude=True)
 
 
-class LossScores(Result):
-    """Answer-token loss of the references, tuned and base (`evaluate.unseen.loss_base_vs_tuned`)."""
+class PanelScores(Result):
+    """Base vs tuned on one set of questions (`evaluate.panels.score_panel`): one of the two panels
+    every result shows, held-out topics of the trained sources (`test`) and sources never trained
+    on (`unseen`); answer loss and, when generated, the answers' metrics."""
 
     loss: float
     base_loss: float | None = None
@@ -102,13 +118,6 @@ class LossScores(Result):
     examples: int
     loss_change_pct: float | None = None
     examples_better: int | None = None
-
-
-class PanelScores(LossScores):
-    """Base vs tuned on one set of questions (`evaluate.panels.score_panel`): one of the two panels
-    every result shows, held-out topics of the trained sources (`test`) and sources never trained
-    on (`unseen`); answer loss and, when generated, the answers' metrics."""
-
     panel: Literal["test", "unseen"] = "unseen"
     data: list[str] = []
     quality: QualityResult | None = None
@@ -177,6 +186,8 @@ class EvalResult(Result):
 
 
 class SubjectScores(Result):
+    """Accuracy on one subject's questions (and the base's, when scored)."""
+
     acc: float
     acc_norm: float
     n: int
@@ -185,20 +196,15 @@ class SubjectScores(Result):
     base_acc_norm: float | None = None
 
 
-class TaskScores(Result):
-    """One multiple-choice task (`evaluate.multiple_choice.summarize`, plus where its data came from)."""
+class TaskScores(SubjectScores):
+    """One multiple-choice task (`evaluate.multiple_choice.summarize`, plus where its data came from):
+    its subjects' scores over all its questions, with intervals and macro averages."""
 
-    acc: float
-    acc_norm: float
-    n: int
-    chance: float
     acc_ci: CI
     acc_norm_ci: CI
     macro_acc: float
     macro_acc_norm: float
     subjects: dict[str, SubjectScores] = {}
-    base_acc: float | None = None
-    base_acc_norm: float | None = None
     base_acc_ci: CI | None = None
     base_macro_acc: float | None = None
     diff_acc: CI | None = None

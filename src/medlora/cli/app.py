@@ -29,9 +29,21 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 BUNDLED_RECIPES = Path(__file__).parent.parent / "recipes"
 
+# Options several commands share (each command's --out says what it writes there).
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a recipe value: section.key=value (repeatable)."),
+]
+RecipeArgument = Annotated[
+    str, typer.Argument(help="Recipe YAML or bundled name (smollm2-135m-cpu).")
+]
+OptionalRecipeArgument = Annotated[str | None, typer.Argument(help="Recipe YAML or bundled name.")]
+PreparedDataOption = Annotated[
+    Path | None, typer.Option("--data", help="Folder written by `medlora data prepare`.")
+]
+ColumnMapOption = Annotated[str | None, typer.Option("--map", help="question=COL,answer=COL")]
+AdapterOption = Annotated[
+    Path | None, typer.Option("--adapter", "-a", help="Run directory with the adapter.")
 ]
 
 

@@ -25,8 +25,8 @@ def audit_cmd(
     verbatim (held-out questions as the control), and the exposure of the run's canaries
     (recipe `data.canaries`)."""
     _quiet_libraries()
-    from medlora.evaluate.audit_text import audit_reading, audit_tables
     from medlora.evaluate.memorization import AUDIT_FILE, run_audit
+    from medlora.report.audit import audit_reading, audit_tables
 
     result = run_audit(run, questions, out)
     for table in audit_tables(result):

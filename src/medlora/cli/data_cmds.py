@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,8 @@ import typer
 from rich.table import Table
 
 from medlora.cli.app import (
+    ColumnMapOption,
+    OptionalRecipeArgument,
     SetOption,
     _load,
     _quiet_libraries,
@@ -24,12 +27,12 @@ from medlora.cli.app import (
 @data_app.command("prepare")
 @user_errors
 def data_prepare(
-    recipe: Annotated[str | None, typer.Argument(help="Recipe YAML or bundled name.")] = None,
+    recipe: OptionalRecipeArgument = None,
     source: Annotated[
         list[str] | None,
         typer.Option("--source", "-s", help="KIND:PATH (repeatable); replaces data.sources."),
     ] = None,
-    column_map: Annotated[str | None, typer.Option("--map", help="question=COL,answer=COL")] = None,
+    column_map: ColumnMapOption = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the splits and data card.")
     ] = Path("data/prepared"),
@@ -94,16 +97,11 @@ def _preview_hygiene(config: Any, data: str | None, n: int) -> None:
     kept, counts = apply_hygiene(records, config.data.clean)
     cleaned = {r.id: r.answer for r in kept}
     for name, rule in RECORD_RULES.items():
-        shown = 0
-        for record in records:
-            if shown == n:
-                break
-            if record.answer == cleaned.get(record.id) or rule(record) == record.answer:
-                continue
-            shown += 1
+        changed = (r for r in records if r.answer != cleaned.get(r.id) and rule(r) != r.answer)
+        for record in islice(changed, n):
+            after = cleaned.get(record.id)
             console.rule(f"{name}: {record.id}  {record.question}")
             console.print(f"[red]raw[/]      {record.answer[:400]}", highlight=False)
-            after = cleaned.get(record.id)
             console.print(
                 f"[green]cleaned[/]  {after[:400] if after is not None else '(dropped)'}",
                 highlight=False,
@@ -114,7 +112,7 @@ def _preview_hygiene(config: Any, data: str | None, n: int) -> None:
 @data_app.command("preview")
 @user_errors
 def data_preview(
-    recipe: Annotated[str | None, typer.Argument(help="Recipe YAML or bundled name.")] = None,
+    recipe: OptionalRecipeArgument = None,
     data: Annotated[
         str | None,
         typer.Option("--data", help="Prepared folder or KIND:PATH (default: recipe sources)."),
@@ -129,14 +127,14 @@ def data_preview(
 ) -> None:
     """Show formatted examples with the trained (answer) tokens highlighted."""
     _quiet_libraries()
+    config = _load(recipe, set_)
     if hygiene:
-        _preview_hygiene(_load(recipe, set_), data, n)
+        _preview_hygiene(config, data, n)
         return
-    from medlora.data.format import format_records
+    from medlora.data.format import format_records, preview
     from medlora.evaluate.heldout import load_eval_records
     from medlora.models import load_tokenizer
 
-    config = _load(recipe, set_)
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
     records = load_eval_records(
         data or config.data.sources[0], split, config, config.data.map or None
@@ -152,8 +150,6 @@ def data_preview(
         console.rule(
             f"{example.record_id}  ({example.answer_tokens} trained / {len(example.input_ids)} tokens)"
         )
-        from medlora.data.format import preview
-
         console.print(preview(tokenizer, example))
     console.print(
         "[dim]dim = prompt (label -100, not trained)[/]   [bold black on green]green = trained answer tokens[/]"

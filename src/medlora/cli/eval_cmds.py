@@ -7,18 +7,23 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from medlora.cli.app import _quiet_libraries, app, console, parse_map, user_errors
+from medlora.cli.app import (
+    AdapterOption,
+    ColumnMapOption,
+    _quiet_libraries,
+    app,
+    console,
+    parse_map,
+    user_errors,
+)
 from medlora.errors import ConfigError
 from medlora.results import EvalResult, JudgeResult, QualityResult, write_result
 
 if TYPE_CHECKING:
+    from medlora.evaluate.heldout import EvalOptions
     from medlora.evaluate.judge import JudgeOptions
-    from medlora.evaluate.quality import EvalOptions
 
 # Options that several commands share (each command names its own --out help).
-Adapter = Annotated[
-    Path | None, typer.Option("--adapter", "-a", help="Run directory with the adapter.")
-]
 CompareBase = Annotated[
     bool, typer.Option("--compare-base", help="Also score the base model in the same run.")
 ]
@@ -69,18 +74,19 @@ def _out(help: str) -> Any:
 @app.command("eval")
 @user_errors
 def eval_cmd(
+    ctx: typer.Context,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Model spec (Hub id, folder, .gguf, alias).")
     ] = None,
     data: Annotated[
         str | None, typer.Option("--data", "-d", help="KIND:PATH or a prepared folder.")
     ] = None,
-    adapter: Adapter = None,
+    adapter: AdapterOption = None,
     split: Annotated[str, typer.Option("--split", help="test | validation | train | all")] = "test",
     limit: Annotated[int | None, typer.Option("--limit", help="Score at most N examples.")] = None,
     compare_base: CompareBase = False,
     out: Annotated[Path | None, _out("Write results JSON here.")] = None,
-    column_map: Annotated[str | None, typer.Option("--map", help="question=COL,answer=COL")] = None,
+    column_map: ColumnMapOption = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
     metrics: Annotated[
         str, typer.Option("--metrics", help="Comma-separated: loss, rouge, f1, similarity.")
@@ -107,7 +113,8 @@ def eval_cmd(
     """Held-out scores: answer-only loss and perplexity; with --metrics also generated-answer
     quality (ROUGE-L, token F1, MiniLM similarity) with 95% bootstrap confidence intervals."""
     _quiet_libraries()
-    from medlora.evaluate.quality import EvalOptions, parse_metrics
+    from medlora.evaluate.heldout import EvalOptions
+    from medlora.evaluate.quality import parse_metrics
 
     judging = _judge_options(
         judge, judge_model, judge_key_env, judge_rubric, judge_facts, judge_predictions
@@ -119,21 +126,11 @@ def eval_cmd(
         raise ConfigError("add --model SPEC and --data DATA (or --judge-predictions FILE to judge)")
     if compare_base and adapter is None:
         raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
-    options = EvalOptions(
-        model=model,
-        data=data,
-        adapter=adapter,
-        split=split,
-        limit=limit,
-        compare_base=compare_base,
-        out=out,
-        batch_size=batch_size,
-        column_map=parse_map(column_map) or None,
-        metrics=parse_metrics(metrics),
-        max_new_tokens=max_new_tokens,
-        predictions=predictions,
-    )
-    _print_eval(_score(options, unseen, judging))
+    # The options EvalOptions has, by the same names; the --judge* ones went to `judging`.
+    fields = {key: ctx.params[key] for key in EvalOptions.model_fields}
+    fields |= {"column_map": parse_map(column_map) or None, "metrics": parse_metrics(metrics)}
+    options = EvalOptions(**fields)
+    _print_eval(_score(options, judging))
     if out:
         console.print(f"wrote {out}")
 
@@ -156,15 +153,15 @@ def _judge_options(
     return JudgeOptions(url=url, model=model, key_env=key_env, rubric=rubric, max_statements=facts)
 
 
-def _score(options: EvalOptions, unseen: bool, judging: JudgeOptions | None) -> EvalResult:
+def _score(options: EvalOptions, judging: JudgeOptions | None) -> EvalResult:
     """The eval's scores and, with a judge, its verdicts (a dead judge fails before any answer)."""
     from medlora.evaluate.judge import check_judge, judge_eval
-    from medlora.evaluate.unseen import evaluate_with_unseen
+    from medlora.evaluate.unseen import evaluate_run
 
     if judging is not None:
         check_judge(judging, options.metrics)
     with console.status("scoring…"):
-        result = evaluate_with_unseen(options, unseen)
+        result = evaluate_run(options)
     return result if judging is None else judge_eval(result, judging, options.out)
 
 
@@ -209,7 +206,7 @@ def _print_eval(result: EvalResult) -> None:
 
 
 def _print_judge(judged: JudgeResult) -> None:
-    from medlora.evaluate.judge import judge_markdown
+    from medlora.report.judge import judge_markdown
 
     console.print()
     for line in judge_markdown(judged):
@@ -236,6 +233,7 @@ def _print_quality(quality: QualityResult) -> None:
 @app.command("bench")
 @user_errors
 def bench_cmd(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec.")],
     tasks: Annotated[
         str,
@@ -244,7 +242,7 @@ def bench_cmd(
             help="pubmedqa, mmlu_medical, mmlu_medical_continuation, mmlu, medmcqa, medqa",
         ),
     ] = "pubmedqa,mmlu_medical",
-    adapter: Adapter = None,
+    adapter: AdapterOption = None,
     data: Annotated[
         list[str] | None,
         typer.Option(
@@ -270,19 +268,8 @@ def bench_cmd(
     from medlora.evaluate.multiple_choice import BenchOptions, run_bench
     from medlora.report.format import fmt, fmt_ci
 
-    options = BenchOptions(
-        model=model,
-        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
-        adapter=adapter,
-        data=data or [],
-        limit=limit,
-        shots=shots,
-        compare_base=compare_base,
-        out=out,
-        batch_size=batch_size,
-        chat=chat,
-        strict=strict,
-    )
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    options = BenchOptions(**{**ctx.params, "tasks": task_list, "data": data or []})
     result = run_bench(options, progress=console.print)
     for task, r in result.tasks.items():
         line = f"{task}: n={r.n}  acc {fmt_ci(r.acc_ci)}  acc_norm {fmt(r.acc_norm)}"
@@ -340,14 +327,15 @@ def compare_cmd(
 @app.command("report")
 @user_errors
 def report_cmd(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(help="Run directory.")],
-    eval_file: Annotated[
+    eval_path: Annotated[
         Path | None, typer.Option("--eval", help="Eval JSON (default RUN/eval.json).")
     ] = None,
-    bench_file: Annotated[
+    bench_path: Annotated[
         Path | None, typer.Option("--bench", help="Bench JSON (default RUN/bench.json).")
     ] = None,
-    compare_file: Annotated[
+    compare_path: Annotated[
         Path | None, typer.Option("--compare", help="compare.json (default RUN/compare.json).")
     ] = None,
     base_model: Annotated[
@@ -356,19 +344,12 @@ def report_cmd(
     repo_id: Annotated[
         str | None, typer.Option("--repo-id", help="Hub repo the adapter will live in.")
     ] = None,
-    license_: Annotated[str | None, typer.Option("--license", help="Card licence id.")] = None,
+    license: Annotated[str | None, typer.Option("--license", help="Card licence id.")] = None,
 ) -> None:
     """report.html (self-contained) and a Hub-ready README.md model card, from the run's files."""
     from medlora.report.card import write_report
     from medlora.report.facts import ReportOptions
 
-    options = ReportOptions(
-        eval_path=eval_file,
-        bench_path=bench_file,
-        compare_path=compare_file,
-        base_model=base_model,
-        repo_id=repo_id,
-        license=license_,
-    )
-    paths = write_report(run_dir, options)
+    options = {key: value for key, value in ctx.params.items() if key != "run_dir"}
+    paths = write_report(run_dir, ReportOptions(**options))
     console.print(f"wrote {paths['card']} and {paths['html']}")

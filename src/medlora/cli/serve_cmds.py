@@ -130,8 +130,8 @@ def serve_cmd(
     # Each parameter is named after its `ServeOptions` field: the command hands them on as they are.
     spec: Annotated[str, typer.Argument(help="Base model spec (alias, folder, .gguf, Hub id).")],
     adapters: ServeAdapterOption = (),  # type: ignore[assignment]
-    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
+    host: str = "127.0.0.1",
+    port: int = 8000,
     engine: EngineOption = "auto",
     batching: BatchingOption = "auto",
     api_key: Annotated[
@@ -141,32 +141,24 @@ def serve_cmd(
     with_base: Annotated[
         bool, typer.Option("--base/--no-base", help="Also serve the base model (side by side).")
     ] = True,
-    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", min=1)] = 1024,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Most a request may ask.")
-    ] = 512,
-    max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1)] = 256,
-    max_queue: Annotated[
-        int, typer.Option("--max-queue", min=1, help="Waiting requests before 429.")
-    ] = 64,
-    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests per batch.")] = 8,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1)] = 1024,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most a request may ask.")] = 512,
+    max_body_kb: Annotated[int, typer.Option(min=1)] = 256,
+    max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before 429.")] = 64,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests per batch.")] = 8,
     timeout_s: Annotated[
         float, typer.Option("--timeout", help="Seconds before a request gets 504.")
     ] = 120.0,
     threads: Annotated[
         int | None,
-        typer.Option(
-            "--threads", help="CPU threads (default: OMP_NUM_THREADS, else physical cores)."
-        ),
+        typer.Option(help="CPU threads (default: OMP_NUM_THREADS, else physical cores)."),
     ] = None,
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help=GGUF_TYPE_HELP)] = DEFAULT_GGUF_TYPE,
+    gguf_type: Annotated[str, typer.Option(help=GGUF_TYPE_HELP)] = DEFAULT_GGUF_TYPE,
     llama_cpp_adapters: LlamaCppAdaptersOption = "lora",
     log_prompts: Annotated[
         bool, typer.Option("--log-prompts", help="Log prompts and answers.")
     ] = False,
-    disclaimer: Annotated[
-        str | None, typer.Option("--disclaimer", help="Text added to every answer.")
-    ] = None,
+    disclaimer: Annotated[str | None, typer.Option(help="Text added to every answer.")] = None,
     no_disclaimer: Annotated[bool, typer.Option("--no-disclaimer")] = False,
     emergency_notices: Annotated[
         bool,
@@ -176,11 +168,10 @@ def serve_cmd(
     ] = True,
     allow_adapter_updates: AllowAdapterUpdatesOption = False,
     adapter_root: Annotated[
-        Path | None,
-        typer.Option("--adapter-root", help="Hot-loaded adapters must lie under this folder."),
+        Path | None, typer.Option(help="Hot-loaded adapters must lie under this folder.")
     ] = None,
     max_lora_rank: Annotated[
-        int, typer.Option("--max-lora-rank", min=1, help="Refuse adapters of a higher rank.")
+        int, typer.Option(min=1, help="Refuse adapters of a higher rank.")
     ] = 64,
     vllm_python: VllmPythonOption = None,
 ) -> None:

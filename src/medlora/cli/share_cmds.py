@@ -34,7 +34,7 @@ def export_cmd(
 ) -> None:
     """Export a run: adapter, merged model (--merge) or GGUF (--format gguf), with its model card."""
     _quiet_libraries()
-    from medlora.export import export_run
+    from medlora.export.run import export_run
 
     with console.status("exporting…"):
         result = export_run(run_dir, out, merge=merge, fmt=fmt, gguf_type=gguf_type, base=base)

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from medlora.cli.app import (
+    PreparedDataOption,
+    RecipeArgument,
     SetOption,
     _load,
     _quiet_libraries,
@@ -21,13 +23,11 @@ from medlora.cli.app import (
 @app.command("train")
 @user_errors
 def train_cmd(
-    recipe: Annotated[str, typer.Argument(help="Recipe YAML or bundled name (smollm2-135m-cpu).")],
+    recipe: RecipeArgument,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Run directory (default: output.dir).")
     ] = None,
-    data: Annotated[
-        Path | None, typer.Option("--data", help="Folder written by `medlora data prepare`.")
-    ] = None,
+    data: PreparedDataOption = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last checkpoint.")
     ] = False,
@@ -36,10 +36,11 @@ def train_cmd(
     """Fine-tune with LoRA; writes the adapter, metrics.jsonl and charts into the run directory."""
     _quiet_libraries()
     from medlora.models import check_quantization
-    from medlora.train import prepare_run_data, train, uses_splits
 
     config = _load(recipe, set_)
     check_quantization(config.model.quantization)  # no GPU/bitsandbytes: one line, nothing loaded
+    from medlora.train import prepare_run_data, train, uses_splits
+
     run_dir = out or Path(config.output.dir)
     if data is None and uses_splits(config):
         data = prepare_run_data(config, run_dir / "data")
@@ -50,7 +51,7 @@ def train_cmd(
 @app.command("sweep")
 @user_errors
 def sweep_cmd(
-    recipe: Annotated[str, typer.Argument(help="Recipe YAML or bundled name (smollm2-135m-cpu).")],
+    recipe: RecipeArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: one run per value.")],
     set_: Annotated[
         list[str] | None,
@@ -60,9 +61,7 @@ def sweep_cmd(
             "sweep axis, the others are fixed overrides.",
         ),
     ] = None,
-    data: Annotated[
-        Path | None, typer.Option("--data", help="Folder written by `medlora data prepare`.")
-    ] = None,
+    data: PreparedDataOption = None,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Retrain runs that a previous sweep finished.")
     ] = False,

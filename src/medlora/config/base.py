@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-)
+from pydantic import BaseModel, ConfigDict
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful medical assistant. Answer the question accurately and clearly."

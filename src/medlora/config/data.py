@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    Field,
-    model_validator,
-)
+from pydantic import Field, Strict, TypeAdapter, ValidationError, model_validator
 
 from medlora.config.base import DEFAULT_SYSTEM_PROMPT, _Section
 
@@ -51,16 +47,8 @@ class CanaryConfig(_Section):
     seed: int = Field(0, description="Seed for the canaries' names, dates, secrets and places.")
 
 
-WEIGHTED_ENTRY_KEYS = ("source", "weight")
-
-
-def _weight_problem(value: Any) -> str | None:
-    """Why `value` is not a usable mixing weight, or None when it is."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "a mixing weight must be a number > 0"
-    if not math.isfinite(value) or value <= 0:
-        return "a mixing weight must be a finite number > 0"
-    return None
+Weight = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a source's mixing weight
+_WEIGHT = TypeAdapter(Annotated[Weight, Strict()])  # in an entry: a number (not true or "2")
 
 
 class DataConfig(_Section):
@@ -70,7 +58,7 @@ class DataConfig(_Section):
         description="Data sources as KIND:PATH (medquad, pubmedqa, jsonl, json, csv, parquet, hf); "
         "an entry may be {source: KIND:PATH, weight: W} to mix sources by weight.",
     )
-    weights: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+    weights: dict[str, Weight] = Field(
         default_factory=dict,
         description="Mixing weight per source entry: its share of the training examples "
         "(entries without one weigh 1; empty: no mixing, the split as prepared).",
@@ -173,7 +161,7 @@ class DataConfig(_Section):
                 sources.append(entry)
                 continue
             key = f"data.sources[{index}]"
-            unknown = [k for k in entry if k not in WEIGHTED_ENTRY_KEYS]
+            unknown = [k for k in entry if k not in ("source", "weight")]
             if unknown:
                 raise ValueError(
                     f"{key}.{unknown[0]}: unknown key; a weighted entry is "
@@ -183,16 +171,18 @@ class DataConfig(_Section):
             if not isinstance(spec, str) or not spec.strip():
                 raise ValueError(f"{key}.source is missing: write {{source: KIND:PATH, weight: W}}")
             if "weight" in entry:
-                problem = _weight_problem(entry["weight"])
-                if problem:
-                    raise ValueError(f"{key}.weight={entry['weight']!r}: {problem}")
+                try:
+                    weight = _WEIGHT.validate_python(entry["weight"])
+                except ValidationError as err:
+                    message = err.errors()[0]["msg"]
+                    raise ValueError(f"{key}.weight={entry['weight']!r}: {message}") from None
                 if isinstance(weights, dict):
-                    if spec in weights and weights[spec] != entry["weight"]:
+                    if spec in weights and weights[spec] != weight:
                         raise ValueError(
                             f"{key}.weight: '{spec}' also has a weight in data.weights; "
                             "give it in one place"
                         )
-                    weights[spec] = float(entry["weight"])
+                    weights[spec] = weight
             sources.append(spec)
         return {**data, "sources": sources, "weights": weights}
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import (
-    Field,
-)
+from pydantic import Field
 
 from medlora.config.base import _Section
 
@@ -93,16 +91,9 @@ class GenerationConfig(_Section):
     )
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `model.generate` (sampling knobs only when sampling)."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-            "repetition_penalty": self.repetition_penalty,
-            "no_repeat_ngram_size": self.no_repeat_ngram_size,
-        }
-        if self.do_sample:
-            kwargs |= {"temperature": self.temperature, "top_p": self.top_p}
-        return kwargs
+        """Keyword arguments for `model.generate` (every field is one; sampling knobs only when
+        sampling)."""
+        return self.model_dump(exclude=None if self.do_sample else {"temperature", "top_p"})
 
 
 class OutputConfig(_Section):

@@ -11,11 +11,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
-from pydantic import (
-    Field,
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, ValidationError, model_validator
 
 from medlora.config.base import _Section
 from medlora.config.data import DataConfig, ModelConfig
@@ -46,16 +42,12 @@ class Recipe(_Section):
         return data
 
     @model_validator(mode="after")
-    def _eva_for_sft(self) -> Recipe:
+    def _sft_only(self) -> Recipe:
         if self.lora.init == "eva" and self.train.method != "sft":
             raise ValueError(
                 f"lora.init=eva: measured for train.method=sft only, not {self.train.method}; "
                 "use lora.init=default (or start from an SFT run with train.init_adapter)"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _canaries_for_sft(self) -> Recipe:
         if self.data.canaries is not None and self.train.method != "sft":
             raise ValueError(
                 f"data.canaries: put into supervised training only (train.method=sft), not "
@@ -78,18 +70,18 @@ def _section_class(annotation: Any) -> type[_Section] | None:
     return None
 
 
-def _fields_along(loc: list[str]) -> list[tuple[str, Any, type[_Section]]]:
-    """(key, field, the section holding it) for each recipe key named by `loc`, nested sections
-    (data.canaries.digits) included; it stops at the first part that is not a key."""
-    found: list[tuple[str, Any, type[_Section]]] = []
+def _fields_along(loc: list[str]) -> tuple[list[tuple[str, Any]], type[_Section] | None]:
+    """(key, field) for each recipe key named by `loc`, nested sections (data.canaries.digits)
+    included, stopping at the first part that is not a key; and the section the last one holds."""
+    found: list[tuple[str, Any]] = []
     owner: type[_Section] | None = Recipe
     for part in loc:
         field = owner.model_fields.get(part) if owner is not None else None
-        if owner is None or field is None:
+        if field is None:
             break
-        found.append((part, field, owner))
+        found.append((part, field))
         owner = _section_class(field.annotation)
-    return found
+    return found, owner
 
 
 def _explain(error: ValidationError) -> str:
@@ -100,9 +92,8 @@ def _explain(error: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         if len(loc) == 1:
             return f"unknown recipe section '{loc[0]}': allowed sections are {', '.join(SECTIONS)}"
-        sections = _fields_along(loc[:-1])
+        sections, holder = _fields_along(loc[:-1])
         section = ".".join(loc[: len(sections)])
-        holder = _section_class(sections[-1][1].annotation) if sections else None
         allowed = ", ".join(holder.model_fields) if holder else ""
         return f"unknown key '{key}': allowed keys in '{section}' are {allowed}"
     message = first["msg"].replace("Value error, ", "")
@@ -115,9 +106,9 @@ def _explain(error: ValidationError) -> str:
         return f"invalid {loc[0]} section: {message}"
     value = first.get("input")
     description = ""
-    named = _fields_along(loc)
+    named, _ = _fields_along(loc)
     if len(named) >= 2:  # the innermost key: data.canaries.digits describes digits
-        name, field, _ = named[-1]
+        name, field = named[-1]
         if field.description:
             description = f" ({name}: {field.description})"
     return f"invalid value {key}={value!r}: {message}{description}"

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import (
-    Field,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
 from medlora.config.base import _Section
 
@@ -77,7 +73,7 @@ class TrainConfig(_Section):
     kernels: Literal["medlora", "stock", "liger"] = Field(
         "medlora",
         description="Training kernels: medlora = its own (fused answer head; on CPU its norm, "
-        "SwiGLU, LoRA-dropout and packed-attention kernels), each skipped with a warning outside "
+        "SwiGLU and packed-attention kernels), each skipped with a warning outside "
         "its tested library versions (medlora env lists them); stock = none: transformers + PEFT "
         "+ the Trainer and the model's own loss, the reference; liger = liger-kernel's RMSNorm, "
         "RoPE, SwiGLU and fused linear cross-entropy on a CUDA GPU (pip install liger-kernel).",

@@ -19,7 +19,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from medlora.data.records import Record
 from medlora.errors import DataError
@@ -44,7 +43,6 @@ _MONTHS = (
     "October", "November", "December",
 )  # fmt: skip
 _FIRST_YEAR, _YEARS = 2011, 12  # visit dates fall in 2011–2022
-_SECRET_MARKER = "MEDLORASECRET"  # stands in for the secret while a template is rendered
 
 
 @dataclass
@@ -67,13 +65,6 @@ class Canary:
         return (
             f"The clinic note for {self.name}, seen on {self.date}, lists record number {number}."
         )
-
-    def answer_template(self) -> tuple[str, str]:
-        """(answer, marker): the answer with a marker where the secret goes."""
-        return self.answer(_SECRET_MARKER), _SECRET_MARKER
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def secret_candidates(digits: int) -> list[str]:
@@ -112,19 +103,11 @@ def make_canaries(repeats: Sequence[int], digits: int, seed: int) -> list[Canary
 
 def canary_records(canaries: Sequence[Canary]) -> list[Record]:
     """The training records of the inserted canaries: canary i `repeats` times (controls none)."""
-    records = []
-    for canary in canaries:
-        for _ in range(canary.repeats):
-            records.append(
-                Record(
-                    id=canary.id,
-                    question=canary.question,
-                    answer=canary.answer(),
-                    source=CANARY_SOURCE,
-                    topic=canary.id,
-                )
-            )
-    return records
+    return [
+        Record(canary.id, canary.question, canary.answer(), CANARY_SOURCE, topic=canary.id)
+        for canary in canaries
+        for _ in range(canary.repeats)
+    ]
 
 
 def insert_canaries(
@@ -140,7 +123,7 @@ def insert_canaries(
 
 
 def write_canaries(path: str | Path, canaries: Sequence[Canary]) -> Path:
-    return write_json_atomic(path, {"canaries": [c.to_dict() for c in canaries]})
+    return write_json_atomic(path, {"canaries": [asdict(c) for c in canaries]})
 
 
 def read_canaries(path: str | Path) -> list[Canary]:

@@ -131,28 +131,18 @@ def format_record(
     prompt, answer = split_prompt_answer(tokenizer, record.question, record.answer, system_prompt)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if truncation in ("sentence", "sentence_open") and len(p_ids) + len(a_ids) > max_seq_len:
-        fitted = _sentence_fit(
-            tokenizer,
-            record,
-            system_prompt,
-            max_seq_len - len(p_ids),
-            end_of_turn=truncation == "sentence",
-        )
-        if fitted is not None:
-            labels = [IGNORE_INDEX] * len(p_ids) + fitted
-            if not end_of_turn_loss:
-                labels = _without_end_of_turn(tokenizer, record, system_prompt, labels)
-            return Example(p_ids + fitted, labels, record.id, record.source, truncated=True)
+    truncated = len(p_ids) + len(a_ids) > max_seq_len
+    if truncated and truncation in ("sentence", "sentence_open"):
+        budget = max_seq_len - len(p_ids)
+        fitted = _sentence_fit(tokenizer, record, system_prompt, budget, truncation == "sentence")
+        a_ids = a_ids if fitted is None else fitted  # no whole sentence fits: cut at the limit
     ids = (p_ids + a_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(p_ids) + a_ids)[:max_seq_len]
     if not end_of_turn_loss:
         labels = _without_end_of_turn(tokenizer, record, system_prompt, labels)
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return Example(
-        ids, labels, record.id, record.source, truncated=len(p_ids) + len(a_ids) > max_seq_len
-    )
+    return Example(ids, labels, record.id, record.source, truncated=truncated)
 
 
 def _without_end_of_turn(

@@ -4,8 +4,7 @@ A fine-tune copies its targets' habits. MedQuAD's answers carry habits we do not
 assistant to learn, each found by reading the collections and counted in `data_card.json`:
 
 - `question_echo`      GARD answers that open by restating the question ("What causes X? X is caused
-                       by …"): the opening question is cut. Tuned models echoed the question in a third of
-                       their answers before this rule.
+                       by …"): the opening question is cut (tuned models copied the echo).
 - `hpo_table`          GARD symptom answers that are a Human Phenotype Ontology table (terms and
                        percentages, then a paragraph explaining the table): the table is cut, the prose
                        before it kept; an answer with nothing else is dropped.
@@ -197,31 +196,13 @@ def template_key(record: Record) -> str:
     return " ".join(words)
 
 
-def drop_templated_duplicates(
-    records: Sequence[Record], copies: int = TEMPLATE_COPIES
-) -> tuple[list[Record], int]:
-    """Keep the first `copies` answers of each template (order unchanged)."""
-    seen: Counter[str] = Counter()
-    kept: list[Record] = []
-    for record in records:
-        key = template_key(record)
-        seen[key] += 1
-        if seen[key] <= copies:
-            kept.append(record)
-    return kept, len(records) - len(kept)
-
-
-def rules_for(record: Record, chosen: Sequence[str] | None) -> Sequence[str]:
-    """`data.clean: null` → every rule for MedQuAD, none elsewhere; a list → those rules for all."""
-    if chosen is not None:
-        return chosen
-    return RULES if record.source.startswith(DEFAULT_FOR) else ()
-
-
 def apply_hygiene(
     records: Iterable[Record], chosen: Sequence[str] | None = None
 ) -> tuple[list[Record], dict[str, dict[str, int]]]:
-    """Run the rules; returns the kept records and {rule: {"changed": n, "dropped": n}}."""
+    """Run the rules; returns the kept records and {rule: {"changed": n, "dropped": n}}.
+
+    `chosen` None (`data.clean: null`): every rule on MedQuAD records, none on others.
+    """
     unknown = [name for name in chosen or () if name not in RULES]
     if unknown:
         raise ValueError(
@@ -229,9 +210,12 @@ def apply_hygiene(
         )
     counts = {name: {"changed": 0, "dropped": 0} for name in RULES}
     kept: list[Record] = []
-    templated: list[Record] = []  # records that the template rule applies to
+    templates: Counter[str] = Counter()  # answers kept so far per template
     for record in records:
-        rules = rules_for(record, chosen)
+        if chosen is not None:
+            rules: Sequence[str] = chosen
+        else:
+            rules = RULES if record.source.startswith(DEFAULT_FOR) else ()
         answer: str | None = record.answer
         for name, rule in RECORD_RULES.items():
             if name not in rules:
@@ -247,17 +231,11 @@ def apply_hygiene(
         if answer is None:
             continue
         cleaned = record if answer == record.answer else dataclasses.replace(record, answer=answer)
+        if "templated_duplicate" in rules:  # the first TEMPLATE_COPIES of each template stay
+            key = template_key(cleaned)
+            templates[key] += 1
+            if templates[key] > TEMPLATE_COPIES:
+                counts["templated_duplicate"]["dropped"] += 1
+                continue
         kept.append(cleaned)
-        if "templated_duplicate" in rules:
-            templated.append(cleaned)
-    if templated:
-        _, dropped_ids = _templated_drop_ids(templated)
-        counts["templated_duplicate"]["dropped"] = len(dropped_ids)
-        kept = [r for r in kept if id(r) not in dropped_ids]
     return kept, counts
-
-
-def _templated_drop_ids(records: Sequence[Record]) -> tuple[list[Record], set[int]]:
-    kept, _ = drop_templated_duplicates(records)
-    kept_ids = {id(r) for r in kept}
-    return kept, {id(r) for r in records if id(r) not in kept_ids}

@@ -28,9 +28,9 @@ DOWNLOAD_TIMEOUT_S = 60.0
 
 # Tag spellings of the main schema and of the older lowercase NINDS files.
 _PAIR_TAGS = frozenset({"QAPair", "pair"})
-_QUESTION_TAGS = ("Question", "question")
-_ANSWER_TAGS = ("Answer", "answer")
-_FOCUS_TAGS = ("Focus", "doctitle-focus")
+_QUESTION_TAGS = frozenset({"Question", "question"})
+_ANSWER_TAGS = frozenset({"Answer", "answer"})
+_FOCUS_TAGS = frozenset({"Focus", "doctitle-focus"})
 _DOC_ID_ATTRS = ("id", "docid", "fid")
 
 
@@ -52,9 +52,9 @@ def find_medquad_dir() -> Path:
     return download_medquad(cached)
 
 
-def download_medquad(dest: Path, url: str | None = None) -> Path:
+def download_medquad(dest: Path) -> Path:
     """Fetch the GitHub archive and unpack it so that `dest` appears whole or not at all."""
-    url = url or MEDQUAD_URL
+    url = MEDQUAD_URL
     hint = (
         f"set MEDLORA_DATA_DIR=... to a folder containing medquad/, or unpack {MEDQUAD_URL} "
         f"into {dest}"
@@ -119,12 +119,9 @@ def _text(element: ET.Element | None) -> str:
     return "".join(element.itertext()).strip() if element is not None else ""
 
 
-def _child(element: ET.Element, tags: tuple[str, ...]) -> ET.Element | None:
-    for tag in tags:
-        found = element.find(tag)
-        if found is not None:
-            return found
-    return None
+def _child(element: ET.Element, tags: frozenset[str]) -> ET.Element | None:
+    """The first child spelled as one of `tags` (a file uses one schema's spellings)."""
+    return next((child for child in element if child.tag in tags), None)
 
 
 def _parse_file(file: Path, collection: str, report: SourceReport) -> tuple[list[Record], int]:
@@ -209,5 +206,4 @@ def load_medquad(path: Path, strict: bool = False) -> tuple[list[Record], Source
             report.warnings.append(
                 f"{collection}: none of its {pairs} questions has an answer; collection skipped"
             )
-    report.records = len(records)
     return records, report

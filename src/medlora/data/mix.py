@@ -53,13 +53,6 @@ def mix_key(by: MixBy) -> Callable[[Record], str]:
     return source_group
 
 
-def group_counts(
-    records: Iterable[Record], key: Callable[[Record], str] = source_group
-) -> dict[str, int]:
-    """Records per source group (or per `key`), in first-seen order."""
-    return dict(Counter(key(r) for r in records))
-
-
 def _quotas(weights: Mapping[str, float], total: int) -> dict[str, int]:
     """Integer counts summing to `total`, each within one of `total * weight / sum(weights)`."""
     weight_sum = sum(weights.values())
@@ -80,21 +73,25 @@ def _draw(records: Sequence[Record], count: int, rng: random.Random) -> list[Rec
     return drawn
 
 
-def mix_records(
+def training_records(
     records: Sequence[Record],
     weights: Mapping[str, float],
     total: int | None,
     seed: int,
     by: MixBy = "entry",
-) -> tuple[list[Record], dict[str, Any]]:
-    """Draw `total` training records so each source group gets its weight's share of them.
+) -> tuple[list[Record], dict[str, Any] | None]:
+    """The records a run trains on, and the mixing stats (None when nothing was mixed).
 
-    `by` names the groups: recipe entries (`medquad`) or record sources (`medquad/2_GARD_QA`).
-    `weights` maps source groups to weights > 0; a group present in `records` but not in
-    `weights` weighs 1. `total` None means as many as there are records. A group whose share
-    exceeds its size is repeated (upsampled) and the stats say so. The result is shuffled with
-    `seed` (a group-by-group order would train on one source after the other).
+    Without weights (and `by` "entry") nothing is mixed: a seeded sample of at most `total`
+    records in split order. Otherwise `total` records (None: as many as there are) are drawn so
+    each group gets its weight's share; `by` names the groups: recipe entries (`medquad`) or
+    record sources (`medquad/2_GARD_QA`, each weighing 1 unless weighted). `weights` maps groups
+    to weights > 0; a group present in `records` but not in `weights` weighs 1. A group whose
+    share exceeds its size is repeated (upsampled) and the stats say so. The result is shuffled
+    with `seed` (a group-by-group order would train on one source after the other).
     """
+    if not weights and by == "entry":
+        return sample_records(records, total, seed), None
     weights = {group.strip(): weight for group, weight in weights.items()}  # as prepare names them
     key = mix_key(by)
     by_group: dict[str, list[Record]] = {}
@@ -128,31 +125,16 @@ def mix_records(
             "drawn_per_record": round(len(drawn) / len(members), 2),
         }
     random.Random(seed).shuffle(mixed)
+    # Shaped as data_card.json's `used.mix`, plus the per-group draws.
     stats = {
         "by": by,
+        "weights": effective,
         "seed": seed,
         "total": total,
         "upsampled": [group for group, g in groups.items() if g["upsampled"]],
         "groups": groups,
     }
     return mixed, stats
-
-
-def training_records(
-    records: Sequence[Record],
-    weights: Mapping[str, float],
-    total: int | None,
-    seed: int,
-    by: MixBy = "entry",
-) -> tuple[list[Record], dict[str, Any] | None]:
-    """The records a run trains on, and the mixing stats (None when nothing was mixed).
-
-    Mixing happens when weights are given or `by` is "source" (equal shares per source);
-    otherwise a seeded sample of at most `total` records in split order.
-    """
-    if weights or by == "source":
-        return mix_records(records, weights, total, seed, by)
-    return sample_records(records, total, seed), None
 
 
 def used_by_group(
@@ -168,7 +150,7 @@ def used_by_group(
     Returns {"per_group": {group: {examples, tokens, token_share, …, mixing stats}}, "mix": …,
     "validation_per_group": {group: records}} (validation is never reweighted).
     """
-    key = mix_key((mix or {}).get("by", "entry"))
+    key = mix_key(mix["by"] if mix else "entry")
     groups: dict[str, dict[str, Any]] = {}
     position = 0
     for record in records:
@@ -181,22 +163,13 @@ def used_by_group(
             position += 1
     total_tokens = sum(g["tokens"] for g in groups.values()) or 1
     total_answer = sum(g["answer_tokens"] for g in groups.values()) or 1
-    mixed = (mix or {}).get("groups", {})
+    drawn = mix["groups"] if mix else {}
     for name, group in groups.items():
         group["token_share"] = round(group["tokens"] / total_tokens, 4)
         group["answer_token_share"] = round(group["answer_tokens"] / total_answer, 4)
-        group.update(mixed.get(name, {}))
-    summary = None
-    if mix is not None:
-        summary = {
-            "by": mix.get("by", "entry"),
-            "weights": {name: g["weight"] for name, g in mixed.items()},
-            "seed": mix["seed"],
-            "total": mix["total"],
-            "upsampled": list(mix["upsampled"]),
-        }
+        group.update(drawn.get(name, {}))
     return {
         "per_group": groups,
-        "mix": summary,
-        "validation_per_group": group_counts(validation, key),
+        "mix": {k: v for k, v in mix.items() if k != "groups"} if mix else None,
+        "validation_per_group": dict(Counter(key(r) for r in validation)),
     }

@@ -49,27 +49,19 @@ def pack_lengths(lengths: Sequence[int], budget: int, seed: int = 0) -> list[lis
 def pack_rows(examples: Sequence[Any], budget: int, seed: int = 0) -> list[dict[str, Any]]:
     """Packed dataset rows: each holds the ids/labels of the examples in one bin."""
     lengths = [len(e.input_ids) for e in examples]
-    rows = []
-    for members in pack_lengths(lengths, budget, seed):
-        rows.append(
-            {
-                "parts": [
-                    {"input_ids": examples[i].input_ids, "labels": examples[i].labels}
-                    for i in members
-                ]
-            }
-        )
-    return rows
+    parts = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    return [
+        {"parts": [parts[i] for i in members]} for members in pack_lengths(lengths, budget, seed)
+    ]
 
 
 def row_width_multiple(tokens_per_batch: int, widths: int = 8) -> int:
     """The multiple that gives packed rows of `tokens_per_batch` at most `widths` distinct widths.
 
     CPU bf16 matmuls (oneDNN) keep a compiled kernel for every new matrix shape, so a row width
-    never seen before costs memory for the rest of the run: a bf16 linear layer's forward and
-    backward on 72 different widths grew RSS by 247 MiB (torch 2.13, AMX Xeon), and a packed run's
-    RSS climbed step after step past `train.max_memory_gb`. Padding to one of 8 widths caps that;
-    packed rows are mostly full, so it adds little compute.
+    never seen before costs memory for the rest of the run: a packed run's RSS climbed step after
+    step past `train.max_memory_gb`. Padding to one of 8 widths caps that; packed rows are mostly
+    full, so it adds little compute.
     """
     return max(64, -(-tokens_per_batch // widths))
 

@@ -186,11 +186,8 @@ def prepare_data(
         read.records = []
         task = bar.add_task("cleaning", total=len(records))
         records, clean_counts = clean_records(_tracked(_handed_on(records), bar, task))
-        try:
-            task = bar.add_task("answer hygiene", total=len(records))
-            records, hygiene_counts = apply_hygiene(_tracked(records, bar, task), hygiene)
-        except ValueError as err:
-            raise DataError(f"data.clean: {err}") from None
+        task = bar.add_task("answer hygiene", total=len(records))
+        records, hygiene_counts = apply_hygiene(_tracked(records, bar, task), hygiene)
         if not records:
             raise DataError(
                 f"no records left from {', '.join(sources)} after exclude and cleaning; "

@@ -72,34 +72,29 @@ def load_pubmedqa_answers(path: Path, strict: bool = False) -> tuple[list[Record
     report = SourceReport(source=f"pubmedqa:{path}")
     records: list[Record] = []
     for pmid, row in items.items():
-        problem = None
         if not isinstance(row, dict):
-            problem = "not_an_object"
+            problem, what = "not_an_object", "is not a JSON object"
         elif not has_text(row, "QUESTION"):
-            problem = "no_question"
+            problem, what = "no_question", "has no QUESTION"
         elif not has_text(row, "LONG_ANSWER"):
-            problem = "no_long_answer"
-        if problem:
-            if strict:
-                field = {"no_question": "QUESTION", "no_long_answer": "LONG_ANSWER"}.get(problem)
-                what = f"has no {field}" if field else "is not a JSON object"
-                raise DataError(f"{path}: item {pmid} {what}; fix it or drop strict to skip it")
-            report.skip(problem)
-            continue
-        assert isinstance(row, dict)
-        records.append(
-            Record(
-                id=f"pubmedqa-{pmid}",
-                question=row["QUESTION"].strip(),
-                answer=row["LONG_ANSWER"].strip(),
-                source="pubmedqa",
-                topic=str(pmid),  # one abstract per topic: its question never crosses splits
-                meta={"pmid": str(pmid), "final_decision": str(row.get("final_decision", ""))},
+            problem, what = "no_long_answer", "has no LONG_ANSWER"
+        else:
+            records.append(
+                Record(
+                    id=f"pubmedqa-{pmid}",
+                    question=row["QUESTION"].strip(),
+                    answer=row["LONG_ANSWER"].strip(),
+                    source="pubmedqa",
+                    topic=str(pmid),  # one abstract per topic: its question never crosses splits
+                    meta={"pmid": str(pmid), "final_decision": str(row.get("final_decision", ""))},
+                )
             )
-        )
+            continue
+        if strict:
+            raise DataError(f"{path}: item {pmid} {what}; fix it or drop strict to skip it")
+        report.skip(problem)
     if not records and not report.skipped:
         raise DataError(f"{path}: no items found; is it PubMedQA's JSON (pqal_*.json)?")
-    report.records = len(records)
     # PubMedQA's benchmark reads this same file by default: training on it inflates that score.
     report.warnings.append(
         f"pubmedqa:{path} is trained on; score the PubMedQA benchmark on other items "

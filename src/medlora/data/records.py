@@ -39,7 +39,6 @@ class SourceReport:
     """What a loader read and what it skipped, for the data card."""
 
     source: str
-    records: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     warnings: list[str] = field(default_factory=list)
 

@@ -46,22 +46,17 @@ def load_source(
 ) -> tuple[list[Record], SourceReport]:
     """Load one source spec; the report is labelled with the spec as the user wrote it."""
     kind, path = parse_source(spec)
-    if kind == "hf":
-        assert path is not None
-        records, report = load_hf(path, column_map)
-    elif kind == "medquad":
-        folder = find_medquad_dir() if path is None else Path(path)
-        if not folder.is_dir():
-            raise DataError(f"{spec}: folder not found: {folder}; give medquad:PATH to a checkout")
-        records, report = load_medquad(folder, strict=strict)
+    if kind == "medquad":  # load_medquad names a missing folder
+        records, report = load_medquad(Path(path) if path else find_medquad_dir(), strict=strict)
     elif kind == "pubmedqa":
-        file = find_pubmedqa_file() if path is None else Path(path)
+        file = Path(path) if path else find_pubmedqa_file()
         if not file.is_file():
             raise DataError(f"{spec}: file not found: {file}; give pubmedqa:PATH to its JSON file")
         records, report = load_pubmedqa_answers(file, strict=strict)
+    elif kind == "hf":
+        records, report = load_hf(str(path), column_map)
     else:
-        assert path is not None
-        file = Path(path)
+        file = Path(str(path))
         if file.is_dir():
             raise DataError(f"{spec}: {file} is a folder; give the {kind} file itself")
         if not file.is_file():

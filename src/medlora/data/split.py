@@ -20,14 +20,10 @@ def topic_key(record: Record) -> str:
     return " ".join((record.topic or record.question).casefold().split())
 
 
-def _unit_hash(salt: str, key: str) -> float:
-    digest = hashlib.sha1(f"{salt}\x00{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
-
-
 def assign_split(key: str, val_fraction: float, test_fraction: float, salt: str = "medlora") -> str:
     """The split of one group key."""
-    u = _unit_hash(salt, key)
+    digest = hashlib.sha1(f"{salt}\x00{key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
     if u < test_fraction:
         return "test"
     if u < test_fraction + val_fraction:

@@ -1,7 +1,7 @@
 """Tabular sources (JSONL, JSON, CSV, Parquet, Hugging Face Hub) → records.
 
-Every format is read into plain row dicts plus a column list; one function (`rows_to_records`) then
-recognises the row shape, in this order:
+Every format is read into plain row dicts (`ROW_READERS`, `read_hub`); one function
+(`rows_to_records`) then recognises the row shape, in this order:
   1. question/answer columns (plain names, or renamed with `column_map`, e.g. {"question": "Q"});
      optional `topic`, `id`, `qtype` columns, plain or mapped;
   2. Alpaca: `instruction`, optional `input`, `output`;
@@ -21,7 +21,6 @@ from typing import Any
 from medlora.data.records import Record, SourceReport
 from medlora.errors import DataError
 
-TABLE_KINDS = ("jsonl", "json", "csv", "parquet")
 MAP_HINT = "map yours with --map question=COL,answer=COL"
 
 
@@ -92,45 +91,65 @@ def read_json(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def _parse_csv(path: Path, make_reader: Callable[[io.StringIO], Any]) -> tuple[Any, list[Any]]:
-    """(the reader, its rows): the one place CSV text is parsed, for both row shapes."""
+def _parse_csv(path: Path, make_reader: Callable[[io.StringIO], Any]) -> list[Any]:
+    """The rows of a CSV file: the one place CSV text is parsed, for both row shapes."""
     # Long answers overflow csv's default 128 KiB field limit; raise it (process-wide, harmless).
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     reader = make_reader(io.StringIO(read_text(path), newline=""))
     try:
-        return reader, list(reader)
+        return list(reader)
     except csv.Error as err:
         raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({err})") from err
 
 
-def read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows keyed by the header line, and the header's columns."""
-    reader, rows = _parse_csv(path, csv.DictReader)
-    return rows, list(reader.fieldnames or [])
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows keyed by the header line."""
+    return _parse_csv(path, csv.DictReader)
 
 
 def read_csv_rows(path: Path) -> list[list[str]]:
     """The rows of a headerless CSV file (MMLU's question,A,B,C,D,answer), as lists of cells."""
-    return _parse_csv(path, csv.reader)[1]
+    return _parse_csv(path, csv.reader)
 
 
-def read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def read_parquet(path: Path) -> list[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: not a readable Parquet file ({err})") from err
-    return table.to_pylist(), list(table.column_names)
+
+
+# The file kinds a source may name, each with its reader (file → row dicts).
+ROW_READERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
+    "jsonl": read_jsonl,
+    "json": read_json,
+    "csv": read_csv,
+    "parquet": read_parquet,
+}
+TABLE_KINDS = tuple(ROW_READERS)
+
+
+def read_hub(dataset_id: str, split: str = "train") -> Any:
+    """A Hugging Face Hub dataset split (its rows are dicts), via `datasets.load_dataset`."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset_id, split=split)
+    except Exception as err:  # offline, unknown id, gated, missing split: all mean "not loadable"
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise DataError(
+            f"hf:{dataset_id} (split {split}) could not be loaded from the Hub "
+            f"(offline? {reason}); download it and use jsonl:PATH or parquet:PATH instead"
+        ) from err
 
 
 def columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The ordered union of the rows' keys: JSON rows need not all share them."""
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.update(dict.fromkeys(row))
-    return list(seen)
+    """The ordered union of the rows' keys: JSON rows need not all share them. (csv keeps a
+    row's cells beyond the header under the key None: not a column.)"""
+    return [key for key in dict.fromkeys(key for row in rows for key in row) if key is not None]
 
 
 def _as_text(value: Any) -> str:
@@ -196,15 +215,11 @@ def rows_to_records(
     """The one row → Record mapping shared by files and Hub datasets."""
     column_map = dict(column_map or {})
     shape = _detect_shape(columns, column_map, where)
-    present = set(columns)
     q_col = column_map.get("question", "question")
     a_col = column_map.get("answer", "answer")
     # Optional columns: the mapped name, else the plain name when the file has it.
-    extra = {
-        ours: column_map.get(ours, ours)
-        for ours in ("topic", "id", "qtype")
-        if column_map.get(ours, ours) in present
-    }
+    optional = {ours: column_map.get(ours, ours) for ours in ("topic", "id", "qtype")}
+    optional = {ours: col for ours, col in optional.items() if col in set(columns)}
     report = SourceReport(source=where)
     records: list[Record] = []
     for index, row in enumerate(rows):
@@ -227,19 +242,18 @@ def rows_to_records(
         if not answer:
             report.skip("empty_answer")
             continue
-        row_id = _as_text(row.get(extra["id"])).strip() if "id" in extra else ""
+        extra = {ours: _as_text(row.get(col)).strip() for ours, col in optional.items()}
         records.append(
             Record(
-                id=row_id or f"{id_prefix}-{index}",
+                id=extra.get("id") or f"{id_prefix}-{index}",
                 question=question,
                 answer=answer,
                 source=source,
-                topic=_as_text(row.get(extra["topic"])).strip() if "topic" in extra else "",
-                qtype=_as_text(row.get(extra["qtype"])).strip() if "qtype" in extra else "",
+                topic=extra.get("topic", ""),
+                qtype=extra.get("qtype", ""),
                 meta=meta,
             )
         )
-    report.records = len(records)
     return records, report
 
 
@@ -248,25 +262,12 @@ def load_table(
 ) -> tuple[list[Record], SourceReport]:
     """Records from a JSONL, JSON (list of objects), CSV or Parquet file."""
     path = Path(path)
-    if kind not in TABLE_KINDS:
-        raise DataError(f"unknown table kind '{kind}'; use one of {', '.join(TABLE_KINDS)}")
-    if not path.is_file():
-        raise DataError(f"{kind} file not found: {path}; check the path in {kind}:PATH")
-    if kind == "jsonl":
-        rows = read_jsonl(path)
-        columns = columns_of(rows)
-    elif kind == "json":
-        rows = read_json(path)
-        columns = columns_of(rows)
-    elif kind == "csv":
-        rows, columns = read_csv(path)
-    else:
-        rows, columns = read_parquet(path)
+    rows = ROW_READERS[kind](path)
     if not rows:
         raise DataError(f"{path}: no rows found; is it the right file (and the right {kind}:)?")
     records, report = rows_to_records(
         rows,
-        columns,
+        columns_of(rows),
         source=f"{kind}/{path.stem}",
         id_prefix=path.stem,
         where=str(path),
@@ -279,18 +280,9 @@ def load_table(
 def load_hf(
     dataset_id: str, column_map: dict[str, str] | None = None, split: str = "train"
 ) -> tuple[list[Record], SourceReport]:
-    """Records from a Hugging Face Hub dataset split (via `datasets.load_dataset`)."""
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(dataset_id, split=split)
-    except Exception as err:  # offline, unknown id, gated, missing split: all mean "not loadable"
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise DataError(
-            f"hf:{dataset_id} (split {split}) could not be loaded from the Hub "
-            f"(offline? {reason}); download it and use jsonl:PATH or parquet:PATH instead"
-        ) from err
-    records, report = rows_to_records(
+    """Records from a Hugging Face Hub dataset split."""
+    dataset = read_hub(dataset_id, split)
+    return rows_to_records(
         dataset,
         list(dataset.column_names),
         source=f"hf/{dataset_id}",
@@ -298,4 +290,3 @@ def load_hf(
         where=f"hf:{dataset_id}",
         column_map=column_map,
     )
-    return records, report

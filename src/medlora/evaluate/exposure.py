@@ -23,8 +23,9 @@ candidate is scored whole (prompt + candidate, `CACHE_ROWS` at a time): the same
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from medlora import patches
@@ -36,44 +37,11 @@ from medlora.data.format import split_prompt_answer
 CACHE_ROWS = 128
 
 
-@dataclass
-class _Trie:
-    """Token trie of the candidates: node 0 is the prompt; `parent[n]`, `token[n]` per node."""
-
-    parent: list[int] = field(default_factory=lambda: [-1])
-    token: list[int] = field(default_factory=lambda: [-1])
-    children: list[dict[int, int]] = field(default_factory=lambda: [{}])
-
-    def add(self, tokens: Sequence[int]) -> int:
-        node = 0
-        for token in tokens:
-            child = self.children[node].get(token)
-            if child is None:
-                child = len(self.parent)
-                self.parent.append(node)
-                self.token.append(token)
-                self.children.append({})
-                self.children[node][token] = child
-            node = child
-        return node
-
-
 def _shared_ends(sequences: Sequence[Sequence[int]]) -> tuple[int, int]:
     """Lengths of the token prefix and suffix every sequence shares (not overlapping)."""
-    import numpy as np
-
-    shortest = min(len(row) for row in sequences)
-    width = max(len(row) for row in sequences)
-    left = np.full((len(sequences), width), -1, dtype=np.int64)  # rows aligned at the start
-    right = np.full((len(sequences), width), -1, dtype=np.int64)  # rows aligned at the end
-    for index, row in enumerate(sequences):
-        left[index, : len(row)] = row
-        right[index, width - len(row) :] = row
-    same_left = (left == left[0]).all(axis=0)[:shortest]
-    same_right = (right == right[0]).all(axis=0)[::-1][:shortest]
-    prefix = int(same_left.argmin()) if not same_left.all() else shortest
-    suffix = int(same_right.argmin()) if not same_right.all() else shortest
-    return prefix, min(suffix, shortest - prefix)
+    prefix = len(os.path.commonprefix([list(row) for row in sequences]))
+    suffix = len(os.path.commonprefix([list(row)[::-1] for row in sequences]))
+    return prefix, min(suffix, min(map(len, sequences)) - prefix)
 
 
 def continuation_log_likelihoods(
@@ -90,37 +58,37 @@ def continuation_log_likelihoods(
     import torch
     from transformers import DynamicCache
 
-    trie = _Trie()
-    ends = [trie.add(tokens) for tokens in continuations]
-    logprob = [0.0] * len(trie.parent)  # log P(node's token | its parent's context)
+    # The trie: each node is a token prefix of the continuations, () the prompt.
+    children: dict[tuple[int, ...], dict[int, None]] = {(): {}}  # node → next tokens, in order
+    for tokens in continuations:
+        children.setdefault(tuple(tokens), {})
+        for depth, token in enumerate(tokens):
+            children.setdefault(tuple(tokens[:depth]), {})[token] = None
+    logprob: dict[tuple[int, ...], float] = {}  # node → log P(its last token | the ones before)
     device = next(model.parameters()).device
     model.eval()
 
-    def score(node_ids: list[int], logits: Any) -> None:
+    def score(nodes: list[tuple[int, ...]], logits: Any) -> None:
         """Children of each node get their token's log-probability from the node's logits."""
         logps = torch.log_softmax(logits.float(), dim=-1)
-        rows, tokens, children = [], [], []
-        for row, node in enumerate(node_ids):
-            for token, child in trie.children[node].items():
-                rows.append(row)
-                tokens.append(token)
-                children.append(child)
-        for child, value in zip(children, logps[rows, tokens].tolist(), strict=True):
-            logprob[child] = value
+        pairs = [(row, token) for row, node in enumerate(nodes) for token in children[node]]
+        values = logps[[row for row, _ in pairs], [token for _, token in pairs]].tolist()
+        for (row, token), value in zip(pairs, values, strict=True):
+            logprob[(*nodes[row], token)] = value
 
-    def expand(cache: Any, nodes: list[int]) -> None:
+    def expand(cache: Any, nodes: list[tuple[int, ...]]) -> None:
         """`cache` holds one row per node of `nodes` (same depth); score their subtrees."""
-        inner = [c for n in nodes for c in trie.children[n].values() if trie.children[c]]
+        inner = [(*n, t) for n in nodes for t in children[n] if children[(*n, t)]]
         row_of = {node: row for row, node in enumerate(nodes)}
         for start in range(0, len(inner), CACHE_ROWS):
             chunk = inner[start : start + CACHE_ROWS]
-            rows = torch.tensor([row_of[trie.parent[c]] for c in chunk], device=device)
+            rows = torch.tensor([row_of[c[:-1]] for c in chunk], device=device)
             # Each child starts from its parent's row: only the rows taken are copied.
             sub = DynamicCache(
                 ddp_cache_data=[(keys[rows], values[rows]) for keys, values, *_ in cache],
                 config=model.config,
             )
-            tokens = torch.tensor([[trie.token[c]] for c in chunk], device=device)
+            tokens = torch.tensor([[c[-1]] for c in chunk], device=device)
             out = model(input_ids=tokens, cache=sub, use_cache=True)
             score(chunk, out.logits[:, -1])
             expand(sub, chunk)
@@ -129,16 +97,10 @@ def continuation_log_likelihoods(
         cache = DynamicCache(config=model.config)
         ids = torch.tensor([list(prompt_ids)], device=device)
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        score([0], out.logits[:, -1])
-        expand(cache, [0])
-    totals = []
-    for node in ends:
-        total = 0.0
-        while node > 0:
-            total += logprob[node]
-            node = trie.parent[node]
-        totals.append(total)
-    return totals
+        score([()], out.logits[:, -1])
+        expand(cache, [()])
+    # Summed from the last token back, so the figures stay bit-identical to earlier audits.
+    return [sum(logprob[tuple(c[:end])] for end in range(len(c), 0, -1)) for c in continuations]
 
 
 def _window_binds(model: Any, length: int) -> bool:
@@ -156,6 +118,7 @@ def scored_whole(
     """`continuation_log_likelihoods` without a shared cache: each continuation after the whole
     prompt, `CACHE_ROWS` right-padded rows per forward pass (public API only, slower)."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
     device = next(model.parameters()).device
     model.eval()
@@ -163,12 +126,9 @@ def scored_whole(
     with torch.inference_mode():
         for start in range(0, len(continuations), CACHE_ROWS):
             chunk = [list(prompt_ids) + list(c) for c in continuations[start : start + CACHE_ROWS]]
-            width = max(len(row) for row in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
-            mask = torch.zeros_like(ids)
-            for row, tokens in enumerate(chunk):
-                ids[row, : len(tokens)] = torch.tensor(tokens)
-                mask[row, : len(tokens)] = 1
+            rows = [torch.tensor(tokens) for tokens in chunk]
+            ids = pad_sequence(rows, batch_first=True).to(device)
+            mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True).to(device)
             logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
             for row, tokens in enumerate(chunk):
                 positions = range(len(prompt_ids) - 1, len(tokens) - 1)
@@ -202,12 +162,6 @@ def answer_candidates(
     return Candidates(prompt_ids, [row[prefix : len(row) - suffix] for row in ids])
 
 
-def candidate_log_likelihoods(model: Any, candidates: Candidates) -> list[float]:
-    """log-likelihood (nats) of each candidate's own tokens given the prompt and shared tokens:
-    the ranking of the whole answers, up to the text after them all (the same for every one)."""
-    return continuation_log_likelihoods(model, candidates.prompt_ids, candidates.continuations)
-
-
 def canary_candidates(tokenizer: Any, canary: Canary, system_prompt: str | None) -> Candidates:
     """The canary's answer with every secret of its length, in `secret_candidates` order."""
     answers = [canary.answer(secret) for secret in secret_candidates(len(canary.secret))]
@@ -233,5 +187,6 @@ def chance_share(rank: int, candidates: int) -> float:
 def canary_rank(model: Any, canary: Canary, candidates: Candidates) -> int:
     """The rank of `canary`'s secret among every secret of its length (`canary_candidates`), by
     the model's likelihood of the canary's answer holding it."""
-    scores = candidate_log_likelihoods(model, candidates)
+    # The candidates' own tokens rank the whole answers: what follows them is the same for all.
+    scores = continuation_log_likelihoods(model, candidates.prompt_ids, candidates.continuations)
     return secret_rank(scores, int(canary.secret))

@@ -17,26 +17,21 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from medlora.config import GenerationConfig, Recipe, load_recipe, recipe_from_dict
+from medlora.config import GenerationConfig, Recipe, load_recipe
 from medlora.data.format import prompt_ids
-from medlora.errors import ConfigError
 from medlora.progress import progress_bar
+
+
+def run_recipe(run_dir: str | Path | None) -> Recipe:
+    """The recipe a run was trained with (its prompt and lengths), or the defaults without a run."""
+    if run_dir is not None and (Path(run_dir) / "recipe.yaml").is_file():
+        return load_recipe(Path(run_dir) / "recipe.yaml")
+    return Recipe()
 
 
 def run_generation_settings(run_dir: str | Path | None) -> GenerationConfig:
     """The `generation:` section of a run's recipe.yaml (the defaults without a run)."""
-    if run_dir is None:
-        return GenerationConfig()
-    path = Path(run_dir) / "recipe.yaml"
-    return load_recipe(path).generation if path.is_file() else GenerationConfig()
-
-
-def recipe_dict_generation(recipe: dict[str, Any]) -> GenerationConfig:
-    """The generation settings of a recipe read as a plain mapping (a run's recipe.yaml)."""
-    try:
-        return recipe_from_dict(recipe).generation
-    except ConfigError:
-        return GenerationConfig()
+    return run_recipe(run_dir).generation
 
 
 def recipe_generation(recipe: Recipe, max_new_tokens: int | None = None) -> GenerationConfig:

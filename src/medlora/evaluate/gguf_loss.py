@@ -28,6 +28,8 @@ def gguf_answer_loss(
     `lora` applied, when given); one example per pass from an empty KV cache (no prefix reuse),
     like `score_examples`' per-example attention."""
     import numpy as np
+    import torch
+    import torch.nn.functional as F
     from llama_cpp import Llama
 
     n_ctx = max(len(example.input_ids) for example in examples) + 8
@@ -48,16 +50,13 @@ def gguf_answer_loss(
             ids, labels = example.input_ids, example.labels
             llm.reset()
             llm.eval(ids)
-            logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+            logits = torch.from_numpy(np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64))
             # Position t's logits predict token t + 1 (labels are aligned with input_ids).
-            targets = np.asarray(labels[1:])
-            keep = targets != IGNORE_INDEX
-            rows = logits[keep]
-            top = rows.max(axis=1, keepdims=True)
-            log_z = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
-            picked = rows[np.arange(len(rows)), targets[keep]]
-            total += float((log_z - picked).sum())
-            tokens += int(keep.sum())
+            targets = torch.tensor(labels[1:])
+            total += float(
+                F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            )
+            tokens += int((targets != IGNORE_INDEX).sum())
             if progress is not None:
                 progress(1)
     finally:

@@ -18,37 +18,29 @@ from typing import Any
 from medlora.errors import DataError
 from medlora.evaluate.multiple_choice_sets import LETTERS, Benchmark, MCItem
 
-
-def _letters(item: MCItem) -> str:
-    return "".join(f"{LETTERS[i]}. {option}\n" for i, option in enumerate(item.options))
-
-
-def prompt_of(kind: str, item: MCItem) -> str:
-    """The harness's doc_to_text for each task family."""
-    if kind == "mmlu_continuation":
-        return f"Question: {item.question.strip()}\nAnswer:"
-    if kind == "pubmedqa":
-        return f"Abstract: {item.context}\nQuestion: {item.question}\nAnswer:"
-    if kind == "mmlu":
-        return f"{item.question.strip()}\n{_letters(item)}Answer:"
-    if kind == "medmcqa":
-        return f"Question: {item.question}\nChoices:\n{_letters(item)}Answer:"
-    return f"Question: {item.question}\n{_letters(item)}Answer:"
-
-
-def choices_of(kind: str, item: MCItem) -> list[str]:
-    """What is scored after the prompt: the option text (PubMedQA, cloze MMLU) or its letter."""
-    if kind in ("pubmedqa", "mmlu_continuation"):
-        return list(item.options)
-    return list(LETTERS[: len(item.options)])
+# The harness's doc_to_text per task family; {letters} is "A. <option>\n" per option.
+PROMPTS = {
+    "pubmedqa": "Abstract: {context}\nQuestion: {question}\nAnswer:",
+    "mmlu": "{stripped}\n{letters}Answer:",
+    "mmlu_continuation": "Question: {stripped}\nAnswer:",
+    "medmcqa": "Question: {question}\nChoices:\n{letters}Answer:",
+    "medqa": "Question: {question}\n{letters}Answer:",
+}
 
 
 def _doc(kind: str, item: MCItem) -> dict[str, Any]:
+    """One harness doc: the prompt, and what is scored after it (the option text or its letter)."""
+    letters = "".join(f"{LETTERS[i]}. {option}\n" for i, option in enumerate(item.options))
+    question = item.question
+    text = PROMPTS[kind].format(
+        question=question, stripped=question.strip(), context=item.context, letters=letters
+    )
+    cloze = kind in ("pubmedqa", "mmlu_continuation")
     return {
         "id": item.id,
         "subject": item.subject,
-        "text": prompt_of(kind, item),
-        "choices": choices_of(kind, item),
+        "text": text,
+        "choices": list(item.options) if cloze else list(LETTERS[: len(item.options)]),
         "answer": item.answer_index,
     }
 
@@ -193,6 +185,3 @@ def score_items(
                 | ({"prompt": sample["arguments"][0][0]} if keep_prompts else {})
             )
     return rows
-
-
-# ---------------------------------------------------------------- aggregation

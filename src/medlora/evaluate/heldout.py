@@ -1,11 +1,14 @@
-"""`medlora eval`: answer-only loss and perplexity on a held-out split, base and adapter in one run."""
+"""`medlora eval`'s options, and its answer-only loss and perplexity on a held-out split, base and
+adapter in one run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from medlora.config import Recipe, load_recipe
+from pydantic import BaseModel
+
+from medlora.config import Recipe
 from medlora.data.clean import clean_records
 from medlora.data.format import Example, format_records
 from medlora.data.hygiene import apply_hygiene
@@ -15,19 +18,13 @@ from medlora.data.sample import sample_records
 from medlora.data.sources import load_source
 from medlora.data.split import split_by_topic
 from medlora.errors import DataError
-from medlora.evaluate.generate import adapter_disabled, adapter_merged
+from medlora.evaluate.generate import adapter_disabled, adapter_merged, run_recipe
 from medlora.evaluate.loss import score_examples
-from medlora.io import write_json_atomic
+from medlora.evaluate.quality import paired_bootstrap_ci
 from medlora.models import load_model, load_with_adapter
+from medlora.results import EvalResult
 
 SPLITS = ("test", "validation", "train", "all")
-
-
-def run_recipe(adapter_dir: str | Path | None) -> Recipe:
-    """The recipe a run was trained with (its prompt and lengths), or the defaults without a run."""
-    if adapter_dir is not None and (Path(adapter_dir) / "recipe.yaml").is_file():
-        return load_recipe(Path(adapter_dir) / "recipe.yaml")
-    return Recipe()
 
 
 def load_eval_records(
@@ -107,61 +104,73 @@ def score_model(
     with adapter_merged(model):
         result = score_examples(model, examples, pad, batch_size, precision=precision)
     if base is not None:
-        result["base_loss"] = base["loss"]
-        result["base_perplexity"] = base["perplexity"]
-        result["base_per_example_loss"] = base["per_example_loss"]
+        result |= {f"base_{key}": base[key] for key in ("loss", "perplexity", "per_example_loss")}
         result["loss_change"] = result["loss"] - base["loss"]
     return result
 
 
+class EvalOptions(BaseModel):
+    """What `medlora eval` scores and where it writes (the CLI's options, as one object)."""
+
+    model: str  # model spec: Hub id, folder, .gguf or alias
+    data: str  # KIND:PATH or a prepared folder
+    adapter: Path | None = None  # run directory with the adapter
+    split: str = "test"
+    limit: int | None = None  # score at most this many examples
+    compare_base: bool = False  # also score the base model (the adapter switched off)
+    out: Path | None = None  # eval.json
+    batch_size: int | None = None  # default: the recipe's eval.batch_size
+    column_map: dict[str, str] | None = None
+    metrics: list[str] = ["loss"]  # loss and/or evaluate.quality.METRICS
+    max_new_tokens: int | None = None  # default: the recipe's generation settings
+    predictions: Path | None = None  # per-example answers (default: beside `out`)
+    unseen: bool = True  # with compare_base: also the run's eval.unseen_sources (second panel)
+
+
 def evaluate_heldout(
-    model_spec: str,
-    data: str,
-    adapter_dir: str | Path | None = None,
-    split: str = "test",
-    limit: int | None = None,
-    compare_base: bool = False,
-    out: str | Path | None = None,
-    batch_size: int | None = None,
-    column_map: dict[str, str] | None = None,
-    model_and_tokenizer: tuple[Any, Any] | None = None,
-) -> dict[str, Any]:
-    recipe = run_recipe(adapter_dir)
-    records = sampled_eval_records(data, split, recipe, column_map, limit)
-    model, tokenizer = load_eval_model(model_spec, adapter_dir, recipe, model_and_tokenizer)
+    options: EvalOptions, model_and_tokenizer: tuple[Any, Any] | None = None
+) -> EvalResult:
+    """`medlora eval`'s loss figures: the split's answer loss, per example too, and the base's."""
+    o = options
+    recipe = run_recipe(o.adapter)
+    records = sampled_eval_records(o.data, o.split, recipe, o.column_map, o.limit)
+    model, tokenizer = load_eval_model(o.model, o.adapter, recipe, model_and_tokenizer)
     examples, stats = format_records(
         tokenizer, records, recipe.data.system_prompt, recipe.data.max_seq_len
     )
     if not examples:
         raise DataError(
-            f"{data}: no example keeps an answer token at max_seq_len={recipe.data.max_seq_len}"
+            f"{o.data}: no example keeps an answer token at max_seq_len={recipe.data.max_seq_len}"
         )
     scores = score_model(
         model,
         tokenizer,
         examples,
-        batch_size or recipe.eval.batch_size,
-        compare_base and adapter_dir is not None,
+        o.batch_size or recipe.eval.batch_size,
+        o.compare_base and o.adapter is not None,
         recipe.eval.precision,
     )
-    result = {
-        "model": model_spec,
-        "adapter": str(adapter_dir) if adapter_dir else None,
-        "data": data,
-        "split": split,
-        **{k: v for k, v in scores.items() if not k.endswith("per_example_loss")},
-        "dropped_no_answer_tokens": stats.dropped_no_answer_tokens,
-        "truncated": stats.truncated,
-        "per_example": [
-            {"id": e.record_id, "source": e.source, "loss": loss}
-            | (
-                {"base_loss": scores["base_per_example_loss"][i]}
-                if "base_per_example_loss" in scores
-                else {}
-            )
-            for i, (e, loss) in enumerate(zip(examples, scores["per_example_loss"], strict=True))
-        ],
-    }
-    if out is not None:
-        write_json_atomic(out, result)
-    return result
+    losses = scores.pop("per_example_loss")
+    per_example = [
+        {"id": e.record_id, "source": e.source, "loss": loss}
+        for e, loss in zip(examples, losses, strict=True)
+    ]
+    base_losses = scores.pop("base_per_example_loss", None)  # when the base was scored
+    if base_losses is not None:
+        for row, base_loss in zip(per_example, base_losses, strict=True):
+            row["base_loss"] = base_loss
+        # The token-weighted loss has no per-example form; its paired interval is given for
+        # the mean of per-example losses instead (same questions, resampled together).
+        scores["example_loss_change"] = paired_bootstrap_ci(
+            losses, base_losses, seed=recipe.data.seed
+        )
+    return EvalResult(
+        model=o.model,
+        adapter=str(o.adapter) if o.adapter else None,
+        data=o.data,
+        split=o.split,
+        **scores,
+        dropped_no_answer_tokens=stats.dropped_no_answer_tokens,
+        truncated=stats.truncated,
+        per_example=per_example,
+    )

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from medlora.errors import ConfigError, MedloraError, ModelError
 from medlora.evaluate.judge_prompts import MAX_FACT_ITEMS, read_rubric
@@ -25,12 +26,18 @@ from medlora.evaluate.quality import METRICS
 from medlora.io import append_jsonl
 from medlora.progress import progress_bar
 
+if TYPE_CHECKING:
+    import openai
+
 CACHE_NAME = "judge_cache.jsonl"
 # Every request's settings; part of the cache key, so changing one asks again.
 REQUEST: dict[str, Any] = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5}
+TIMEOUT_S = 60.0
+MAX_RETRIES = 2
 
+Chat = list[dict[str, str]]  # the messages of one request
 Reply = tuple[list[tuple[str, float]], str]  # the first token's top log-probabilities, the text
-Ask = Callable[[list[dict[str, str]]], Reply]
+Ask = Callable[[Chat], Reply]
 
 
 class JudgeOptions(BaseModel):
@@ -42,11 +49,15 @@ class JudgeOptions(BaseModel):
     rubric: Path | None = None  # JSONL: {"question": ..., "items": [{"text": ..., "points": 5}]}
     max_statements: int = MAX_FACT_ITEMS  # reference statements per question (0: no fact check)
     cache: Path | None = None  # default: judge_cache.jsonl beside the predictions
-    timeout_s: float = 60.0
-    max_retries: int = 2
     workers: int = 4  # requests in flight at once
-    seed: int = 0  # bootstrap resampling
-    show_progress: bool = True
+
+
+class CachedReply(BaseModel):
+    """One line of the cache file: the request's `cache_key` and its reply."""
+
+    key: str
+    top: list[tuple[str, float]]
+    text: str
 
 
 # ---------------------------------------------------------------- the endpoint
@@ -62,8 +73,7 @@ def api_base(url: str) -> str:
 
 
 def _one_line(text: object, limit: int = 300) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[:limit] + " …"
+    return textwrap.shorten(str(text), limit, placeholder=" …")
 
 
 def judge_error(err: Exception, options: JudgeOptions) -> MedloraError:
@@ -73,15 +83,15 @@ def judge_error(err: Exception, options: JudgeOptions) -> MedloraError:
     url = api_base(options.url)
     if isinstance(err, openai.APITimeoutError):
         return ConfigError(
-            f"--judge {url}: no answer within {options.timeout_s:g} s "
-            f"({options.max_retries} retries); is the server overloaded?"
+            f"--judge {url}: no answer within {TIMEOUT_S:g} s ({MAX_RETRIES} retries); "
+            "is the server overloaded?"
         )
     if isinstance(err, openai.APIConnectionError):
         cause = err.__cause__ or err
         return ConfigError(f"--judge {url}: cannot connect ({_one_line(cause, 120)}); is it up?")
     if not isinstance(err, openai.APIStatusError):
         return ConfigError(f"--judge {url}: {_one_line(err)}")
-    body = err.body if isinstance(err.body, dict) else {}
+    body = err.body if isinstance(err.body, dict) else {}  # the server's "error" object
     said = _one_line(body.get("message") or err.message)
     if isinstance(err, openai.AuthenticationError | openai.PermissionDeniedError):
         state = "is not set" if not os.environ.get(options.key_env) else "was refused"
@@ -91,14 +101,14 @@ def judge_error(err: Exception, options: JudgeOptions) -> MedloraError:
     return ConfigError(f"--judge {url} answered {err.status_code}: {said}")
 
 
-def _client(options: JudgeOptions) -> Any:
+def _client(options: JudgeOptions) -> openai.OpenAI:
     import openai
 
     return openai.OpenAI(
         base_url=api_base(options.url),
         api_key=os.environ.get(options.key_env) or "EMPTY",  # local servers take any key
-        timeout=options.timeout_s,
-        max_retries=options.max_retries,
+        timeout=TIMEOUT_S,
+        max_retries=MAX_RETRIES,
     )
 
 
@@ -108,7 +118,7 @@ def openai_ask(options: JudgeOptions) -> Ask:
 
     client = _client(options)
 
-    def ask(chat: list[dict[str, str]]) -> Reply:
+    def ask(chat: Chat) -> Reply:
         try:
             response = client.chat.completions.create(model=options.model, messages=chat, **REQUEST)
         except openai.OpenAIError as err:
@@ -117,11 +127,8 @@ def openai_ask(options: JudgeOptions) -> Ask:
             return [], ""
         choice = response.choices[0]
         first = choice.logprobs.content[0] if choice.logprobs and choice.logprobs.content else None
-        top: list[tuple[str, float]] = []
-        if first is not None:
-            top = [(alt.token, alt.logprob) for alt in first.top_logprobs or []]
-            top = top or [(first.token, first.logprob)]
-        return top, choice.message.content or ""
+        top = [] if first is None else first.top_logprobs or [first]
+        return [(alt.token, alt.logprob) for alt in top], choice.message.content or ""
 
     return ask
 
@@ -151,7 +158,7 @@ def check_judge(options: JudgeOptions, metrics: Sequence[str] | None = None) -> 
 # ---------------------------------------------------------------- cached requests
 
 
-def cache_key(options: JudgeOptions, chat: list[dict[str, str]]) -> str:
+def cache_key(options: JudgeOptions, chat: Chat) -> str:
     request = {"url": api_base(options.url), "model": options.model, "messages": chat, **REQUEST}
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -159,20 +166,20 @@ def cache_key(options: JudgeOptions, chat: list[dict[str, str]]) -> str:
 def read_cache(path: Path) -> dict[str, Reply]:
     """The cached replies; a line a killed run left half-written is skipped."""
     cache: dict[str, Reply] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                cache[row["key"]] = ([(t, float(lp)) for t, lp in row["top"]], row["text"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            row = CachedReply.model_validate_json(line)
+        except ValidationError:
+            continue
+        cache[row.key] = (row.top, row.text)
     return cache
 
 
 def ask_all(
-    chats: Sequence[list[dict[str, str]]], options: JudgeOptions, ask: Ask, cache_path: Path
+    chats: Sequence[Chat], options: JudgeOptions, ask: Ask, cache_path: Path
 ) -> tuple[list[Reply], int]:
-    """Every chat's reply (cached ones from `cache_path`) and how many requests were sent.
+    """Every chat's reply (cached ones from `cache_path`) and how many requests were sent (each
+    distinct request once).
 
     The first uncached request goes alone: a dead or misconfigured judge then fails in one line
     before any progress is drawn or requests pile up."""
@@ -188,7 +195,7 @@ def ask_all(
 
         first, *rest = missing
         keep(first, ask(missing[first]))
-        with progress_bar(options.show_progress) as bar:
+        with progress_bar(True) as bar:
             task = bar.add_task(f"judging with {options.model}", total=len(missing))
             bar.advance(task)
             pool = ThreadPoolExecutor(max(options.workers, 1))
@@ -197,6 +204,6 @@ def ask_all(
                 for future in as_completed(futures):
                     keep(futures[future], future.result())
                     bar.advance(task)
-            finally:
+            finally:  # on an error, do not wait for the queued requests
                 pool.shutdown(wait=True, cancel_futures=True)
     return [cache[key] for key in keys], len(missing)

@@ -13,18 +13,15 @@ Long texts are cut at `MAX_WORDS` words (marked "…") so a prompt fits a small 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from medlora.errors import DataError
 
-PAIR_LETTERS = ("A", "B", "T")
-FACT_LETTERS = ("C", "X", "N")
-RUBRIC_LETTERS = ("Y", "N")
 MAX_WORDS = 200  # per text in a prompt
 MAX_FACT_ITEMS = 8  # statements taken from each reference (its first sentences)
 MIN_ITEM_WORDS = 3  # shorter pieces ("Yes.", "Symptoms:") are headings or fragments, not facts
@@ -62,9 +59,9 @@ Criterion: {item}
 Does the answer meet this criterion? Reply with one letter: Y if it does, N if it does not."""
 # The prompts as one test-visible table: kind → (template, allowed letters).
 PROMPTS = {
-    "pair": (PAIR_PROMPT, PAIR_LETTERS),
-    "fact": (FACT_PROMPT, FACT_LETTERS),
-    "rubric": (RUBRIC_PROMPT, RUBRIC_LETTERS),
+    "pair": (PAIR_PROMPT, ("A", "B", "T")),
+    "fact": (FACT_PROMPT, ("C", "X", "N")),
+    "rubric": (RUBRIC_PROMPT, ("Y", "N")),
 }
 
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -89,13 +86,9 @@ def read_verdict(
 ) -> str | None:
     """The allowed letter with the highest log-probability among `top`, else the reply's text
     when it is one allowed letter (spaces, quotes, "*" and "." around it ignored), else None."""
-    best: tuple[str, float] | None = None
-    for token, logprob in top:
-        letter = token.strip()
-        if letter in letters and (best is None or logprob > best[1]):
-            best = (letter, logprob)
-    if best is not None:
-        return best[0]
+    scored = [(logprob, token.strip()) for token, logprob in top if token.strip() in letters]
+    if scored:
+        return max(scored, key=lambda pair: pair[0])[1]  # the first of equals, as listed
     reply = (text or "").strip(_TEXT_NOISE)
     return reply if reply in letters else None
 
@@ -117,17 +110,15 @@ def pair_outcome(base_first: str | None, tuned_first: str | None) -> str | None:
     first, second = preference(base_first, False), preference(tuned_first, True)
     if first is None or second is None:
         return None
-    if first == second == "tuned":
-        return "win"
-    if first == second == "base":
-        return "loss"
-    return "tie"
+    if first != second:
+        return "tie"  # the orders disagree: the pair's preference was its position
+    return {"tuned": "win", "base": "loss", "tie": "tie"}[first]
 
 
 def reference_items(reference: str, max_items: int = MAX_FACT_ITEMS) -> list[str]:
     """A reference as short statements: split at sentence ends (. ! ? then a space) and line
-        breaks, list markers stripped, pieces under MIN_ITEM_WORDS words dropped, the first `max_items`
-        kept. Deterministic and crude (a few abbreviations such as "e.g." do not end a sentence; others
+    breaks, list markers stripped, pieces under MIN_ITEM_WORDS words dropped, the first `max_items`
+    kept. Deterministic and crude (a few abbreviations such as "e.g." do not end a sentence; others
     do): the judge sees each piece whole."""
     pieces: list[str] = []
     for piece in _SENTENCE_BREAK.split(reference):
@@ -140,13 +131,12 @@ def reference_items(reference: str, max_items: int = MAX_FACT_ITEMS) -> list[str
     return items[:max_items]
 
 
-# ---------------------------------------------------------------- user rubric files
+# ---------------------------------------------------------------- JSONL files the judge reads
 
 
 class RubricItem(BaseModel):
     """One criterion; negative points mark something an answer should not do."""
 
-    model_config = ConfigDict(extra="ignore")
     text: str = Field(min_length=1)
     points: float
 
@@ -161,7 +151,6 @@ class RubricItem(BaseModel):
 class RubricEntry(BaseModel):
     """One rubric line: a question and its criteria."""
 
-    model_config = ConfigDict(extra="ignore")
     question: str = Field(min_length=1)
     items: list[RubricItem] = Field(min_length=1)
 
@@ -173,32 +162,37 @@ class RubricEntry(BaseModel):
         return items
 
 
-def read_rubric(path: str | Path) -> list[RubricEntry]:
-    """A rubric JSONL file; a bad line is one DataError naming the file, line and field."""
+Row = TypeVar("Row", bound=BaseModel)
+
+
+def read_rows(path: str | Path, row_type: type[Row], want: str) -> list[Row]:
+    """A JSONL file as `row_type` rows (blank lines skipped); a bad line is one DataError naming the
+    file, line and field, with `want` (the expected shape) as the hint."""
     file = Path(path)
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise DataError(f"{file}: cannot read the rubric file ({err.strerror})") from None
-    entries = []
+        raise DataError(f"{file}: cannot read it ({err.strerror}); want {want} per line") from None
+    rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            entries.append(RubricEntry.model_validate(json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{file}:{number}: not JSON ({err.msg})") from None
+            rows.append(row_type.model_validate_json(line))
         except ValidationError as err:
             first = err.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or "line"
+            field = ".".join(str(part) for part in first["loc"])
             message = first["msg"].removeprefix("Value error, ")
-            raise DataError(
-                f"{file}:{number}: {field}: {message} "
-                '(want {"question": ..., "items": [{"text": ..., "points": 5}]})'
-            ) from None
-    if not entries:
-        raise DataError(f"{file}: no rubric lines")
-    return entries
+            where = f"{field}: " if field else ""
+            raise DataError(f"{file}:{number}: {where}{message} (want {want})") from None
+    if not rows:
+        raise DataError(f"{file}: no rows (want {want} per line)")
+    return rows
+
+
+def read_rubric(path: str | Path) -> list[RubricEntry]:
+    """A rubric JSONL file: {"question": ..., "items": [{"text": ..., "points": 5}]} per line."""
+    return read_rows(path, RubricEntry, '{"question": ..., "items": [{"text": ..., "points": 5}]}')
 
 
 def rubric_score(items: Sequence[RubricItem], met: Sequence[bool]) -> float:

@@ -38,9 +38,8 @@ LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits
 def has_plain_head(config: Any) -> bool:
     """Whether the model's logits are its output layer's output as is (a checked family, and no
     soft-capping or scaling set in its config)."""
-    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
-        return False
-    return all(
+    checked = getattr(config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+    return checked and all(
         getattr(config, name, None) in (None, neutral) for name, neutral in LOGIT_TRANSFORMS.items()
     )
 
@@ -142,7 +141,6 @@ def score_examples(
     examples: Sequence[Example],
     pad_token_id: int,
     batch_size: int = 8,
-    progress: Any = None,
     precision: str = "fp32",
 ) -> dict[str, Any]:
     """Mean answer-token loss and perplexity of `model` on `examples` (token-weighted).
@@ -152,7 +150,7 @@ def score_examples(
     import torch
 
     model.eval()
-    total, tokens, per_example = 0.0, 0, []
+    total, tokens = 0.0, 0
     losses_by_index: dict[int, float] = {}
     device_type = next(model.parameters()).device.type
     on_cpu = device_type == "cpu"
@@ -165,14 +163,11 @@ def score_examples(
             total += batch_sum
             tokens += batch_tokens
             losses_by_index.update(zip(chunk, rows, strict=True))
-            if progress is not None:
-                progress(len(chunk))
-    per_example = [losses_by_index[i] for i in range(len(examples))]
     loss = total / max(tokens, 1)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "examples": len(examples),
         "answer_tokens": tokens,
-        "per_example_loss": per_example,
+        "per_example_loss": [losses_by_index[i] for i in range(len(examples))],
     }

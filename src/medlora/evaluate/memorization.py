@@ -17,6 +17,8 @@ before it are reproduced from recipe.yaml + RUN/data as training picks them).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections.abc import Sequence
 from difflib import SequenceMatcher
@@ -42,7 +44,6 @@ from medlora.evaluate.heldout import load_eval_model, run_recipe
 from medlora.evaluate.quality import bootstrap_ci, paired_bootstrap_ci
 from medlora.progress import progress_bar
 from medlora.results import (
-    CI,
     AuditResult,
     CanaryExposure,
     ExposureAudit,
@@ -66,20 +67,14 @@ def longest_shared_span(answer: Sequence[int], reference: Sequence[int]) -> tupl
     return match.size, match.a
 
 
-def span_buckets(threshold: int) -> list[int]:
-    """Lower edges of the histogram's buckets: a fifth and two fifths of the threshold, the
-    threshold, twice the threshold (10, 20, 50, 100 for 50 tokens)."""
-    return sorted({0, threshold // 5, 2 * threshold // 5, threshold, 2 * threshold})
-
-
 def span_histogram(spans: Sequence[int], threshold: int) -> dict[str, int]:
-    edges = span_buckets(threshold)
-    names = [f"{low}–{high - 1}" for low, high in zip(edges, edges[1:], strict=False)]
-    names.append(f"≥{edges[-1]}")
+    """Answers per bucket of span length; the buckets start at 0, a fifth and two fifths of the
+    threshold, the threshold and twice it (0–9, 10–19, 20–49, 50–99, ≥100 for 50 tokens)."""
+    edges = sorted({0, threshold // 5, 2 * threshold // 5, threshold, 2 * threshold})
+    names = [f"{low}–{high - 1}" for low, high in itertools.pairwise(edges)] + [f"≥{edges[-1]}"]
     counts = dict.fromkeys(names, 0)
     for span in spans:
-        bucket = sum(1 for edge in edges if span >= edge) - 1
-        counts[names[bucket]] += 1
+        counts[names[bisect.bisect_right(edges, span) - 1]] += 1
     return counts
 
 
@@ -92,8 +87,8 @@ def span_stats(spans: Sequence[int], threshold: int, seed: int = 0) -> SpanStats
     return SpanStats(
         answers=len(spans),
         reciting=int(sum(reciting)),
-        reciting_share=CI.model_validate(bootstrap_ci(reciting, seed=seed)),
-        mean=CI.model_validate(bootstrap_ci(list(spans), seed=seed)),
+        reciting_share=bootstrap_ci(reciting, seed=seed),
+        mean=bootstrap_ci(spans, seed=seed),
         median=float(np.median(values)) if len(spans) else float("nan"),
         p90=float(np.percentile(values, 90)) if len(spans) else float("nan"),
         max=int(values.max()) if len(spans) else 0,
@@ -142,21 +137,6 @@ def trained_records(run_dir: Path, recipe: Recipe) -> tuple[list[Record], list[R
     return records, splits["test"]
 
 
-def _generate(model: Any, tokenizer: Any, questions: list[str], recipe: Recipe) -> tuple[Any, Any]:
-    """(base answers, tuned answers): the base first, on the untouched weights."""
-    settings, batch = recipe_generation(recipe), recipe.eval.batch_size
-    prompt = recipe.data.system_prompt
-    with adapter_disabled(model):
-        base = generate_answers(
-            model, tokenizer, questions, prompt, settings, batch, "base answers"
-        )
-    with adapter_merged(model):
-        tuned = generate_answers(
-            model, tokenizer, questions, prompt, settings, batch, "fine-tuned answers"
-        )
-    return base, tuned
-
-
 def recitation_audit(
     model: Any,
     tokenizer: Any,
@@ -168,15 +148,16 @@ def recitation_audit(
     """Longest verbatim spans of tuned and base answers: training questions against their trained
     answers, test questions against their references (the control)."""
     records = [*train, *test]
-    base, tuned = _generate(model, tokenizer, [r.question for r in records], recipe)
-    references = [r.answer for r in records]
+    questions, references = [r.question for r in records], [r.answer for r in records]
+    generation = (recipe.data.system_prompt, recipe_generation(recipe), recipe.eval.batch_size)
+    with adapter_disabled(model):  # the base first, on the untouched weights
+        base = generate_answers(model, tokenizer, questions, *generation, "base answers")
+    with adapter_merged(model):
+        tuned = generate_answers(model, tokenizer, questions, *generation, "fine-tuned answers")
     tuned_spans = answer_spans(tokenizer, tuned, references)
     base_spans = [span for span, _ in answer_spans(tokenizer, base, references)]
     spans = [span for span, _ in tuned_spans]
     n, seed = len(train), recipe.data.seed
-
-    def change(a: list[int], b: list[int]) -> CI:
-        return CI.model_validate(paired_bootstrap_ci(a, b, seed=seed))
 
     longest = None
     if n and max(spans[:n]) > 0:
@@ -189,10 +170,10 @@ def recitation_audit(
         threshold_tokens=threshold,
         train=span_stats(spans[:n], threshold, seed),
         base_train=span_stats(base_spans[:n], threshold, seed),
-        train_change=change(spans[:n], base_spans[:n]),
+        train_change=paired_bootstrap_ci(spans[:n], base_spans[:n], seed=seed),
         test=span_stats(spans[n:], threshold, seed) if test else None,
         base_test=span_stats(base_spans[n:], threshold, seed) if test else None,
-        test_change=change(spans[n:], base_spans[n:]) if test else None,
+        test_change=paired_bootstrap_ci(spans[n:], base_spans[n:], seed=seed) if test else None,
         longest=longest,
     )
 
@@ -253,7 +234,6 @@ def run_audit(
     questions: int = 100,
     out: str | Path | None = None,
     model_and_tokenizer: tuple[Any, Any] | None = None,
-    threshold: int = RECITATION_TOKENS,
 ) -> AuditResult:
     """`medlora audit RUN`: recitation on `questions` training and test questions, and canary
     exposure when the run has canaries; written to `out` (default RUN/audit.json)."""
@@ -268,19 +248,16 @@ def run_audit(
     seed = recipe.data.seed
     train, test = sample_records(train, questions, seed), sample_records(test, questions, seed)
     model, tokenizer = load_eval_model(recipe.model.name, run, recipe, model_and_tokenizer)
-    recitation = recitation_audit(model, tokenizer, train, test, recipe, threshold)
-    canaries_path = run / CANARIES_FILE
-    audit = None
-    if canaries_path.is_file():
-        canaries = read_canaries(canaries_path)
-        if canaries:
-            audit = exposure_audit(model, tokenizer, canaries, recipe.data.system_prompt)
+    recitation = recitation_audit(model, tokenizer, train, test, recipe)
+    canaries = read_canaries(run / CANARIES_FILE) if (run / CANARIES_FILE).is_file() else []
+    prompt = recipe.data.system_prompt
+    exposed = exposure_audit(model, tokenizer, canaries, prompt) if canaries else None
     result = AuditResult(
         run=str(run),
         model=recipe.model.name,
         generation=recipe_generation(recipe).model_dump(),
         recitation=recitation,
-        exposure=audit,
+        exposure=exposed,
         elapsed_s=round(time.perf_counter() - started, 1),
     )
     write_result(Path(out) if out else run / AUDIT_FILE, result)

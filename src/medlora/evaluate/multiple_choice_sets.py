@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,75 +68,85 @@ class Benchmark:
 
 # ---------------------------------------------------------------- loaders (one per file shape)
 
+# Each file shape has a row reader: a row becomes an item, the reason it is unusable, or None (a
+# blank row, not counted). `_read_rows` counts or refuses the unusable ones the same way for all.
+Row = tuple[str, str, Any]  # (where, for messages; the item's fallback id; the row)
+ParseRow = Callable[[str, Any], "MCItem | str | None"]
 
-def _skip(report: SourceReport, strict: bool, where: str, reason: str) -> None:
-    """Count a bad row, or refuse the file when strict; the first few are named in warnings."""
-    if strict:
-        raise DataError(f"{where}: {reason}; fix the row or drop --strict to skip bad rows")
-    report.skip(reason.split(" (")[0])
-    if len(report.warnings) < 5:
-        report.warnings.append(f"{where}: {reason}")
+
+def _read_rows(
+    rows: Iterable[Row], parse: ParseRow, report: SourceReport, strict: bool
+) -> list[MCItem]:
+    """The usable rows as items; a bad row is counted (its first few named) or, when strict, refused."""
+    items = []
+    for where, key, row in rows:
+        item = parse(key, row)
+        if isinstance(item, MCItem):
+            items.append(item)
+        elif item is not None:
+            if strict:
+                raise DataError(f"{where}: {item}; fix the row or drop --strict to skip bad rows")
+            report.skip(item.split(" (")[0])
+            if len(report.warnings) < 5:
+                report.warnings.append(f"{where}: {item}")
+    return items
+
+
+def _load_objects(
+    kind: str, path: Path, rows: Iterable[Row], parse: ParseRow, strict: bool
+) -> tuple[list[MCItem], SourceReport]:
+    """A file of JSON objects, one per item: anything else in it is a bad row."""
+    report = SourceReport(source=f"{kind}:{path}")
+
+    def parse_object(key: str, row: Any) -> MCItem | str | None:
+        return parse(key, row) if isinstance(row, dict) else "not a JSON object"
+
+    items = _read_rows(rows, parse_object, report, strict)
+    return items, report
+
+
+def _pubmedqa_item(pubid: str, row: dict[str, Any]) -> MCItem | str:
+    decision = str(row.get("final_decision", "")).lower()
+    contexts = row.get("CONTEXTS")
+    if not has_text(row, "QUESTION"):
+        return "no QUESTION"
+    if decision not in PUBMEDQA_CHOICES:
+        return f"final_decision is not yes/no/maybe ({decision!r})"
+    if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
+        return "CONTEXTS is not a list of strings"
+    index = PUBMEDQA_CHOICES.index(decision)
+    question = row["QUESTION"].strip()
+    return MCItem(pubid, question, list(PUBMEDQA_CHOICES), index, "pubmedqa", "\n".join(contexts))
 
 
 def load_pubmedqa(path: Path, strict: bool = False) -> tuple[list[MCItem], SourceReport]:
     """PubMedQA PQA-L JSON: {pubid: {QUESTION, CONTEXTS[], final_decision ∈ yes/no/maybe}}."""
-    data = read_pubmedqa(path)
-    report = SourceReport(source=f"pubmedqa:{path}")
-    items = []
-    for pubid, row in data.items():
-        where = f"{path}: item {pubid}"
-        if not isinstance(row, dict):
-            _skip(report, strict, where, "not a JSON object")
-            continue
-        decision = str(row.get("final_decision", "")).lower()
-        contexts = row.get("CONTEXTS")
-        if not has_text(row, "QUESTION"):
-            _skip(report, strict, where, "no QUESTION")
-        elif decision not in PUBMEDQA_CHOICES:
-            _skip(report, strict, where, f"final_decision is not yes/no/maybe ({decision!r})")
-        elif not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
-            _skip(report, strict, where, "CONTEXTS is not a list of strings")
-        else:
-            items.append(
-                MCItem(
-                    str(pubid),
-                    row["QUESTION"].strip(),
-                    list(PUBMEDQA_CHOICES),
-                    PUBMEDQA_CHOICES.index(decision),
-                    "pubmedqa",
-                    "\n".join(contexts),
-                )
-            )
-    report.records = len(items)
-    return items, report
+    rows = [
+        (f"{path}: item {pubid}", str(pubid), row) for pubid, row in read_pubmedqa(path).items()
+    ]
+    return _load_objects("pubmedqa", path, rows, _pubmedqa_item, strict)
 
 
 def _mmlu_rows(path: Path, subject: str, report: SourceReport, strict: bool) -> list[MCItem]:
     """Headerless MMLU CSV rows: question,A,B,C,D,answer."""
-    items = []
-    for number, row in enumerate(read_csv_rows(path), start=1):
-        where = f"{path}: row {number}"
-        if not row or not any(cell.strip() for cell in row):
-            continue
+
+    def parse(key: str, row: list[str]) -> MCItem | str | None:
+        if not any(cell.strip() for cell in row):
+            return None
         if len(row) != 6:
-            _skip(
-                report, strict, where, f"has {len(row)} columns (expected question,A,B,C,D,answer)"
-            )
-        elif row[5].strip().upper() not in LETTERS[:4]:
-            _skip(report, strict, where, f"answer {row[5]!r} is not one of A, B, C, D")
-        elif not row[0].strip():
-            _skip(report, strict, where, "empty question")
-        else:
-            items.append(
-                MCItem(
-                    f"{subject}-{number}",
-                    row[0],
-                    [c.strip() for c in row[1:5]],
-                    LETTERS.index(row[5].strip().upper()),
-                    subject,
-                )
-            )
-    return items
+            return f"has {len(row)} columns (expected question,A,B,C,D,answer)"
+        if row[5].strip().upper() not in LETTERS[:4]:
+            return f"answer {row[5]!r} is not one of A, B, C, D"
+        if not row[0].strip():
+            return "empty question"
+        answer = LETTERS.index(row[5].strip().upper())
+        return MCItem(key, row[0], [c.strip() for c in row[1:5]], answer, subject)
+
+    rows = [
+        (f"{path}: row {number}", f"{subject}-{number}", row)
+        for number, row in enumerate(read_csv_rows(path), start=1)
+    ]
+    return _read_rows(rows, parse, report, strict)
 
 
 def _mmlu_files(folder: Path, split: str) -> dict[str, Path]:
@@ -175,24 +185,26 @@ def load_mmlu(
         items += _mmlu_rows(files[subject], subject, report, strict)
         if subject in dev_files:
             shots += _mmlu_rows(dev_files[subject], subject, report, strict)
-    report.records = len(items)
     report.warnings.insert(0, f"evaluated split: {split}")
     return items, shots, report
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, value) per line; None for a line that is not JSON (counted as a bad row)."""
+def _jsonl_rows(path: Path) -> list[Row]:
+    """One row per line; None for a line that is not JSON (counted as a bad row)."""
+    rows: list[Row] = []
     for number, line in jsonl_lines(path):
         try:
-            yield number, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError:
-            yield number, None
+            value = None
+        rows.append((f"{path}: line {number}", str(number), value))
+    return rows
 
 
-def _cop_offset(path: Path, rows: list[tuple[int, Any]]) -> int:
+def _cop_offset(path: Path, rows: list[Row]) -> int:
     """MedMCQA's `cop` is 1-4 in the authors' release and 0-3 in the Hub copy: tell from the file."""
     values = {
-        r.get("cop") for _, r in rows if isinstance(r, dict) and isinstance(r.get("cop"), int)
+        r.get("cop") for _, _, r in rows if isinstance(r, dict) and isinstance(r.get("cop"), int)
     }
     if 0 in values and 4 in values:
         raise DataError(
@@ -209,36 +221,23 @@ def _cop_offset(path: Path, rows: list[tuple[int, Any]]) -> int:
 
 def load_medmcqa(path: Path, strict: bool = False) -> tuple[list[MCItem], SourceReport]:
     """MedMCQA JSONL: question, opa, opb, opc, opd, cop (correct option), subject_name."""
-    report = SourceReport(source=f"medmcqa:{path}")
-    rows = list(_jsonl_rows(path))
+    rows = _jsonl_rows(path)
     offset = _cop_offset(path, rows)
-    items = []
-    for number, row in rows:
-        where = f"{path}: line {number}"
-        if not isinstance(row, dict):
-            _skip(report, strict, where, "not a JSON object")
-            continue
+
+    def parse(number: str, row: dict[str, Any]) -> MCItem | str:
         options = [row.get(k) for k in ("opa", "opb", "opc", "opd")]
         cop = row.get("cop")
         if not isinstance(row.get("question"), str) or not all(isinstance(o, str) for o in options):
-            _skip(report, strict, where, "missing question or one of opa/opb/opc/opd")
-        elif not isinstance(cop, int) or not 0 <= cop - offset < 4:
-            _skip(report, strict, where, f"cop {cop!r} is not a valid option number")
-        else:
-            items.append(
-                MCItem(
-                    str(row.get("id", number)),
-                    row["question"],
-                    options,
-                    cop - offset,
-                    str(row.get("subject_name") or "medmcqa"),
-                )
-            )
-    report.records = len(items)
-    return items, report
+            return "missing question or one of opa/opb/opc/opd"
+        if not isinstance(cop, int) or not 0 <= cop - offset < 4:
+            return f"cop {cop!r} is not a valid option number"
+        subject = str(row.get("subject_name") or "medmcqa")
+        return MCItem(str(row.get("id", number)), row["question"], options, cop - offset, subject)
+
+    return _load_objects("medmcqa", path, rows, parse, strict)
 
 
-def _medqa_item(row: dict[str, Any], number: int) -> MCItem | str:
+def _medqa_item(number: str, row: dict[str, Any]) -> MCItem | str:
     """Either MedQA shape, or the reason the row is unusable."""
     if "sent1" in row:  # the Hub's 4-option copy: sent1, ending0..3, label
         options = [row.get(f"ending{i}") for i in range(4)]
@@ -261,34 +260,19 @@ def _medqa_item(row: dict[str, Any], number: int) -> MCItem | str:
 
 def load_medqa(path: Path, strict: bool = False) -> tuple[list[MCItem], SourceReport]:
     """MedQA JSONL, authors' shape (question, options, answer_idx) or the Hub's (sent1, ending0-3, label)."""
-    report = SourceReport(source=f"medqa:{path}")
-    items = []
-    for number, row in _jsonl_rows(path):
-        item = _medqa_item(row, number) if isinstance(row, dict) else "not a JSON object"
-        if isinstance(item, str):
-            _skip(report, strict, f"{path}: line {number}", item)
-        else:
-            items.append(item)
-    report.records = len(items)
-    return items, report
-
-
-def default_data(task: str) -> str | None:
-    """`KIND:PATH` of the task's file in $MEDLORA_DATA_DIR, when that is set and holds it."""
-    kind, relative = TASKS[task]
-    root = os.environ.get("MEDLORA_DATA_DIR")
-    if relative and root and (Path(root) / relative).exists():
-        return f"{kind}:{Path(root) / relative}"
-    return None
+    return _load_objects("medqa", path, _jsonl_rows(path), _medqa_item, strict)
 
 
 def load_benchmark(task: str, data: str | None, strict: bool = False) -> Benchmark:
-    """Items of `task` from `data` (KIND:PATH); `mmlu_medical` keeps the six medical subjects."""
+    """Items of `task` from `data` (KIND:PATH, default: the task's file in $MEDLORA_DATA_DIR);
+    `mmlu_medical` keeps the six medical subjects."""
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}': choose from {', '.join(TASKS)}")
-    kind = TASKS[task][0]
-    data = data or default_data(task)
-    if data is None:
+    kind, relative = TASKS[task]
+    root = os.environ.get("MEDLORA_DATA_DIR")
+    if not data and relative and root and (Path(root) / relative).exists():
+        data = f"{kind}:{Path(root) / relative}"
+    if not data:
         raise DataError(f"task {task} needs its file: add --data {kind}:PATH")
     given, _, raw = data.partition(":")
     if given != kind or not raw:
@@ -304,6 +288,3 @@ def load_benchmark(task: str, data: str | None, strict: bool = False) -> Benchma
     if not items:
         raise DataError(f"{data}: no usable question ({report.skipped or 'file is empty'})")
     return Benchmark(task, kind, items, shots, report)
-
-
-# ---------------------------------------------------------------- prompts (the harness's templates)

@@ -18,7 +18,7 @@ from medlora.data.records import Record
 from medlora.data.sample import sample_records
 from medlora.evaluate.heldout import score_model
 from medlora.evaluate.quality import evaluate_answers
-from medlora.results import PanelScores, QualityResult
+from medlora.results import PanelScores
 
 
 def loss_base_vs_tuned(
@@ -62,7 +62,7 @@ def score_panel(
     )
     if predictions_path is None:
         return scores
-    quality = evaluate_answers(
+    scores.quality = evaluate_answers(
         model,
         tokenizer,
         records,
@@ -75,7 +75,6 @@ def score_panel(
         seed=recipe.data.seed,
         base_predictions=base_predictions,
     )
-    scores.quality = QualityResult.model_validate(quality)
     return scores
 
 

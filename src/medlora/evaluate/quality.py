@@ -29,24 +29,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from medlora.config import GenerationConfig
 from medlora.data.hygiene import repeated_ngram_share, restates_question
 from medlora.data.records import Record
 from medlora.errors import ConfigError, ModelError
 from medlora.io import write_jsonl_atomic
-from medlora.results import CI, EvalResult, QualityResult, write_result
+from medlora.results import QualityResult, ScoredAnswer
 
 METRICS = ("rouge", "f1", "similarity", "repetition", "echo", "length")
-SCORE_KEYS = {
-    "rouge": "rougeL",
-    "f1": "f1",
-    "similarity": "similarity",
-    "repetition": "repetition",
-    "echo": "echo",
-    "length": "length",
-}
 LOWER_IS_BETTER = frozenset({"repetition", "echo"})
 NEITHER_BETTER = frozenset({"length"})  # a difference is "longer" / "shorter", not better
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -81,11 +71,6 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
-
-
-def echoes_question(answer: str, question: str) -> float:
-    """1.0 when the answer opens by restating the question (the data stage's test), else 0.0."""
-    return float(restates_question(answer, question))
 
 
 @functools.lru_cache(maxsize=1)
@@ -148,7 +133,9 @@ def score_answers(
     if "repetition" in metrics:
         out["repetition"] = [repeated_ngram_share(p) for p in predictions]
     if "echo" in metrics and questions is not None:
-        out["echo"] = [echoes_question(p, q) for p, q in zip(predictions, questions, strict=True)]
+        out["echo"] = [
+            float(restates_question(p, q)) for p, q in zip(predictions, questions, strict=True)
+        ]
     if "length" in metrics:
         out["length"] = [float(answer_words(p)) for p in predictions]
     return out
@@ -222,9 +209,10 @@ def evaluate_answers(
     seed: int = 0,
     generate: Callable[..., list[str]] | None = None,
     base_predictions: list[str] | None = None,
-) -> dict[str, Any]:
+) -> QualityResult:
     """Answers for each record (the run's chat template and generation settings), scored; the
-    base model's too when asked (same questions, same settings, adapter switched off).
+    base model's too when asked (same questions, same settings, adapter switched off). The
+    answers come back in `QualityResult.answers` (and go to `predictions_path` when given).
 
     `base_predictions`, when given with `compare_base`, are the base's answers already generated
     for these records under these settings (a sweep reuses them across runs).
@@ -252,123 +240,35 @@ def evaluate_answers(
             model, tokenizer, questions, system_prompt, settings, batch_size, tuned_label
         )
     scores = score_answers(predictions, references, metrics, questions)
+    columns: dict[str, list[Any]] = {"prediction": predictions, **scores}  # per answer
     base_scores = None
     if base_predictions is not None:
         base_scores = score_answers(base_predictions, references, metrics, questions)
-    rows = []
-    for i, record in enumerate(records):
-        row: dict[str, Any] = {
-            "id": record.id,
-            "source": record.source,
-            "question": record.question,
-            "reference": record.answer,
-            "prediction": predictions[i],
-        }
-        row |= {name: values[i] for name, values in scores.items()}
-        if base_predictions is not None and base_scores is not None:
-            row["base_prediction"] = base_predictions[i]
-            row |= {f"base_{name}": values[i] for name, values in base_scores.items()}
-        rows.append(row)
-    if predictions_path is not None:
-        write_jsonl_atomic(predictions_path, rows)
-    result: dict[str, Any] = {
-        "examples": len(records),
-        "decoding": "sampling" if settings.do_sample else "greedy",
-        "max_new_tokens": settings.max_new_tokens,
-        "generation": settings.model_dump(),
-        "empty_predictions": sum(not p.strip() for p in predictions),
-        "metrics": aggregate(scores, base_scores, seed),
-        "reference_words": sum(map(answer_words, references)) / max(len(references), 1),
-    }
-    if base_predictions is not None:
-        result["base_empty_predictions"] = sum(not p.strip() for p in base_predictions)
-    if predictions_path is not None:
-        result["predictions"] = str(predictions_path)
-    return result
-
-
-class EvalOptions(BaseModel):
-    """What `medlora eval` scores and where it writes (the CLI's options, as one object)."""
-
-    model: str  # model spec: Hub id, folder, .gguf or alias
-    data: str  # KIND:PATH or a prepared folder
-    adapter: Path | None = None  # run directory with the adapter
-    split: str = "test"
-    limit: int | None = None  # score at most this many examples
-    compare_base: bool = False  # also score the base model (the adapter switched off)
-    out: Path | None = None  # eval.json
-    batch_size: int | None = None  # default: the recipe's eval.batch_size
-    column_map: dict[str, str] | None = None
-    metrics: list[str] = ["loss"]  # loss and/or METRICS
-    max_new_tokens: int | None = None  # default: the recipe's generation settings
-    predictions: Path | None = None  # per-example answers (default: beside `out`)
-
-
-def evaluate_run(
-    options: EvalOptions, model_and_tokenizer: tuple[Any, Any] | None = None
-) -> EvalResult:
-    """`medlora eval`: loss (unchanged) and/or answer quality, one model load, one results file.
-
-    `model_and_tokenizer`: the model already loaded with its adapter (else it is loaded here).
-    """
-    from medlora.evaluate.generate import recipe_generation
-    from medlora.evaluate.heldout import (
-        evaluate_heldout,
-        load_eval_model,
-        run_recipe,
-        sampled_eval_records,
+        columns["base_prediction"] = base_predictions
+        columns |= {f"base_{name}": values for name, values in base_scores.items()}
+    answers = [
+        ScoredAnswer(
+            id=r.id,
+            source=r.source,
+            question=r.question,
+            reference=r.answer,
+            **{name: values[i] for name, values in columns.items()},
+        )
+        for i, r in enumerate(records)
+    ]
+    result = QualityResult(
+        examples=len(records),
+        decoding="sampling" if settings.do_sample else "greedy",
+        max_new_tokens=settings.max_new_tokens,
+        generation=settings.model_dump(),
+        empty_predictions=sum(not p.strip() for p in predictions),
+        metrics=aggregate(scores, base_scores, seed),
+        reference_words=sum(map(answer_words, references)) / max(len(references), 1),
+        answers=answers,
     )
-
-    o = options
-    if o.compare_base and o.adapter is None:
-        raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
-    recipe = run_recipe(o.adapter)
-    model_and_tokenizer = load_eval_model(o.model, o.adapter, recipe, model_and_tokenizer)
-    adapter = str(o.adapter) if o.adapter else None
-    result = EvalResult(model=o.model, adapter=adapter, data=o.data, split=o.split)
-    if "loss" in o.metrics:
-        scores = evaluate_heldout(
-            o.model,
-            o.data,
-            o.adapter,
-            o.split,
-            o.limit,
-            o.compare_base,
-            None,
-            o.batch_size,
-            o.column_map,
-            model_and_tokenizer,
-        )
-        result = EvalResult.model_validate(result.model_dump(exclude_unset=True) | scores)
-        per_example = result.per_example or []
-        base = [row.base_loss for row in per_example if row.base_loss is not None]
-        if per_example and len(base) == len(per_example):
-            # The token-weighted loss has no per-example form; its paired interval is given for
-            # the mean of per-example losses instead (same questions, resampled together).
-            tuned = [row.loss for row in per_example]
-            change = paired_bootstrap_ci(tuned, base, seed=recipe.data.seed)
-            result.example_loss_change = CI.model_validate(change)
-    wanted = [m for m in o.metrics if m in METRICS]
-    if wanted:
-        records = sampled_eval_records(o.data, o.split, recipe, o.column_map, o.limit)
-        predictions = o.predictions
-        if predictions is None:
-            beside = o.out.parent if o.out else Path()
-            predictions = beside / "predictions.jsonl"
-        model, tokenizer = model_and_tokenizer
-        quality = evaluate_answers(
-            model,
-            tokenizer,
-            records,
-            recipe.data.system_prompt,
-            wanted,
-            recipe_generation(recipe, o.max_new_tokens),
-            o.batch_size or recipe.eval.batch_size,
-            o.compare_base,
-            predictions,
-            recipe.data.seed,
-        )
-        result.quality = QualityResult.model_validate(quality)
-    if o.out is not None:
-        write_result(o.out, result)
+    if base_predictions is not None:
+        result.base_empty_predictions = sum(not p.strip() for p in base_predictions)
+    if predictions_path is not None:
+        write_jsonl_atomic(predictions_path, [a.model_dump(exclude_unset=True) for a in answers])
+        result.predictions = str(predictions_path)
     return result

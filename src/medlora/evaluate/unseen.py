@@ -3,7 +3,8 @@
 The demo's headline and `medlora sweep --unseen` both use this: the answer loss of the reference
 answers, and the generated answers scored against them (ROUGE-L, token F1, MiniLM similarity,
 repeated 4-grams, question echo) with paired 95% bootstrap intervals — the same questions, the same
-generation settings, the base being the same weights with the adapter switched off.
+generation settings, the base being the same weights with the adapter switched off. `medlora eval`
+starts here too (`evaluate_run`): the asked split, and this panel beside it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ from medlora.data.medquad import find_medquad_dir
 from medlora.data.records import Record
 from medlora.data.sample import sample_records
 from medlora.data.sources import load_source, parse_source
-from medlora.errors import DataError
+from medlora.errors import ConfigError, DataError
+from medlora.evaluate.generate import recipe_generation
+from medlora.evaluate.heldout import (
+    EvalOptions,
+    evaluate_heldout,
+    load_eval_model,
+    run_recipe,
+    sampled_eval_records,
+)
 from medlora.evaluate.panels import score_panel
-from medlora.evaluate.quality import METRICS, EvalOptions, evaluate_run
-from medlora.io import read_jsonl
+from medlora.evaluate.quality import METRICS, evaluate_answers
 from medlora.results import EvalResult, write_result
 
 
@@ -47,35 +55,15 @@ def unseen_records(recipe: Recipe) -> tuple[list[Record], list[str]]:
     return sample_records(records, recipe.eval.max_examples, recipe.data.seed), specs
 
 
-def score_unseen(
-    model: Any,
-    tokenizer: Any,
-    records: list[Record],
-    specs: list[str],
-    recipe: Recipe,
-    predictions_path: Path,
-    base_predictions: list[str] | None = None,
-) -> dict[str, Any]:
-    """Loss and answer metrics, base vs tuned, on the unseen records (the `unseen` panel as a
-    mapping, for the sweep's tables).
-
-    `base_predictions` (the base's answers to the same questions under the same generation
-    settings, e.g. from an earlier run of a sweep) skips generating them again: they do not depend
-    on the adapter.
-    """
-    panel = score_panel(
-        model, tokenizer, records, recipe, "unseen", specs, predictions_path, base_predictions
-    )
-    return panel.model_dump()
-
-
 def score_run_unseen(
     recipe: Recipe, run_dir: Path, base: tuple[Any, Any], base_answers: dict[str, list[str]]
 ) -> dict[str, Any]:
-    """A saved run's scores on eval.unseen_sources, its adapter put on `base` (an untouched model).
+    """A saved run's scores on eval.unseen_sources, its adapter put on `base` (an untouched model):
+    loss and answer metrics, base vs tuned, as a mapping for a sweep's row.
 
-    `base_answers` caches the base's answers by (questions, system prompt, generation settings), so
-    scoring several runs generates them once. Writes RUN/predictions_unseen.jsonl.
+    `base_answers` caches the base's answers by (questions, system prompt, generation settings): they
+    do not depend on the adapter, so scoring several runs generates them once.
+    Writes RUN/predictions_unseen.jsonl.
     """
     from peft import PeftModel
 
@@ -86,53 +74,65 @@ def score_run_unseen(
     model, tokenizer = base
     model = PeftModel.from_pretrained(model, run_dir)
     predictions = Path(run_dir) / "predictions_unseen.jsonl"
-    scores = score_unseen(
-        model, tokenizer, records, specs, recipe, predictions, base_answers.get(key)
+    panel = score_panel(
+        model, tokenizer, records, recipe, "unseen", specs, predictions, base_answers.get(key)
     )
-    base_answers[key] = [row["base_prediction"] for row in read_jsonl(predictions)]
-    quality = scores["quality"]
+    quality = panel.quality  # always scored here: a predictions path was given
+    base_answers[key] = [answer.base_prediction for answer in quality.answers]
     return {
         "data": specs,
-        "examples": scores["examples"],
-        "loss": round(scores["loss"], 6),
-        "base_loss": round(scores["base_loss"], 6),
-        "loss_change_pct": round(scores["loss_change_pct"], 3),
-        "generation": quality["generation"],
-        "metrics": quality["metrics"],
+        "examples": panel.examples,
+        "loss": round(panel.loss, 6),
+        "base_loss": round(panel.base_loss, 6),
+        "loss_change_pct": round(panel.loss_change_pct, 3),
+        "generation": quality.generation,
+        "metrics": quality.model_dump()["metrics"],
         "predictions": str(predictions),
     }
 
 
-def evaluate_with_unseen(options: EvalOptions, unseen: bool = True) -> EvalResult:
-    """`medlora eval`: the asked split (`evaluate_run`) and, beside it, the second panel on the
-    run's `eval.unseen_sources` when comparing an adapter with its base — the same metrics and
-    generation settings, one model load, one eval.json."""
-    from medlora.evaluate.heldout import load_eval_model, run_recipe
+def evaluate_run(
+    options: EvalOptions, model_and_tokenizer: tuple[Any, Any] | None = None
+) -> EvalResult:
+    """`medlora eval`: loss and/or answer quality on the asked split and, when comparing an adapter
+    with its base, the second panel on the run's `eval.unseen_sources` (the same metrics and
+    generation settings); one model load, one eval.json.
 
-    recipe = run_recipe(options.adapter)
-    wanted = unseen and options.compare_base and bool(recipe.eval.unseen_sources)
-    if not wanted:
-        return evaluate_run(options)
-    loaded = load_eval_model(options.model, options.adapter, recipe)
-    beside = options.out.parent if options.out else Path()
-    split_predictions = options.predictions or beside / "predictions.jsonl"
-    # eval.json is written once, below, with both panels; the answers go where they always did.
-    split_options = options.model_copy(update={"out": None, "predictions": split_predictions})
-    result = evaluate_run(split_options, loaded)
-    records, specs = unseen_records(recipe)
-    if options.limit is not None:
-        records = records[: options.limit]
-    predictions = None
-    if any(m in METRICS for m in options.metrics):
-        predictions = split_predictions.parent / "predictions_unseen.jsonl"
-    # The split's settings: the CLI's --batch-size and --max-new-tokens apply to both panels.
-    recipe = recipe.model_copy(deep=True)
-    recipe.eval.metrics = [m for m in options.metrics if m in METRICS]  # type: ignore[misc]
-    if options.batch_size:
-        recipe.eval.batch_size = options.batch_size
-    if options.max_new_tokens:
-        recipe.generation.max_new_tokens = options.max_new_tokens
-    result.unseen = score_panel(*loaded, records, recipe, "unseen", specs, predictions)
-    if options.out is not None:
-        write_result(options.out, result)
+    `model_and_tokenizer`: the model already loaded with its adapter (else it is loaded here).
+    """
+    o = options
+    if o.compare_base and o.adapter is None:
+        raise ConfigError("--compare-base compares an adapter with its base: add --adapter RUN_DIR")
+    recipe = run_recipe(o.adapter)
+    loaded = load_eval_model(o.model, o.adapter, recipe, model_and_tokenizer)
+    # The CLI's --batch-size and --max-new-tokens apply to both panels.
+    recipe.eval.batch_size = o.batch_size or recipe.eval.batch_size
+    recipe.generation = recipe_generation(recipe, o.max_new_tokens)
+    adapter = str(o.adapter) if o.adapter else None
+    result = EvalResult(model=o.model, adapter=adapter, data=o.data, split=o.split)
+    if "loss" in o.metrics:
+        result = evaluate_heldout(o, loaded)
+    wanted = [m for m in o.metrics if m in METRICS]
+    predictions = o.predictions or (o.out.parent if o.out else Path()) / "predictions.jsonl"
+    if wanted:
+        result.quality = evaluate_answers(
+            *loaded,
+            sampled_eval_records(o.data, o.split, recipe, o.column_map, o.limit),
+            recipe.data.system_prompt,
+            wanted,
+            recipe.generation,
+            recipe.eval.batch_size,
+            o.compare_base,
+            predictions,
+            recipe.data.seed,
+        )
+    if o.unseen and o.compare_base and recipe.eval.unseen_sources:
+        records, specs = unseen_records(recipe)
+        recipe.eval.metrics = wanted  # type: ignore[misc]  # the split's metrics
+        unseen_predictions = predictions.parent / "predictions_unseen.jsonl" if wanted else None
+        result.unseen = score_panel(
+            *loaded, records[: o.limit], recipe, "unseen", specs, unseen_predictions
+        )
+    if o.out is not None:
+        write_result(o.out, result)
     return result

@@ -1,8 +1,9 @@
-"""GGUF for llama.cpp: the converter and quantizer extracted from the llama-cpp-python sdist
-(`make fast`), a base model's GGUF, and a cache key for an adapter's export."""
+"""GGUF for llama.cpp: the converters and quantizer extracted from the llama-cpp-python sdist
+(`make fast`), a base model's GGUF, and a run's adapter as a GGUF LoRA in the cache."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -17,7 +18,18 @@ from typing import Any
 from medlora.errors import ModelError
 from medlora.export.common import CONVERTER_TYPES, DEFAULT_GGUF_TYPE, GGUF_TYPES, ExportError
 from medlora.export.lora_pad import pad_lora_rank
-from medlora.models import cache_dir
+from medlora.export.merge import run_base_spec
+from medlora.machine import default_threads
+from medlora.models import cache_dir, local_folder, resolve
+
+# What install_llama_cpp_tools extracts: the converters and the packages they import.
+_LLAMA_CPP_TOOLS = (
+    "convert_hf_to_gguf.py",
+    "convert_lora_to_gguf.py",
+    "conversion/",
+    "gguf-py/",
+    "LICENSE",
+)
 
 
 def llama_cpp_tools_dir() -> Path:
@@ -31,17 +43,10 @@ def install_llama_cpp_tools(sdist: str | os.PathLike[str], dest: Path | None = N
     dest = dest or llama_cpp_tools_dir()
     scratch = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(scratch, ignore_errors=True)
-    wanted = (
-        "convert_hf_to_gguf.py",
-        "convert_lora_to_gguf.py",
-        "conversion/",
-        "gguf-py/",
-        "LICENSE",
-    )
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
             _, _, inner = member.name.partition("/vendor/llama.cpp/")
-            if inner and (inner in wanted or inner.startswith(wanted)) and member.isfile():
+            if inner.startswith(_LLAMA_CPP_TOOLS) and member.isfile():
                 member.name = inner
                 tar.extract(member, scratch, filter="data")
     if not (scratch / "convert_hf_to_gguf.py").is_file():
@@ -53,34 +58,39 @@ def install_llama_cpp_tools(sdist: str | os.PathLike[str], dest: Path | None = N
     return dest
 
 
-def convert_to_gguf(hf_folder: Path, outfile: Path, outtype: str = DEFAULT_GGUF_TYPE) -> Path:
-    """Run llama.cpp's converter on a `save_pretrained` folder (subprocess: it is a script), then
-    its quantizer for the types the converter does not write."""
-    script = llama_cpp_tools_dir() / "convert_hf_to_gguf.py"
+def _converter(name: str) -> Path:
+    """One of llama.cpp's converter scripts, or an ExportError saying how to get it."""
+    script = llama_cpp_tools_dir() / name
     if not script.is_file():
         raise ExportError(
             f"GGUF export needs llama.cpp's converter ({script} is missing): run `make fast`, "
             "or set MEDLORA_LLAMA_CPP_DIR to a llama.cpp checkout"
         )
+    return script
+
+
+def _run_converter(script: Path, args: list[str], outfile: Path, source: Path) -> None:
+    """Run a converter script (a subprocess: it is a script) on `source`, writing `outfile`; its
+    last line of output is the error when it fails."""
+    command = [sys.executable, str(script), *args, "--outfile", str(outfile)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not outfile.is_file():
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ExportError(f"{script.name} failed on {source}: {last[0]}")
+
+
+def convert_to_gguf(hf_folder: Path, outfile: Path, outtype: str = DEFAULT_GGUF_TYPE) -> Path:
+    """Run llama.cpp's converter on a `save_pretrained` folder, then its quantizer for the types
+    the converter does not write."""
+    script = _converter("convert_hf_to_gguf.py")
     if outtype not in GGUF_TYPES:
         raise ExportError(f"--gguf-type {outtype} is not one of {', '.join(GGUF_TYPES)}")
     direct = outtype in CONVERTER_TYPES
     if not direct:
         _llama_cpp_for(outtype)  # fail before minutes of conversion
     tmp = outfile.with_name(outfile.name + (".tmp" if direct else ".f16.tmp"))
-    command = [
-        sys.executable,
-        str(script),
-        str(hf_folder),
-        "--outfile",
-        str(tmp),
-        "--outtype",
-        outtype if direct else "f16",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0 or not tmp.is_file():
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ExportError(f"convert_hf_to_gguf.py failed on {hf_folder}: {last[0]}")
+    args = [str(hf_folder), "--outtype", outtype if direct else "f16"]
+    _run_converter(script, args, tmp, hf_folder)
     if not direct:
         try:
             tmp = quantize_gguf(tmp, outfile.with_name(outfile.name + ".tmp"), outtype)
@@ -96,29 +106,14 @@ def convert_lora_to_gguf(adapter_dir: Path, base_folder: Path, outfile: Path) ->
 
     A rank that is a multiple of 4 is written as rank + 1 with a zero component, the same update:
     llama.cpp then applies it batch-invariantly (export/lora_pad.py)."""
-    script = llama_cpp_tools_dir() / "convert_lora_to_gguf.py"
-    if not script.is_file():
-        raise ExportError(
-            f"GGUF LoRA conversion needs llama.cpp's converter ({script} is missing): run `make "
-            "fast`, or set MEDLORA_LLAMA_CPP_DIR to a llama.cpp checkout"
-        )
+    script = _converter("convert_lora_to_gguf.py")
     tmp = outfile.with_name(outfile.name + ".tmp")
     with tempfile.TemporaryDirectory(dir=outfile.parent, prefix=".padded-") as padded:
         source = Path(padded) if pad_lora_rank(adapter_dir, Path(padded)) else adapter_dir
-        done = _run_lora_converter(script, source, base_folder, tmp)
-    if done.returncode != 0 or not tmp.is_file():
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ExportError(f"convert_lora_to_gguf.py failed on {adapter_dir}: {last[0]}")
+        args = [str(source), "--base", str(base_folder), "--outtype", "f32"]
+        _run_converter(script, args, tmp, adapter_dir)
     os.replace(tmp, outfile)
     return outfile
-
-
-def _run_lora_converter(
-    script: Path, adapter_dir: Path, base_folder: Path, outfile: Path
-) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, str(script), str(adapter_dir), "--base", str(base_folder)]
-    command += ["--outfile", str(outfile), "--outtype", "f32"]
-    return subprocess.run(command, capture_output=True, text=True)
 
 
 def _llama_cpp_for(gguf_type: str) -> Any:
@@ -134,10 +129,6 @@ def _llama_cpp_for(gguf_type: str) -> Any:
 
 def quantize_gguf(source: Path, target: Path, gguf_type: str) -> Path:
     """llama.cpp's quantizer (through llama-cpp-python) from an f16/f32 GGUF to `gguf_type`."""
-    import ctypes
-
-    from medlora.machine import default_threads
-
     llama_cpp = _llama_cpp_for(gguf_type)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}")
@@ -165,8 +156,6 @@ def adapter_fingerprint(run_dir: Path, base: str) -> str:
 def base_gguf(spec: str, gguf_type: str = DEFAULT_GGUF_TYPE, shipped: bool = True) -> Path:
     """A GGUF for a base model spec: the file itself for .gguf specs and the alias (`shipped`),
     else the model's float folder converted to `gguf_type` once into the cache."""
-    from medlora.models import local_folder, resolve
-
     source = resolve(spec)
     if shipped and source.kind in ("alias", "gguf"):
         return Path(source.location) / str(source.gguf_file)
@@ -181,4 +170,17 @@ def base_gguf(spec: str, gguf_type: str = DEFAULT_GGUF_TYPE, shipped: bool = Tru
             raise ModelError(f"cannot convert '{spec}' to GGUF: {folder} has no config.json")
         target.parent.mkdir(parents=True, exist_ok=True)
         convert_to_gguf(folder, target, gguf_type)
+    return target
+
+
+def cached_gguf_lora(run_dir: str | os.PathLike[str], base: str | None = None) -> Path:
+    """The run's adapter as a GGUF LoRA, converted once into the cache; later calls reuse it."""
+    run = Path(run_dir)
+    spec = run_base_spec(run, base)
+    # "lora-padded": ranks padded for batch invariance (export/lora_pad.py); earlier caches differ.
+    name = f"{run.resolve().name}-lora-padded-{adapter_fingerprint(run, spec)}"
+    target = cache_dir() / "exports" / name / "adapter.gguf"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        convert_lora_to_gguf(run, Path(local_folder(spec)), target)
     return target

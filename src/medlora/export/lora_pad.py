@@ -1,15 +1,12 @@
 """A LoRA adapter's rank padded by one zero component, so llama.cpp applies it batch-invariantly.
 
-Why: llama.cpp's CPU backend multiplies a float LoRA A by the activations with its llamafile
-GEMM (tinyBLAS) when a decode step holds two or more tokens and with its per-row dot product when
-it holds one. The two sum in different orders, so a request's logits decoded beside others differ
-in the last bits from the same request alone, and the base's 8-bit activation rounding turns that
-into a different greedy token now and then (with the demo adapter on a q8_0 base, within a few
-dozen steps: docs/benchmarks.md, "serve-load-llama.cpp"). tinyBLAS takes a float
-matrix only when its rows (here the rank) are a multiple of 4 (llama.cpp's
-ggml-cpu/llamafile/sgemm.cpp, `tinyBLAS::matmul`, llama-cpp-python 0.3.36), so a rank of 4 made 5
-keeps every step on the per-row product: the same rows then gave bit-identical logits alone and
-together (docs/benchmarks.md, "serve-load-llama.cpp").
+Why: llama.cpp's CPU backend multiplies a float LoRA A by the activations with its llamafile GEMM
+(tinyBLAS) when a decode step holds two or more tokens and with its per-row dot product when it
+holds one. The two sum in different orders, so a request decoded beside others can pick another
+greedy token than alone (docs/benchmarks.md, "serve-load-llama.cpp"). tinyBLAS takes a float matrix
+only when its rows (here the rank) are a multiple of 4 (ggml-cpu/llamafile/sgemm.cpp,
+`tinyBLAS::matmul`, llama-cpp-python 0.3.36), so a rank of 4 made 5 keeps every step on the
+per-row product: bit-identical logits alone and together.
 
 The padded component is a zero row of A and a zero column of B; llama.cpp scales a LoRA by
 alpha / rank, so B is multiplied by (r + 1) / r to keep the update B A x x alpha / r the same.

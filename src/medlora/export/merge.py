@@ -10,12 +10,17 @@ from typing import Any
 import yaml
 
 from medlora.config import GenerationConfig
+from medlora.evaluate.generate import run_generation_settings, stop_token_ids
 from medlora.export.common import ExportError
 from medlora.models import load_model, prepare_tokenizer
 
 
-def run_base_spec(run_dir: Path) -> str:
-    """The base model spec the run was trained on (recipe.yaml, else the adapter config)."""
+def run_base_spec(run_dir: Path, base: str | None = None) -> str:
+    """`base` when given, else the base model spec the run was trained on (recipe.yaml, else the
+    adapter config); an ExportError when `run_dir` is not a run."""
+    check_run(run_dir)
+    if base:
+        return base
     recipe = run_dir / "recipe.yaml"
     if recipe.is_file():
         data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
@@ -42,8 +47,7 @@ def load_merged(run_dir: Path, base: str | None = None) -> tuple[Any, Any]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    check_run(run_dir)
-    spec = base or run_base_spec(run_dir)
+    spec = run_base_spec(run_dir, base)
     model, tokenizer = load_model(spec, dtype="float32")
     if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
         raise ExportError(
@@ -58,6 +62,17 @@ def load_merged(run_dir: Path, base: str | None = None) -> tuple[Any, Any]:
     return merged, tokenizer
 
 
+def save_merged(run_dir: Path, base: str, folder: Path) -> None:
+    """The merged model, its tokenizer and chat template, and the run's generation settings, saved
+    into `folder` with `save_pretrained`."""
+    model, tokenizer = load_merged(run_dir, base)
+    _generation_config(model, tokenizer, run_generation_settings(run_dir))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if not (folder / "chat_template.jinja").exists() and tokenizer.chat_template:
+        (folder / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+
+
 def _generation_config(model: Any, tokenizer: Any, settings: GenerationConfig) -> None:
     """The run's `generation:` settings and end-of-turn stops, so a plain `generate(**inputs)`
     answers as `medlora eval`, the demo and the server do.
@@ -65,8 +80,6 @@ def _generation_config(model: Any, tokenizer: Any, settings: GenerationConfig) -
     The model card's snippet calls `generate` without `max_new_tokens`; with the library default
     (20 tokens) its answers would be cut off after a few words.
     """
-    from medlora.evaluate.generate import stop_token_ids
-
     config = model.generation_config
     config.eos_token_id = stop_token_ids(tokenizer) or config.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
@@ -76,9 +89,3 @@ def _generation_config(model: Any, tokenizer: Any, settings: GenerationConfig) -
     config.top_p = None
     for key, value in settings.generate_kwargs().items():
         setattr(config, key, value)
-
-
-def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
-    tokenizer.save_pretrained(folder)
-    if not (folder / "chat_template.jinja").exists() and tokenizer.chat_template:
-        (folder / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")

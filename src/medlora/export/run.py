@@ -22,27 +22,32 @@ import shutil
 import time
 from pathlib import Path
 
-from medlora.evaluate.generate import run_generation_settings
 from medlora.export.card import copy_card_files, model_card
-from medlora.export.common import (
-    ADAPTER_FILES,
-    DEFAULT_GGUF_TYPE,
-    FORMATS,
-    PROVENANCE,
-    TOKENIZER_FILES,
-    ExportError,
-    ExportResult,
-)
-from medlora.export.gguf import adapter_fingerprint, convert_lora_to_gguf, convert_to_gguf
-from medlora.export.merge import (
-    _generation_config,
-    _save_tokenizer,
-    check_run,
-    load_merged,
-    run_base_spec,
-)
+from medlora.export.common import DEFAULT_GGUF_TYPE, FORMATS, ExportError, ExportResult
+from medlora.export.gguf import adapter_fingerprint, convert_to_gguf
+from medlora.export.merge import run_base_spec, save_merged
 from medlora.io import move_files_atomic
 from medlora.models import cache_dir
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# Copied into the export's top folder; an older run kept its data card at RUN/data_card.json.
+PROVENANCE = (
+    "recipe.yaml",
+    "train_summary.json",
+    "eval.json",
+    "data/data_card.json",
+    "data_card.json",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
 
 
 def export_run(
@@ -56,27 +61,20 @@ def export_run(
 ) -> ExportResult:
     """Export a run: adapter only, merged model, or merged model + GGUF (which implies --merge)."""
     run, out = Path(run_dir), Path(out)
-    check_run(run)
+    spec = run_base_spec(run, base)
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt} is not one of {', '.join(FORMATS)}")
     if out.resolve() == run.resolve():
         raise ExportError(f"--out {out} is the run directory itself: give a new folder")
     merge = merge or fmt == "gguf"
-    spec = base or run_base_spec(run)
     scratch = out.parent / f".{out.name}.export.tmp"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
         if merge:
-            model, tokenizer = load_merged(run, spec)
-            _generation_config(model, tokenizer, run_generation_settings(run_dir))
-            model.save_pretrained(scratch, safe_serialization=True)
-            _save_tokenizer(tokenizer, scratch)
-        else:
-            for name in ADAPTER_FILES + TOKENIZER_FILES:
-                if (run / name).is_file():
-                    shutil.copy2(run / name, scratch / name)
-        for name in PROVENANCE:
+            save_merged(run, spec, scratch)
+        # An adapter export is the run's own files; every export carries the provenance files.
+        for name in PROVENANCE if merge else ADAPTER_FILES + TOKENIZER_FILES + PROVENANCE:
             if (run / name).is_file():
                 shutil.copy2(run / name, scratch / Path(name).name)
         card = model_card(run, spec, merge, fmt, repo_id=str(out.resolve()))
@@ -99,7 +97,6 @@ def export_run(
     return ExportResult(
         out=out,
         merged=merge,
-        format=fmt,
         files=sorted(p.name for p in moved),
         gguf=out / "model.gguf" if fmt == "gguf" else None,
     )
@@ -110,29 +107,9 @@ def cached_gguf(
 ) -> Path:
     """The run merged and converted to GGUF once into the cache; later calls reuse it."""
     run = Path(run_dir)
-    check_run(run)
-    spec = base or run_base_spec(run)
-    folder = (
-        cache_dir()
-        / "exports"
-        / f"{run.resolve().name}-{gguf_type}-{adapter_fingerprint(run, spec)}"
-    )
+    spec = run_base_spec(run, base)
+    name = f"{run.resolve().name}-{gguf_type}-{adapter_fingerprint(run, spec)}"
+    folder = cache_dir() / "exports" / name
     if not (folder / "model.gguf").is_file():
         export_run(run, folder, fmt="gguf", gguf_type=gguf_type, base=spec)
     return folder / "model.gguf"
-
-
-def cached_gguf_lora(run_dir: str | os.PathLike[str], base: str | None = None) -> Path:
-    """The run's adapter as a GGUF LoRA, converted once into the cache; later calls reuse it."""
-    from medlora.models import local_folder
-
-    run = Path(run_dir)
-    check_run(run)
-    spec = base or run_base_spec(run)
-    # "lora-padded": ranks padded for batch invariance (export/lora_pad.py); earlier caches differ.
-    name = f"{run.resolve().name}-lora-padded-{adapter_fingerprint(run, spec)}"
-    target = cache_dir() / "exports" / name / "adapter.gguf"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        convert_lora_to_gguf(run, Path(local_folder(spec)), target)
-    return target

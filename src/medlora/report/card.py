@@ -1,7 +1,9 @@
 """`medlora report RUN_DIR`: a Hub-ready model card (README.md) and report.html from the run's files.
 
 The card is a huggingface_hub `ModelCard`: its front matter is a `ModelCardData`, its body the
-templates/model_card.md.j2 template. `medlora export` renders its cards here too.
+templates/model_card.md.j2 template. `medlora export` renders its cards here too. report.html
+(templates/report.html.j2) is the card's content as one self-contained page, charts inlined as data
+URIs, rendered from the same context so the two never disagree.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from medlora.io import write_text_atomic
 from medlora.report.charts import quality_chart
 from medlora.report.context import page_context, short_context, usage
 from medlora.report.facts import ReportOptions, RunFacts, ShortFacts, chart_files, collect
-from medlora.report.page import write_report_html
 from medlora.report.render import render
 
 # Marks a README.md as medlora's card (an HTML comment: invisible on the Hub), so `medlora export`
@@ -54,8 +55,7 @@ def card_data(facts: RunFacts) -> ModelCardData:
 
 def render_card(facts: RunFacts) -> str:
     """The model card: configuration, data, evaluation, answers, usage, limitations."""
-    context = page_context(facts)
-    return str(_model_card("model_card.md.j2", card_data(facts), charts=facts.charts, **context))
+    return str(_model_card("model_card.md.j2", card_data(facts), **page_context(facts)))
 
 
 def render_short_card(facts: ShortFacts) -> str:
@@ -78,5 +78,5 @@ def write_report(
     quality_chart(facts.metrics, run / "charts")
     facts = replace(facts, charts=chart_files(run))  # with the chart just drawn
     card = write_text_atomic(run / "README.md", render_card(facts))
-    page = write_report_html(facts, run / "report.html")
+    page = write_text_atomic(run / "report.html", render("report.html.j2", **page_context(facts)))
     return {"card": card, "html": page}

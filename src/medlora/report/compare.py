@@ -18,7 +18,7 @@ from medlora.errors import DataError
 from medlora.evaluate.quality import METRICS, aggregate, score_answers
 from medlora.io import write_text_atomic
 from medlora.report.format import fmt
-from medlora.report.render import render, write_page
+from medlora.report.render import render
 from medlora.results import CompareResult, CompareRow, write_result
 
 QUESTION_KEYS = ("question", "instruction")
@@ -50,7 +50,7 @@ def read_questions(path: str | os.PathLike[str]) -> list[Record]:
             Record(id=str(i), question=q, answer="", source=file.name) for i, q in enumerate(lines)
         ]
     # The same readers (and one-line errors) as training data: medlora.data.tabular.
-    readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": lambda f: read_csv(f)[0]}
+    readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv}
     if suffix not in readers:
         raise DataError(f"--questions {file}: use a .txt, .jsonl, .json or .csv file")
     rows = readers[suffix](file)
@@ -135,7 +135,9 @@ def write_compare(result: CompareResult, out_dir: str | os.PathLike[str]) -> dic
     return {
         "json": write_result(out / "compare.json", result),
         "md": write_text_atomic(out / "compare.md", render_markdown(result)),
-        "html": write_page(out / "compare.html", "compare.html.j2", r=result, names=MD_NAMES),
+        "html": write_text_atomic(
+            out / "compare.html", render("compare.html.j2", r=result, names=MD_NAMES)
+        ),
     }
 
 

@@ -8,24 +8,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from medlora.config import GenerationConfig
-from medlora.evaluate.audit_text import audit_markdown
 from medlora.evaluate.generate import generate_arguments
-from medlora.evaluate.judge import judge_markdown
+from medlora.report.audit import audit_markdown
 from medlora.report.facts import HUB_BASE, RunFacts, ShortFacts
-from medlora.report.format import fmt, fmt_ci, metric_verdict, short
+from medlora.report.format import fmt, fmt_ci, short
+from medlora.report.judge import judge_markdown
 from medlora.report.panels import (
-    METRIC_LABELS,
+    metric_label,
     panel_heading,
     panel_rows,
     panels_markdown,
     transfer_sentence,
 )
-from medlora.results import CI
+from medlora.results import SubjectScores
 
 DISCLAIMER = (
     "This model is a research artefact, not a medical device. Its answers can be wrong, incomplete "
@@ -46,47 +46,11 @@ MISSING_COMPARE = (
 )
 
 
-def metric_name(key: str) -> str:
-    return METRIC_LABELS.get(key, key)
-
-
-@dataclass
-class LossRow:
+class LossRow(NamedTuple):  # a tuple: md_table takes it as one table row
     name: str
     base: str
     tuned: str
     change: str
-
-
-@dataclass
-class QualityRow:
-    name: str
-    model: CI
-    base: CI | None
-    diff: CI | None
-    verdict: str
-
-
-@dataclass
-class BenchRow:
-    task: str
-    n: int
-    chance: float
-    acc: float
-    acc_ci: CI
-    acc_norm: float
-    base_acc: float | None
-    base_acc_norm: float | None
-    diff: CI | None
-
-
-@dataclass
-class SubjectRow:
-    name: str
-    n: int
-    chance: float
-    acc: float
-    base_acc: float | None
 
 
 @dataclass
@@ -139,15 +103,15 @@ def train_rows(facts: RunFacts) -> list[tuple[str, str]]:
         for key, label in TRAIN_FIGURES
         if key in summary.model_fields_set
     ]
-    if facts.best:
-        best = facts.best
-        rows.append(
-            (
-                "best checkpoint",
-                f"{best.metric} = {fmt(best.value, 4)} at step {best.step} ({best.path})",
-            )
-        )
+    if best := facts.best:
+        text = f"{best.metric} = {fmt(best.value, 4)} at step {best.step} ({best.path})"
+        rows.append(("best checkpoint", text))
     return rows
+
+
+def _listing(counts: dict[str, Any]) -> str:
+    """`train 120, validation 15`: a mapping's items in one line."""
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 def data_rows(facts: RunFacts) -> list[tuple[str, str]]:
@@ -157,12 +121,10 @@ def data_rows(facts: RunFacts) -> list[tuple[str, str]]:
         ("excluded sources", ", ".join(data.exclude) or "none"),
     ]
     if card.splits:
-        splits = ", ".join(f"{k} {v}" for k, v in card.splits.items())
-        rows.append(("records per split (grouped by topic)", splits))
+        rows.append(("records per split (grouped by topic)", _listing(card.splits)))
     if card.used is not None:
-        counts = card.used.counts()
-        if counts:
-            rows.append(("used for training", ", ".join(f"{k} {v}" for k, v in counts.items())))
+        if counts := card.used.counts():
+            rows.append(("used for training", _listing(counts)))
         for group, g in card.used.per_group.items():
             text = f"{g.examples} examples, {100 * g.token_share:.1f}% of tokens"
             if g.weight is not None:
@@ -171,13 +133,10 @@ def data_rows(facts: RunFacts) -> list[tuple[str, str]]:
                 text += f", upsampled x{g.drawn_per_record}"
             rows.append((f"trained on ({group})", text))
     for source, reasons in (card.skipped or {}).items():
-        counted = {k: v for k, v in reasons.items() if v}
-        if counted:
-            rows.append((f"skipped ({source})", ", ".join(f"{k} {v}" for k, v in counted.items())))
-    lengths = card.token_lengths or {}
-    if lengths and "train" in lengths and lengths["train"]:
-        text = ", ".join(f"{k} {v}" for k, v in lengths["train"].items())
-        rows.append(("train tokens per example", text))
+        if counted := {k: v for k, v in reasons.items() if v}:
+            rows.append((f"skipped ({source})", _listing(counted)))
+    if train_lengths := (card.token_lengths or {}).get("train"):
+        rows.append(("train tokens per example", _listing(train_lengths)))
     if any("medquad" in s for s in data.sources):
         rows.append(
             ("licence", "MedQuAD: CC BY 4.0 (Ben Abacha & Demner-Fushman, BMC Bioinformatics 2019)")
@@ -187,83 +146,48 @@ def data_rows(facts: RunFacts) -> list[tuple[str, str]]:
     return rows
 
 
+def _change_row(name: str, base: float | None, tuned: float, digits: int) -> LossRow:
+    change = fmt(tuned - base, digits) if base is not None else "—"
+    return LossRow(name, fmt(base, digits), fmt(tuned, digits), change)
+
+
 def loss_rows(facts: RunFacts) -> list[LossRow]:
     e = facts.eval
     if e is None or e.loss is None:
         return []
     rows = [
-        LossRow(
-            name=f"answer loss ({e.examples} examples, token-weighted)",
-            base=fmt(e.base_loss, 4),
-            tuned=fmt(e.loss, 4),
-            change=fmt(e.loss - e.base_loss, 4) if e.base_loss is not None else "—",
-        )
+        _change_row(f"answer loss ({e.examples} examples, token-weighted)", e.base_loss, e.loss, 4)
     ]
     if e.example_loss_change is not None:
         change = fmt_ci(e.example_loss_change, 4, signed=True)
         rows.append(LossRow("mean per-example loss change (paired 95% CI)", "", "", change))
     if e.perplexity is not None:
-        base = e.base_perplexity
-        rows.append(
-            LossRow(
-                name="perplexity",
-                base=fmt(base, 2),
-                tuned=fmt(e.perplexity, 2),
-                change=fmt(e.perplexity - base, 2) if base is not None else "—",
-            )
-        )
+        rows.append(_change_row("perplexity", e.base_perplexity, e.perplexity, 2))
     return rows
 
 
-def quality_rows(facts: RunFacts) -> list[QualityRow]:
-    if facts.eval is None or facts.eval.quality is None:
-        return []
-    return [
-        QualityRow(
-            name=metric_name(key),
-            model=entry.model,
-            base=entry.base,
-            diff=entry.diff,
-            verdict=metric_verdict(key, entry.diff),
-        )
-        for key, entry in facts.eval.quality.metrics.items()
-    ]
-
-
-def bench_rows(facts: RunFacts) -> tuple[list[BenchRow], list[SubjectRow]]:
-    rows: list[BenchRow] = []
-    subjects: list[SubjectRow] = []
+def subject_rows(facts: RunFacts) -> list[tuple[str, SubjectScores]]:
+    """Each subject of a task that has several, then that task's macro average."""
+    rows: list[tuple[str, SubjectScores]] = []
     for name, t in (facts.bench.tasks if facts.bench else {}).items():
-        rows.append(
-            BenchRow(
-                task=name,
+        if len(t.subjects) > 1:
+            rows += [(f"{name} / {k}", s) for k, s in t.subjects.items() if k != name]
+            macro = SubjectScores(
+                acc=t.macro_acc,
+                acc_norm=t.macro_acc_norm,
                 n=t.n,
                 chance=t.chance,
-                acc=t.acc,
-                acc_ci=t.acc_ci,
-                acc_norm=t.acc_norm,
-                base_acc=t.base_acc,
-                base_acc_norm=t.base_acc_norm,
-                diff=t.diff_acc,
+                base_acc=t.base_macro_acc,
             )
-        )
-        if len(t.subjects) > 1:
-            subjects += [
-                SubjectRow(f"{name} / {subject}", s.n, s.chance, s.acc, s.base_acc)
-                for subject, s in t.subjects.items()
-                if subject != name
-            ]
-            subjects.append(
-                SubjectRow(f"{name} / macro average", t.n, t.chance, t.macro_acc, t.base_macro_acc)
-            )
-    return rows, subjects
+            rows.append((f"{name} / macro average", macro))
+    return rows
 
 
 def answer_rows(facts: RunFacts, limit: int = 20) -> list[AnswerRow]:
     """The side-by-side answers (compare.json), cut to a readable length."""
 
     def scores(found: dict[str, float]) -> str:
-        return ", ".join(f"{METRIC_LABELS.get(k, k)} {fmt(v)}" for k, v in found.items())
+        return ", ".join(f"{metric_label(k)} {fmt(v)}" for k, v in found.items())
 
     return [
         AnswerRow(
@@ -347,7 +271,8 @@ def usage(system_prompt: str | None, settings: GenerationConfig | None = None) -
 
 def page_context(facts: RunFacts) -> dict[str, Any]:
     """The numbers and rows both README.md and report.html show."""
-    bench, subjects = bench_rows(facts)
+    bench = facts.bench.tasks if facts.bench else {}
+    quality = facts.eval.quality if facts.eval is not None else None
     title = f"{facts.base_model} + LoRA (r={facts.recipe.lora.r}) for medical question answering"
     return {
         "title": title,
@@ -358,15 +283,15 @@ def page_context(facts: RunFacts) -> dict[str, Any]:
         "recipe_yaml": yaml.safe_dump(facts.recipe_data, sort_keys=False, allow_unicode=True),
         "data_rows": data_rows(facts),
         "loss_rows": loss_rows(facts),
-        "quality_rows": quality_rows(facts),
+        "quality": quality.metrics if quality is not None else {},
         "quality_note": quality_note(facts),
         **panel_context(facts),
         "judge_md": "\n".join(judge_markdown(facts.eval.judge))
         if facts.eval is not None and facts.eval.judge is not None
         else "",
         "audit_md": "\n".join(audit_markdown(facts.audit)) if facts.audit is not None else "",
-        "bench_rows": bench,
-        "subject_rows": subjects,
+        "bench_tasks": bench,
+        "subject_rows": subject_rows(facts),
         "bench_note": (
             f"{facts.bench.shots}-shot, {facts.bench.engine}; "
             "acc_norm divides each option's log-likelihood by its length in characters "
@@ -379,6 +304,7 @@ def page_context(facts: RunFacts) -> dict[str, Any]:
         "missing_bench": MISSING_BENCH,
         "missing_compare": MISSING_COMPARE,
         "limitations": limitations(facts),
+        "charts": facts.charts,
         "run_dir": str(facts.run_dir),
         "base_model": facts.base_model,
         "repo_id": facts.repo_id,
@@ -389,25 +315,22 @@ def page_context(facts: RunFacts) -> dict[str, Any]:
 def short_context(facts: ShortFacts) -> dict[str, Any]:
     """The short card's lines: each figure the readable files hold."""
     base, recipe, adapter = facts.base_model, facts.recipe, facts.adapter
-    recipe_rows: list[tuple[str, Any]]
+    r, targets = adapter.r, adapter.target_modules
+    if recipe is not None:  # the recipe fills in what adapter_config.json leaves out
+        r = recipe.lora.r if r is None else r
+        targets = targets or recipe.lora.target_modules
+    recipe_rows: list[tuple[str, Any]] = [
+        ("LoRA r / alpha", f"{r} / {adapter.lora_alpha}"),
+        ("LoRA target modules", targets),
+    ]
     if recipe is not None:
-        lora, train, data = recipe.lora, recipe.train, recipe.data
-        recipe_rows = [
-            (
-                "LoRA r / alpha",
-                f"{adapter.r if adapter.r is not None else lora.r} / {adapter.lora_alpha}",
-            ),
-            ("LoRA target modules", adapter.target_modules or lora.target_modules),
+        train, data = recipe.train, recipe.data
+        recipe_rows += [
             ("learning rate", train.lr),
             ("epochs / max steps", f"{train.epochs} / {train.max_steps}"),
             ("batch size × gradient accumulation", f"{train.batch_size} × {train.grad_accum}"),
             ("max sequence length", data.max_seq_len),
             ("data sources", ", ".join(map(str, data.sources))),
-        ]
-    else:  # no readable recipe: what adapter_config.json says
-        recipe_rows = [
-            ("LoRA r / alpha", f"{adapter.r} / {adapter.lora_alpha}"),
-            ("LoRA target modules", adapter.target_modules),
         ]
     summary, evaluation = facts.train_summary, facts.eval
     metric_rows: list[tuple[str, Any]] = [

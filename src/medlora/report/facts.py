@@ -48,7 +48,6 @@ class ReportOptions:
     base_model: str | None = None  # Hub id of the base (default: from the recipe's model)
     repo_id: str | None = None  # where the adapter will live (default: the run's folder)
     license: str | None = None  # the card's licence id (default: from the base model)
-    datasets: list[str] | None = None  # the card's datasets (default: from the recipe's sources)
 
 
 @dataclass
@@ -100,7 +99,7 @@ def collect(run_dir: str | os.PathLike[str], options: ReportOptions | None = Non
         if path is not None and not Path(path).is_file():
             raise DataError(f"{given} {path}: file not found")
     metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
-    base = options.base_model or hub_base(recipe.model.name)
+    base = options.base_model or HUB_BASE.get(recipe.model.name, recipe.model.name)
     licence = next((v for k, v in LICENSES.items() if base.startswith(k)), "other")
     return RunFacts(
         run_dir=run,
@@ -121,21 +120,16 @@ def collect(run_dir: str | os.PathLike[str], options: ReportOptions | None = Non
         base_model=base,
         repo_id=options.repo_id or str(run.resolve()),
         license=options.license or licence,
-        datasets=options.datasets or sorted({dataset_id(s) for s in recipe.data.sources}),
+        datasets=sorted({dataset_id(s) for s in recipe.data.sources}),
     )
-
-
-def hub_base(spec: str) -> str:
-    """The Hub repo a local model alias stands for (the spec itself otherwise)."""
-    return HUB_BASE[spec] if spec in HUB_BASE else spec
 
 
 def chart_files(run: Path) -> list[Path]:
     """The run's charts/*.png in the model card's order."""
 
     def order(path: Path) -> tuple[int, str]:
-        known = CHART_ORDER
-        return (known.index(path.stem) if path.stem in known else len(known), path.stem)
+        known = path.stem in CHART_ORDER
+        return (CHART_ORDER.index(path.stem) if known else len(CHART_ORDER), path.stem)
 
     return sorted((run / "charts").glob("*.png"), key=order)
 
@@ -189,7 +183,7 @@ def collect_short(run_dir: Path, base: str, repo_id: str | None = None) -> Short
     summary = _lenient(lambda: read_optional(run_dir / "train_summary.json", TrainSummary))
     return ShortFacts(
         run_dir=run_dir,
-        base_model=hub_base(base),
+        base_model=HUB_BASE.get(base, base),
         repo_id=repo_id or str(run_dir.resolve()),
         recipe=_lenient(lambda: load_recipe(recipe)) if recipe.is_file() else None,
         adapter=_lenient(lambda: AdapterConfig.model_validate_json(adapter.read_bytes()))

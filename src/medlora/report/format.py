@@ -1,6 +1,6 @@
 """How figures and text look on every page: numbers, intervals, verdicts, Markdown cells, images.
 
-The one place that formats a number or escapes a Markdown table cell; the card, the HTML pages,
+The one place that formats a number or lays out a Markdown table; the card, the HTML pages,
 compare.md, the demo summary, sweep tables and the CLI all use these.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,17 @@ def short(text: Any, limit: int = 700) -> str:
 def md_cell(text: Any) -> str:
     """Text for one cell of a Markdown table: on one line, its `|` escaped."""
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def md_table(head: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> list[str]:
+    """A Markdown table's lines, each cell through `md_cell`. `align`: a letter per column, "r"
+    right-aligns that column ("lrr": the first left, the next two right; missing letters: left)."""
+    rule = "|" + "".join("---:|" if a == "r" else "---|" for a in align.ljust(len(head), "l"))
+    return [md_row(head), rule, *(md_row(row) for row in rows)]
+
+
+def md_row(cells: Iterable[Any]) -> str:
+    return "| " + " | ".join(md_cell(c) for c in cells) + " |"
 
 
 def data_uri(path: str | os.PathLike[str]) -> str:

@@ -4,11 +4,11 @@ that says what transferred: the same rows for the demo summary, the model card, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 from medlora.evaluate.quality import NEITHER_BETTER
-from medlora.report.format import fmt, fmt_ci, md_cell, metric_verdict
-from medlora.results import PanelScores, QualityResult
+from medlora.report.format import fmt, fmt_ci, md_table, metric_verdict
+from medlora.results import MetricCI, PanelScores, QualityResult
 
 METRIC_LABELS = {
     "rougeL": "ROUGE-L (F)",
@@ -50,34 +50,33 @@ def _loss_cell(panel: PanelScores) -> PanelCell:
     return PanelCell(fmt(panel.base_loss, 4), fmt(panel.loss, 4), change, verdict)
 
 
+def metric_cell(name: str, entry: MetricCI | None) -> PanelCell:
+    """One answer metric: base, fine-tuned, the paired difference and its verdict ('—' if absent)."""
+    if entry is None:
+        return PanelCell("—", "—", "—", "")
+    digits = 1 if name in NEITHER_BETTER else 3  # lengths in words
+    return PanelCell(
+        fmt_ci(entry.base, digits),
+        fmt_ci(entry.model, digits),
+        fmt_ci(entry.diff, digits, signed=True),
+        metric_verdict(name, entry.diff),
+    )
+
+
 def panel_rows(panels: list[PanelScores]) -> list[PanelRow]:
     """Answer loss, each answer metric and the reference length, one cell per panel."""
+    qualities = [p.quality for p in panels]
+    names = dict.fromkeys(name for q in qualities if q for name in q.metrics)  # first-seen order
     rows = [PanelRow("answer loss (token-weighted)", [_loss_cell(p) for p in panels])]
-    names: list[str] = []
-    for panel in panels:
-        for name in panel.quality.metrics if panel.quality else {}:
-            if name not in names:
-                names.append(name)
-    blank = PanelCell("—", "—", "—", "")
-    for name in names:
-        cells = []
-        for panel in panels:
-            entry = panel.quality.metrics.get(name) if panel.quality else None
-            if entry is None:
-                cells.append(blank)
-                continue
-            digits = 1 if name in NEITHER_BETTER else 3
-            cells.append(
-                PanelCell(
-                    fmt_ci(entry.base, digits),
-                    fmt_ci(entry.model, digits),
-                    fmt_ci(entry.diff, digits, signed=True),
-                    metric_verdict(name, entry.diff),
-                )
-            )
-        rows.append(PanelRow(metric_label(name), cells))
-    if any(p.quality and p.quality.reference_words is not None for p in panels):
-        words = [fmt(p.quality.reference_words, 1) if p.quality else "—" for p in panels]
+    rows += [
+        PanelRow(
+            metric_label(name),
+            [metric_cell(name, q.metrics.get(name) if q else None) for q in qualities],
+        )
+        for name in names
+    ]
+    if any(q and q.reference_words is not None for q in qualities):
+        words = [fmt(q.reference_words, 1) if q else "—" for q in qualities]
         rows.append(
             PanelRow("reference answers' length (words)", [PanelCell(w, "", "", "") for w in words])
         )
@@ -93,46 +92,41 @@ def panels_markdown(panels: list[PanelScores]) -> list[str]:
     """The panels as one Markdown table: per panel base, fine-tuned and the paired difference."""
     head = ["metric"]
     for panel in panels:
-        head += [f"{panel.panel}: base", f"{panel.panel}: fine-tuned", f"{panel.panel}: difference"]
-    lines = [
-        *(f"- **{p.panel}**: {panel_heading(p)}" for p in panels),
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
+        head += [f"{panel.panel}: {column}" for column in ("base", "fine-tuned", "difference")]
+    rows = [
+        [
+            row.name,
+            *(x for c in row.cells for x in (c.base, c.tuned, f"{c.diff} {c.verdict}".strip())),
+        ]
+        for row in panel_rows(panels)
     ]
-    for row in panel_rows(panels):
-        cells = [row.name]
-        for cell in row.cells:
-            diff = f"{cell.diff} {cell.verdict}".strip()
-            cells += [cell.base, cell.tuned, diff]
-        lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
-    return lines
+    headings = [f"- **{p.panel}**: {panel_heading(p)}" for p in panels]
+    return [*headings, "", *md_table(head, rows)]
+
+
+def quality_table(quality: QualityResult) -> list[str]:
+    """One set of answers' metrics as a Markdown table: base, fine-tuned, paired difference."""
+    head = ["metric", "base", "fine-tuned", "difference (paired 95% CI)", "verdict"]
+    rows = [[metric_label(n), *astuple(metric_cell(n, m))] for n, m in quality.metrics.items()]
+    if quality.reference_words is not None:
+        rows.append(
+            ["reference answers' length (words)", f"{quality.reference_words:.1f}", "", "", ""]
+        )
+    return md_table(head, rows)
 
 
 def _significant(panel: PanelScores, verdict: str) -> list[str]:
-    if panel.quality is None:
-        return []
-    return [
-        metric_label(name)
-        for name, entry in panel.quality.metrics.items()
-        if metric_verdict(name, entry.diff) == verdict
-    ]
+    metrics = panel.quality.metrics if panel.quality else {}
+    return [metric_label(n) for n, m in metrics.items() if metric_verdict(n, m.diff) == verdict]
 
 
 def _describe(panel: PanelScores) -> str:
-    loss = (
-        f"answer loss {panel.loss_change_pct:+.1f} %" if panel.loss_change_pct is not None else ""
-    )
-    parts = [loss] if loss else []
-    for verdict in ("better", "worse", "longer", "shorter"):
-        found = _significant(panel, verdict)
-        if found:
-            parts.append(
-                f"{verdict} on {', '.join(found)}"
-                if verdict in ("better", "worse")
-                else f"answers {verdict}"
-            )
-    if panel.quality is not None and not any(_significant(panel, v) for v in ("better", "worse")):
+    """`answer loss -12.5 %; better on ROUGE-L (F); answers shorter`: what changed on one panel."""
+    parts = [] if panel.loss_change_pct is None else [f"answer loss {panel.loss_change_pct:+.1f} %"]
+    changed = [(verdict, _significant(panel, verdict)) for verdict in ("better", "worse")]
+    parts += [f"{verdict} on {', '.join(found)}" for verdict, found in changed if found]
+    parts += [f"answers {v}" for v in ("longer", "shorter") if _significant(panel, v)]
+    if panel.quality is not None and not any(found for _, found in changed):
         parts.append("no answer metric significantly different")
     return "; ".join(parts)
 
@@ -160,20 +154,3 @@ def transfer_sentence(test: PanelScores, unseen: PanelScores) -> str:
         f"Held-out topics: {_describe(test)}. Sources never trained on: {_describe(unseen)}. "
         f"In short, {verdict}."
     )
-
-
-def quality_table(quality: QualityResult) -> list[str]:
-    """One set of answers' metrics as a Markdown table: base, fine-tuned, paired difference."""
-    lines = [
-        "| metric | base | fine-tuned | difference (paired 95% CI) | verdict |",
-        "|---|---|---|---|---|",
-    ]
-    for name, m in quality.metrics.items():
-        digits = 1 if name in NEITHER_BETTER else 3
-        lines.append(
-            f"| {metric_label(name)} | {fmt_ci(m.base, digits)} | {fmt_ci(m.model, digits)} | "
-            f"{fmt_ci(m.diff, digits, signed=True)} | {metric_verdict(name, m.diff)} |"
-        )
-    if quality.reference_words is not None:
-        lines.append(f"| reference answers' length (words) | {quality.reference_words:.1f} | | | |")
-    return lines

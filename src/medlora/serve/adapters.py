@@ -5,19 +5,20 @@ A server holds one base model in memory and loads each LoRA adapter on it by nam
 OpenAI `model` field; a batch may mix adapters, because every forward call names the adapter of each
 row (PEFT's `adapter_names`, with `__base__` for the untouched base).
 
-`check_adapter_dir` is the one gate an adapter folder passes before it is loaded, at start-up or
-hot-loaded through the API: it must sit under the allowed root (symlinks resolved, so no escape),
-hold a PEFT LoRA adapter, stay within the rank limit and fit the base's layer shapes. Each failure
-is an `AdapterError` with one line naming the folder and the fix; a failed load leaves the server
-serving what it served before.
+Every adapter is named here, given at start-up (`adapter_names`) or hot-loaded (`check_name`), and
+`check_adapter_dir` is the one gate its folder passes before it is loaded: it must sit under the
+allowed root (symlinks resolved, so no escape), hold a PEFT LoRA adapter, stay within the rank limit
+and fit the base's layer shapes. Each failure is an `AdapterError` with one line naming the folder
+and the fix; a failed load leaves the server serving what it served before.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 from medlora import patches
 from medlora.config import GenerationConfig
 from medlora.errors import ConfigError
+from medlora.evaluate.heldout import run_recipe
 from medlora.serve.stacked_lora import StackedLora, unsupported
 
 logger = logging.getLogger(__name__)
@@ -43,18 +45,6 @@ class AdapterError(ConfigError):
         self.status = status
 
 
-def parse_adapter_option(value: str) -> tuple[str | None, Path]:
-    """`NAME=RUN_DIR` → (NAME, RUN_DIR); a bare `RUN_DIR` → (None, RUN_DIR): named after its folder."""
-    name, sep, folder = value.partition("=")
-    if sep and name and not Path(value).exists():
-        if not NAME.match(name):
-            raise ConfigError(
-                f"--adapter {value}: the name '{name}' may hold letters, digits and . _ : - only"
-            )
-        return name, Path(folder)
-    return None, Path(value)
-
-
 def check_name(name: str) -> str:
     if not NAME.match(name):
         raise AdapterError(
@@ -63,6 +53,37 @@ def check_name(name: str) -> str:
     if name == BASE_ADAPTER:
         raise AdapterError(f"adapter name '{name}' is reserved")
     return name
+
+
+def parse_adapter_option(value: str) -> tuple[str | None, Path]:
+    """`NAME=RUN_DIR` → (NAME, RUN_DIR); a bare `RUN_DIR` → (None, RUN_DIR): named after its folder."""
+    name, sep, folder = value.partition("=")
+    if sep and name and not Path(value).exists():
+        return check_name(name), Path(folder)
+    return None, Path(value)
+
+
+def adapter_names(
+    adapters: str | os.PathLike[str] | Sequence[str] | None, base_id: str
+) -> list[tuple[str, Path]]:
+    """`--adapter [NAME=]RUN_DIR` values (or one run directory) as (served name, folder) pairs:
+    the name given, or the folder's; never the base's; never twice."""
+    if adapters is None:
+        adapters = []
+    elif isinstance(adapters, str | os.PathLike):
+        adapters = [os.fspath(adapters)]
+    named: list[tuple[str, Path]] = []
+    for given, folder in map(parse_adapter_option, adapters):
+        if not folder.is_dir():
+            raise ConfigError(f"--adapter {folder}: no such run directory")
+        name = given or folder.resolve().name
+        if name == base_id:
+            name = f"{name}-lora"
+        check_name(name)
+        if name in [n for n, _ in named]:
+            raise ConfigError(f"--adapter: two adapters are named '{name}'; use NAME=RUN_DIR")
+        named.append((name, folder))
+    return named
 
 
 def adapter_rank(folder: Path) -> int:
@@ -151,10 +172,9 @@ def check_shapes(folder: Path, base_model: Any) -> None:
                     "incompatible_adapter",
                 )
             shape = tensors.get_slice(key).get_shape()
-            expected_in = getattr(layer, "in_features", None)
-            expected_out = getattr(layer, "out_features", None)
-            got = shape[1] if ".lora_A." in key else shape[0]
-            want = expected_in if ".lora_A." in key else expected_out
+            is_a = ".lora_A." in key  # A: (rank, in_features); B: (out_features, rank)
+            got = shape[1] if is_a else shape[0]
+            want = getattr(layer, "in_features" if is_a else "out_features", None)
             if want is not None and got != want:
                 raise AdapterError(
                     f"{folder}: '{owner}' has {got} features in the adapter but {want} in this "
@@ -191,6 +211,36 @@ class ServedModel:
     @property
     def is_adapter(self) -> bool:
         return self.parent is not None
+
+
+def adapter_model(
+    name: str, run: Path, base_id: str, tokenizers: list[Any], fallback: Any
+) -> ServedModel:
+    """The served entry for an adapter, with its run's chat template, system prompt and generation
+    settings; runs with the same chat template share one tokenizer (`tokenizers`, the known ones)."""
+    from transformers import AutoTokenizer
+
+    from medlora.models import prepare_tokenizer
+
+    tokenizer = fallback
+    if (run / "tokenizer_config.json").is_file():  # the run saved its own chat template
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(run))
+    for known in tokenizers:
+        if known.chat_template == tokenizer.chat_template and len(known) == len(tokenizer):
+            tokenizer = known
+            break
+    else:
+        tokenizers.append(tokenizer)
+    recipe = run_recipe(run)
+    return ServedModel(
+        id=name,
+        tokenizer=tokenizer,
+        system_prompt=recipe.data.system_prompt,
+        generation=recipe.generation,
+        parent=base_id,
+        run=run.resolve(),
+        adapter=name,
+    )
 
 
 class AdapterHost(Protocol):

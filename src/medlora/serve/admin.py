@@ -4,13 +4,10 @@
     POST /v1/load_lora_adapter    {"lora_name": NAME, "lora_path": PATH}
     POST /v1/unload_lora_adapter  {"lora_name": NAME}
 
-All need the API key; the adapter routes also need a server started with `--allow-adapter-updates`,
-and PATH must lie under `--adapter-root` once symlinks are resolved. The folder passes
-`check_adapter_dir` (an adapter, within the rank limit, the base's layer shapes) before the engine
-touches it; slow preparation (llama.cpp: the conversion to a GGUF LoRA) runs off the engine's thread,
-and the load itself runs in the engine's thread between decode steps (llama.cpp: between requests),
-so requests in flight continue undisturbed. Works on the transformers engine (`ModelSet`) and on
-llama.cpp serving GGUF LoRAs on one base (`llama_cpp.GgufLoraHost`); merged GGUFs
+All need the API key; the adapter routes also need `--allow-adapter-updates`, and PATH must lie
+under `--adapter-root` (symlinks resolved) and pass `check_adapter_dir`. Slow preparation (llama.cpp:
+the GGUF LoRA conversion) runs off the engine's thread; the load itself runs in it between decode
+steps (llama.cpp: between requests), so requests in flight continue undisturbed. Merged GGUFs
 (`--llama-cpp-adapters merged`) are refused. An unloaded name stops being served at once; its
 adapter is freed when its last running request has finished.
 """
@@ -26,12 +23,12 @@ from fastapi import APIRouter, Depends
 from medlora.serve.adapters import (
     AdapterError,
     AdapterHost,
+    adapter_model,
     check_adapter_dir,
     check_name,
     resolve_under,
 )
 from medlora.serve.http import APIError, Server, ServerState, require_key
-from medlora.serve.loader import adapter_model
 from medlora.serve.schemas import LoadAdapter, UnloadAdapter
 
 UNLOAD_POLL_S = 0.05

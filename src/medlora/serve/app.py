@@ -75,5 +75,5 @@ def create_app(served: Served, limits: Limits | None = None) -> FastAPI:
     add_error_handlers(app)
     for router in (completions.router, admin.router, health_router, page_router):
         app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=app.state.server.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=app.state.server.limits.max_body_kb * 1024)
     return app

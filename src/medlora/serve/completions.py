@@ -73,7 +73,7 @@ class Answer:
         return self.prefix + self.job.text + self.suffix
 
     async def next_event(self) -> Event:
-        left = self.started + self.limits.request_timeout_s - time.monotonic()
+        left = self.started + self.limits.timeout_s - time.monotonic()
         return await asyncio.wait_for(self.events.get(), timeout=max(left, 0.001))
 
     async def whole(self) -> None:
@@ -84,7 +84,7 @@ class Answer:
         except TimeoutError:
             self.job.cancel()
             raise APIError(
-                504, f"no answer within {self.limits.request_timeout_s:g} s; retry later", "timeout"
+                504, f"no answer within {self.limits.timeout_s:g} s; retry later", "timeout"
             ) from None
         except asyncio.CancelledError:
             self.job.cancel()
@@ -120,8 +120,11 @@ def pick_model(served: Served, name: str | None) -> ServedModel:
     return served.models[name]
 
 
-def max_tokens(limits: Limits, body: GenerationRequest, asked: int | None) -> int:
-    """The answer's length limit; 400 for what this server cannot honour."""
+def max_tokens(
+    limits: Limits, model: ServedModel, body: GenerationRequest, asked: int | None
+) -> int:
+    """The answer's length limit (unasked: the model's run's, within the server's); 400 for what
+    this server cannot honour."""
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", "unsupported_parameter")
     if body.stop:
@@ -130,14 +133,14 @@ def max_tokens(limits: Limits, body: GenerationRequest, asked: int | None) -> in
             "stop sequences are not supported; the answer stops at end of turn",
             "unsupported_parameter",
         )
-    wanted = asked or limits.default_max_tokens
-    if wanted > limits.max_new_tokens:
+    if asked and asked > limits.max_new_tokens:
         raise APIError(
             400,
-            f"max_tokens {wanted} is over this server's limit of {limits.max_new_tokens}",
+            f"max_tokens {asked} is over this server's limit of {limits.max_new_tokens}",
             "max_tokens_too_large",
         )
-    return wanted
+    unasked = limits.default_max_tokens or model.generation.max_new_tokens
+    return asked or min(unasked, limits.max_new_tokens)
 
 
 def check_logprobs(engine: Engine, top: int | None) -> None:
@@ -198,7 +201,7 @@ async def sse_events(
                 event = await answer.next_event()
             except TimeoutError:
                 job.cancel()
-                message = f"no answer within {answer.limits.request_timeout_s:g} s"
+                message = f"no answer within {answer.limits.timeout_s:g} s"
                 yield sse(error_body(message, "timeout"))
                 break
             if event.kind == "token":
@@ -232,7 +235,7 @@ def stream(answer: Answer, chunk: Chunk, include_usage: bool, prompt: Any) -> St
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, server: Server) -> Any:
     model = pick_model(server.served, body.model)
-    wanted = max_tokens(server.limits, body, body.max_completion_tokens or body.max_tokens)
+    wanted = max_tokens(server.limits, model, body, body.max_completion_tokens or body.max_tokens)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "invalid_request")
     top = (body.top_logprobs or 0) if body.logprobs else None
@@ -253,7 +256,7 @@ async def chat_completions(body: ChatRequest, server: Server) -> Any:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, server: Server) -> Any:
     model = pick_model(server.served, body.model)
-    wanted = max_tokens(server.limits, body, body.max_tokens)
+    wanted = max_tokens(server.limits, model, body, body.max_tokens)
     for unsupported in ("echo", "suffix"):
         if getattr(body, unsupported):
             raise APIError(400, f"{unsupported} is not supported", "unsupported_parameter")

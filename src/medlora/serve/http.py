@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,25 +22,33 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medlora.serve.loader import Served
-from medlora.serve.safety import Safety
+from medlora.serve.safety import DEFAULT_DISCLAIMER, Safety
 from medlora.serve.scheduler import Scheduler
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Limits:
-    """What the server allows a request; `ServeOptions.limits` fills it from `medlora serve`."""
+    """What the server allows a request and adds to its answer. `medlora serve`'s options
+    (`ServeOptions`) extend it, so each field is named after the command's option."""
 
     api_key: str | None = None  # required as `Bearer KEY` on /v1 when set
     max_prompt_tokens: int = 1024
     max_new_tokens: int = 512  # the most a request may ask for
-    default_max_tokens: int = 256  # when a request does not say
-    max_body_bytes: int = 256 * 1024
-    max_queue: int = 64
-    request_timeout_s: float = 120.0
+    default_max_tokens: int | None = None  # when a request does not say (None: the model's run's)
+    max_body_kb: int = 256
+    max_queue: int = 64  # waiting requests before 429
+    timeout_s: float = 120.0  # seconds before a request gets 504
     log_prompts: bool = False
-    safety: Safety = field(default_factory=Safety)
+    disclaimer: str | None = None  # None: the default disclaimer
+    no_disclaimer: bool = False
+    emergency_notices: bool = True
     allow_adapter_updates: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
     adapter_root: Path | None = None  # hot-loaded adapters come from under this folder only
+
+    @property
+    def safety(self) -> Safety:
+        disclaimer = None if self.no_disclaimer else (self.disclaimer or DEFAULT_DISCLAIMER)
+        return Safety(disclaimer, self.emergency_notices)
 
 
 @dataclass
@@ -90,13 +97,10 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {}
+        first = next(iter(error.errors()), {})
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = (
-            f"{where}: {first.get('msg', 'invalid request')}"
-            if where
-            else first.get("msg", "invalid")
-        )
+        message = first.get("msg", "invalid request")
+        message = f"{where}: {message}" if where else message
         return JSONResponse(error_body(message, "invalid_request"), 422)
 
 
@@ -127,7 +131,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
             return
         seen = 0
         too_big = False
@@ -147,23 +151,8 @@ class BodyLimit:
         except APIError:
             if not too_big:
                 raise
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
 
-    async def _refuse(self, send: Any) -> None:
-        body = json.dumps(
-            error_body(
-                f"request body is over this server's limit of {self.max_bytes} bytes",
-                "body_too_large",
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope: Any, receive: Any, send: Any) -> None:
+        message = f"request body is over this server's limit of {self.max_bytes} bytes"
+        await JSONResponse(error_body(message, "body_too_large"), 413)(scope, receive, send)

@@ -229,7 +229,7 @@ class GgufLoraHost:
         return self._base
 
     def prepare(self, folder: Path) -> Path:
-        from medlora.export import cached_gguf_lora
+        from medlora.export.gguf import cached_gguf_lora
 
         try:
             return cached_gguf_lora(folder, self.spec)

@@ -9,6 +9,7 @@ through its environment (`VLLM_API_KEY`), never its command line, which `ps` sho
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,50 +18,32 @@ from typing import Any
 
 from medlora.errors import ConfigError
 from medlora.export.common import DEFAULT_GGUF_TYPE
-from medlora.serve.adapters import adapter_rank
+from medlora.serve.adapters import adapter_names, adapter_rank
 from medlora.serve.app import create_app
 from medlora.serve.http import Limits
-from medlora.serve.loader import (
-    Served,
-    adapter_names,
-    build_engine,
-    model_id,
-    normalize_adapters,
-)
-from medlora.serve.safety import DEFAULT_DISCLAIMER, Safety
+from medlora.serve.loader import build_engine, model_id
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts for --max-lora-rank
 
 
 @dataclass(frozen=True)
-class ServeOptions:
-    """What `medlora serve` is told; the defaults are the command's."""
+class ServeOptions(Limits):
+    """What `medlora serve` is told: what to load and where to listen, plus the request limits and
+    safety texts it inherits from `Limits` (what the app enforces); the defaults are the command's."""
 
     spec: str  # base model: alias, folder, .gguf or Hub id
     adapters: tuple[str, ...] = ()  # `[NAME=]RUN_DIR` values of --adapter
     engine: str = "auto"  # auto | transformers | llama.cpp | vllm
     batching: str = "auto"  # auto | continuous | static (auto: continuous on transformers only)
     with_base: bool = True  # also serve the untouched base, side by side
-    allow_adapter_updates: bool = False  # hot load/unload through the API
-    adapter_root: Path | None = None  # where hot-loaded adapters may come from
     max_lora_rank: int = 64  # adapters of a higher rank are refused
     vllm_python: str | None = None  # the interpreter with vLLM (engine="vllm")
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # required as Bearer KEY on /v1 when set
-    max_prompt_tokens: int = 1024
-    max_new_tokens: int = 512  # the most a request may ask for
-    max_body_kb: int = 256
-    max_queue: int = 64  # waiting requests before 429
     max_batch: int = 8  # requests per batch
-    timeout_s: float = 120.0  # seconds before a request gets 504
     threads: int | None = None  # CPU threads (None: OMP_NUM_THREADS, else physical cores)
     gguf_type: str = DEFAULT_GGUF_TYPE  # llama.cpp weights
     llama_cpp_adapters: str = "lora"  # lora: one base GGUF + GGUF LoRAs; merged: a GGUF each
-    log_prompts: bool = False
-    disclaimer: str | None = None  # None: the default disclaimer
-    no_disclaimer: bool = False
-    emergency_notices: bool = True
 
     def check(self) -> None:
         """One-line refusals for option combinations that cannot work, before anything loads."""
@@ -79,46 +62,6 @@ class ServeOptions:
     def n_ctx(self) -> int:
         """The context an engine needs: the longest prompt plus the longest answer."""
         return self.max_prompt_tokens + self.max_new_tokens
-
-    def safety(self) -> Safety:
-        return Safety(
-            disclaimer=None if self.no_disclaimer else (self.disclaimer or DEFAULT_DISCLAIMER),
-            emergency_notices=self.emergency_notices,
-        )
-
-    def limits(self, served: Served) -> Limits:
-        """The app's limits; a request that names no length gets the run's `max_new_tokens`."""
-        default = served.models[served.default_model].generation.max_new_tokens
-        return Limits(
-            api_key=self.api_key,
-            max_prompt_tokens=self.max_prompt_tokens,
-            max_new_tokens=self.max_new_tokens,
-            default_max_tokens=min(default, self.max_new_tokens),
-            max_body_bytes=self.max_body_kb * 1024,
-            max_queue=self.max_queue,
-            request_timeout_s=self.timeout_s,
-            log_prompts=self.log_prompts,
-            safety=self.safety(),
-            allow_adapter_updates=self.allow_adapter_updates,
-            adapter_root=self.adapter_root,
-        )
-
-
-def load_served(options: ServeOptions) -> Served:
-    """The engine and model ids for `options` (transformers or llama.cpp)."""
-    return build_engine(
-        options.spec,
-        list(options.adapters),
-        engine=options.engine,
-        batching=options.batching,
-        max_lora_rank=options.max_lora_rank,
-        with_base=options.with_base,
-        max_batch=options.max_batch,
-        threads=options.threads,
-        n_ctx=options.n_ctx,
-        gguf_type=options.gguf_type,
-        llama_cpp_adapters=options.llama_cpp_adapters,
-    )
 
 
 def vllm_python(options: ServeOptions) -> str:
@@ -158,9 +101,9 @@ def vllm_command(options: ServeOptions) -> list[str]:
     command += ["--model", local_folder(spec), "--host", host, "--port", str(port)]
     command += ["--served-model-name", model_id(spec)]
     command += ["--max-model-len", str(options.n_ctx)]
-    named = adapter_names(normalize_adapters(list(options.adapters)), model_id(spec))
+    named = adapter_names(options.adapters, model_id(spec))
     if named:
-        from medlora.export import check_run
+        from medlora.export.merge import check_run
 
         command += ["--enable-lora", "--lora-modules"]
         for name, run in named:
@@ -209,13 +152,16 @@ def serve(options: ServeOptions, console: Any = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with console.status("loading…"):
-        served = load_served(options)
+        # build_engine's parameters are named after the options' fields: hand on those it takes.
+        wanted = inspect.signature(build_engine).parameters
+        given = {name: value for name, value in vars(options).items() if name in wanted}
+        served = build_engine(**given, n_ctx=options.n_ctx)
     console.print(
         f"serving {', '.join(served.models)} with {served.engine.name} "
         f"({served.engine.batching} batching) on "
         f"http://{options.host}:{options.port} "
         f"(chat page at /, API at /v1{', key required' if options.api_key else ''})"
     )
-    app = create_app(served, options.limits(served))
+    app = create_app(served, options)
     uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
     return 0

@@ -31,16 +31,14 @@ class SweepPlan:
     fixed: list[str]
     raw_values: list[str]
     recipes: list[Recipe]
-
-    @property
-    def values(self) -> list[Any]:
-        return [recipe_value(r, self.key) for r in self.recipes]
+    values: list[Any]  # each recipe's value of `key`, as JSON would hold it
 
 
 @dataclass
 class SweepResult:
     key: str
     out_dir: Path
+    fixed: list[str]  # the fixed overrides, every run's
     rows: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     command: str = ""  # the `medlora sweep` call that made it, for whoever reads the table later
@@ -52,13 +50,8 @@ class SweepResult:
             "validation_loss": LOSS_NOTE,
             "rows": self.rows,
             "files": self.files,
+            "fixed_overrides": self.fixed,
         }
-
-
-def is_sweep_value(raw: str) -> bool:
-    """A bare comma list (`4,8,16`) is a sweep; `[a,b]`, `{a: b}` and quoted text are one value."""
-    text = raw.strip()
-    return "," in text and text[:1] not in "[{\"'"
 
 
 def split_axis(overrides: list[str]) -> tuple[str, list[str], list[str]]:
@@ -67,7 +60,8 @@ def split_axis(overrides: list[str]) -> tuple[str, list[str], list[str]]:
     fixed: list[str] = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if sep and is_sweep_value(raw):
+        # A bare comma list (`4,8,16`) is the axis; `[a,b]`, `{a: b}` and quoted text are one value.
+        if sep and "," in raw and raw.strip()[:1] not in "[{\"'":
             values = [v.strip() for v in raw.split(",")]
             if any(not v for v in values):
                 raise ConfigError(f"--set '{item}': empty value in the sweep list")
@@ -112,7 +106,7 @@ def plan_sweep(recipe_path: str | Path | None, overrides: list[str]) -> SweepPla
     values = [recipe_value(r, key) for r in recipes]
     if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
         raise ConfigError(f"sweep axis {key}: two values mean the same thing ({raw_values})")
-    return SweepPlan(key, fixed, raw_values, recipes)
+    return SweepPlan(key, fixed, raw_values, recipes, values)
 
 
 def run_dir_name(key: str, raw: str) -> str:

@@ -115,11 +115,15 @@ def supported_arguments(arguments_class: Any, kwargs: dict[str, Any]) -> dict[st
     return {key: value for key, value in kwargs.items() if key in names}
 
 
-def training_arguments(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
+def training_arguments(
+    recipe: Recipe, run_dir: Path, has_eval: bool, arguments_class: Any = None, **extra: Any
+) -> Any:
+    """`TrainingArguments`, or `arguments_class` (TRL's DPOConfig / ORPOConfig) with `extra`."""
     from transformers import TrainingArguments
 
-    kwargs = training_kwargs(recipe, run_dir, has_eval)
-    return TrainingArguments(**supported_arguments(TrainingArguments, kwargs))
+    arguments_class = arguments_class or TrainingArguments
+    kwargs = {**training_kwargs(recipe, run_dir, has_eval), **extra}
+    return arguments_class(**supported_arguments(arguments_class, kwargs))
 
 
 def lora_config(recipe: Recipe) -> Any:

@@ -7,6 +7,7 @@ training is its own callback: train/quality_callback.py.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from transformers import TrainerCallback
 
 from medlora.config import Recipe
 from medlora.errors import TrainingError
-from medlora.io import append_jsonl, write_json_atomic, write_text_atomic
+from medlora.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
 from medlora.train.trainer import RunState
 
 CHECKPOINT_STATE = "medlora_state.json"
@@ -41,13 +42,11 @@ class MetricsJsonl(TrainerCallback):
                 row[key] = value
             else:
                 row[key] = str(value)
-        if "loss" in logs and "train_seconds" in logs:
-            seconds, self.last_seconds = (
-                logs["train_seconds"] - self.last_seconds,
-                logs["train_seconds"],
-            )
-            tokens, self.last_tokens = logs["tokens_seen"] - self.last_tokens, logs["tokens_seen"]
+        if "loss" in logs and "train_seconds" in logs:  # tokens/s since the last training row
+            seconds = logs["train_seconds"] - self.last_seconds
+            tokens = logs["tokens_seen"] - self.last_tokens
             row["tokens_per_s"] = round(tokens / max(seconds, 1e-9), 2)
+            self.last_seconds, self.last_tokens = logs["train_seconds"], logs["tokens_seen"]
         append_jsonl(self.metrics_path, row)
 
 
@@ -111,9 +110,8 @@ def resume_from(checkpoint: Path | None, run: RunState, metrics_path: Path) -> N
     run.counter.answer_tokens_seen = state["answer_tokens_seen"]
     run.previous_seconds = state["train_seconds"]
     if metrics_path.exists():
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        kept = [row for row in rows if row.get("step", 0) <= state["step"]]
-        write_text_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
+        kept = [row for row in read_jsonl(metrics_path) if row.get("step", 0) <= state["step"]]
+        write_jsonl_atomic(metrics_path, kept)
 
 
 # What tracking_callbacks set for an earlier run of this process (`medlora sweep` trains several):
@@ -128,35 +126,34 @@ def _point_at_run(name: str, value: str) -> None:
         os.environ[name] = _RUN_ENV[name] = value
 
 
+# Each sink's package and how to install it: a missing one stops the run in one line.
+SINK_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install 'medlora[track]' (or tensorboard)"),
+    "wandb": ("wandb", "pip install 'medlora[track]'"),
+    "mlflow": ("mlflow", "pip install mlflow"),
+}
+
+
 def tracking_callbacks(recipe: Recipe, run_dir: Path) -> list[Any]:
     """TensorBoard writes to RUN_DIR/tensorboard; W&B and MLflow come in through report_to."""
     sinks = recipe.output.report_to
+    for sink, (package, install) in SINK_PACKAGES.items():
+        if sink in sinks:
+            try:
+                importlib.import_module(package)
+            except ImportError:
+                raise TrainingError(
+                    f"output.report_to has {sink} but the package is missing: {install}"
+                ) from None
     callbacks: list[Any] = []
     if "tensorboard" in sinks:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            from transformers.integrations import TensorBoardCallback
-        except ImportError:
-            raise TrainingError(
-                "output.report_to has tensorboard but the package is missing: "
-                "pip install 'medlora[track]' (or tensorboard)"
-            ) from None
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
         callbacks.append(TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))))
     if "wandb" in sinks:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise TrainingError(
-                "output.report_to has wandb but the package is missing: pip install 'medlora[track]'"
-            ) from None
         # Offline runs (WANDB_MODE=offline) land in RUN_DIR/wandb, synced later with `wandb sync`.
         _point_at_run("WANDB_DIR", str(run_dir))
     if "mlflow" in sinks:
-        try:
-            import mlflow  # noqa: F401
-        except ImportError:
-            raise TrainingError(
-                "output.report_to has mlflow but the package is missing: pip install mlflow"
-            ) from None
         _point_at_run("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
     return callbacks

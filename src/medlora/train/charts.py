@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
 
-from medlora.io import read_jsonl
+from medlora.io import read_jsonl, write_bytes_atomic
 
 CHARTS = {
     "loss": ("Loss (answer tokens)", ["loss", "eval_loss"]),
@@ -53,10 +54,8 @@ def plot_training_charts(
         if len(keys) > 1:
             ax.legend()
         fig.tight_layout()
-        final = out / f"{name}.png"
-        tmp = out / f"{name}.png.tmp"
-        fig.savefig(tmp, format="png")
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
         plt.close(fig)
-        os.replace(tmp, final)
-        written.append(final)
+        written.append(write_bytes_atomic(out / f"{name}.png", png.getvalue()))
     return written

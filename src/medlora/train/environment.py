@@ -8,7 +8,6 @@ another attention path says so in its own folder.
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 from typing import Any
 
@@ -19,6 +18,7 @@ from medlora.config import Recipe
 from medlora.families import family_of
 from medlora.machine import cpu_flags
 from medlora.models import local_folder
+from medlora.patches import PatchState
 from medlora.train.arguments import resolve_precision
 from medlora.train.kernels import planned_kernels
 from medlora.train.kernels.packed_attention import NAME as PACKED_NAME
@@ -36,18 +36,6 @@ LIBRARIES = (
     "vllm",
 )
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-
-
-class PatchState(BaseModel):
-    name: str
-    stage: str
-    library: str
-    version: str
-    tested: str
-    state: str  # on | skipped
-    reason: str
-    touches: str
-    fallback: str
 
 
 class RunPlan(BaseModel):
@@ -70,13 +58,6 @@ class Environment(BaseModel):
     gpu: str | None
     patches: list[PatchState]
     run: RunPlan | None = None
-
-
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _cpu_name() -> str:
@@ -140,7 +121,6 @@ def run_plan(recipe: Recipe, model: Any = None) -> RunPlan:
     plan = planned_kernels(
         t.kernels,
         packed_attention=t.packing or t.precision == "bf16",
-        lora_dropout=t.method == "sft" and recipe.lora.dropout > 0,
         cuda=cuda,
         attention=implementation,
     )
@@ -177,10 +157,10 @@ def environment(recipe: Recipe | None = None, model: Any = None) -> Environment:
         ]
     return Environment(
         python=platform.python_version(),
-        libraries={name: _version(name) for name in LIBRARIES},
+        libraries={name: patches.installed_version(name) or "not installed" for name in LIBRARIES},
         cpu=_cpu_name(),
         cpu_features=[f for f in CPU_FEATURES if f in flags],
         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        patches=[PatchState(**row) for row in patches.report(names)],
+        patches=patches.report(names),
         run=run_plan(recipe, model) if recipe is not None else None,
     )

@@ -75,9 +75,7 @@ def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> 
     model, tokenizer = model_and_tokenizer or load_recipe_model(recipe)
     family_of(model.config)  # a family the matrix has not proven stops here, in one line
     model = hold_frozen_weights_in_bf16(model, recipe)
-    # TRL switches dropout off and computes the loss itself: no dropout rewrite, no fused head.
-    sft = t.method == "sft"
-    plan = run_kernels(recipe, model, lora_dropout=sft)
+    plan = run_kernels(recipe, model)
     applied = use_kernels_before_lora(model, plan)
     if t.init_adapter is not None:
         folder = str(Path(t.init_adapter).expanduser())
@@ -85,7 +83,8 @@ def build_model(recipe: Recipe, model_and_tokenizer: tuple[Any, Any] | None) -> 
     else:
         model = get_peft_model(model, lora_config(recipe))
     applied += use_kernels_after_lora(model, plan)
-    if sft and "fused_answer_head" in plan and output_head(model) is not None:
+    # TRL computes the loss itself: no fused head for preference tuning.
+    if t.method == "sft" and "fused_answer_head" in plan and output_head(model) is not None:
         applied.append("fused_answer_head")
     model.medlora_kernels = applied  # for the run's env.json
     if t.gradient_checkpointing:
@@ -251,6 +250,32 @@ def check_sft_recipe(recipe: Recipe) -> None:
         )
 
 
+def sft_run_state(
+    recipe: Recipe,
+    tokenizer: Any,
+    val_records: list[Record],
+    val_examples: list[Example],
+    row_tokens: int,
+) -> RunState:
+    """What MedloraTrainer and the callbacks share: the loss settings, the validation examples
+    with their data source, and the memory measures under `train.max_memory_gb`."""
+    import torch
+
+    d, t = recipe.data, recipe.train
+    group_of = {record.id: source_group(record) for record in val_records}
+    run = RunState(
+        stop_on_nan=t.stop_on_nan, unlikelihood=t.unlikelihood_alpha, kernels=t.kernels,
+        loraplus_lr_ratio=t.loraplus_lr_ratio, val_examples=val_examples,
+        val_groups=[group_of[example.record_id] for example in val_examples],
+        pad_token_id=tokenizer.pad_token_id, eval_batch_size=recipe.eval.batch_size,
+    )  # fmt: skip
+    run.trim_between_steps = t.max_memory_gb is not None and not torch.cuda.is_available()
+    if t.max_memory_gb is not None and t.packing:
+        # Validation batches hold at most a training row's tokens (forward only: less memory).
+        run.eval_batch_size = min(recipe.eval.batch_size, max(1, row_tokens // d.max_seq_len))
+    return run
+
+
 def sft_fit(
     recipe: Recipe,
     run_dir: Path,
@@ -261,8 +286,6 @@ def sft_fit(
 ) -> Fit:
     """SFT: the sampled records as answer-only token ids (packed rows), the validation examples
     scored exactly, and `MedloraTrainer` (train/trainer.py) with its callbacks."""
-    import torch
-
     d, t = recipe.data, recipe.train
     records, mix_stats, repetitive = sample_training_records(splits["train"], recipe)
     train_records, canaries = insert_run_canaries(records, recipe)
@@ -294,17 +317,7 @@ def sft_fit(
     if canaries:
         used["canaries"] = canary_counts(canaries)
 
-    group_of = {record.id: source_group(record) for record in val_records}
-    run = RunState(
-        stop_on_nan=t.stop_on_nan, unlikelihood=t.unlikelihood_alpha, kernels=t.kernels,
-        loraplus_lr_ratio=t.loraplus_lr_ratio, val_examples=val_examples,
-        val_groups=[group_of[example.record_id] for example in val_examples],
-        pad_token_id=tokenizer.pad_token_id, eval_batch_size=recipe.eval.batch_size,
-    )  # fmt: skip
-    run.trim_between_steps = t.max_memory_gb is not None and not torch.cuda.is_available()
-    if t.max_memory_gb is not None and t.packing:
-        # Validation batches hold at most a training row's tokens (forward only: less memory).
-        run.eval_batch_size = min(recipe.eval.batch_size, max(1, row_tokens // d.max_seq_len))
+    run = sft_run_state(recipe, tokenizer, val_records, val_examples, row_tokens)
     trainer = MedloraTrainer(
         model=model,
         args=training_arguments(recipe, run_dir, bool(val_examples)),

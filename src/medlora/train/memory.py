@@ -1,20 +1,16 @@
 """Memory as a budget: measure what one packed training row costs, keep the longest row that fits.
 
-`train.max_memory_gb` is the peak a run may reach: resident memory (RSS) of the process on CPU,
-torch's peak allocated memory on CUDA. With `train.tokens_per_batch: auto` the run measures, before
-its first step, the peak of a forward + backward pass on real packed rows of two lengths (the
-longer one only as long as a pessimistic slope, from a half row and a whole one, says fits, so
-probing stays within the budget),
-fits peak = fixed + per_token x tokens, and trains on the longest row (a multiple of `data.max_seq_len`,
-at most `AUTO_MAX_TOKENS`) whose predicted peak stays `HEADROOM` below the budget, then measures
-that row itself and steps down while it does not fit. When not even one
-`max_seq_len` row fits, it retries with activation checkpointing, then refuses in one line.
+`train.max_memory_gb` is the peak a run may reach: resident memory (RSS) on CPU, torch's peak
+allocated memory on CUDA. With `train.tokens_per_batch: auto` the run probes forward + backward on
+real packed rows before its first step, fits peak = fixed + per_token x tokens, trains on the
+longest row (a multiple of `data.max_seq_len`) whose predicted peak stays `HEADROOM` below the
+budget, measures that row itself and steps down while it does not fit. When not even one row fits,
+it retries with activation checkpointing, then refuses in one line (docs/training-engine.md,
+"Memory as a budget").
 
-How the peak of one pass is read on CPU: `ru_maxrss` only ever grows, so after loading the model it
-cannot see the peak of a later, smaller pass. Linux resets the process's high-water mark on request
-(`echo 5 > /proc/self/clear_refs`, proc(5), since 4.0), and `VmHWM` then gives the exact peak of
-the pass. The reset also lowers `ru_maxrss`, so the peak from before it is kept here
-(`peak_rss_bytes()` reports the larger). Elsewhere a thread samples RSS every millisecond.
+The peak of one pass on CPU: `ru_maxrss` only ever grows, so Linux's high-water mark is reset
+before each pass (`echo 5 > /proc/self/clear_refs`, proc(5)) and `VmHWM` read after it; the peak
+from before a reset is kept here (`peak_rss_bytes()`). Elsewhere a thread samples RSS.
 """
 
 from __future__ import annotations
@@ -28,9 +24,8 @@ from typing import Any
 
 AUTO_MAX_TOKENS = 8192
 # Predicted (and probed) peak <= 85 % of the budget, for what the probes do not see: optimizer
-# state, the validation pass, allocator slack. At 90 % the budget test failed 2 of ~31 CI runs, the
-# run's peak 14 % above its chosen row's probe; 1 / 0.85 leaves 17.6 %. The bench's choices
-# (docs/benchmarks.md, "memory-budget": 512 rows under 4 GiB, 256 under 2.5) are the same at 0.85.
+# state, the validation pass, allocator slack (90 % was too little: docs/training-engine.md,
+# "Memory as a budget").
 HEADROOM = 0.85
 GIB = 1024**3
 PROBE_ROWS = 4  # the longer probe row: up to 4 x max_seq_len tokens, where the budget allows
@@ -197,8 +192,8 @@ def _measure(
     half, points = step // 2, [(step, probe(step))]
     # What a token adds: the slope from a half row to a whole one (the per-pass constants, such
     # as the fused head's buffer, cancel out), at least half of everything above the floor per
-    # token, then 1.5x: a pessimistic slope. Charging everything above the floor to the tokens
-    # kept bf16 runs at 256-token rows where 512 measured to fit with room to spare.
+    # token, then 1.5x: a pessimistic slope. Charging all of it to the tokens picked rows too
+    # short.
     average = max(0.0, (points[0][1] - before) / step)
     marginal = fit_line([(half, probe(half)), points[0]])[1] if half > 0 else average
     pessimistic = 1.5 * max(marginal, 0.5 * average)
@@ -237,8 +232,8 @@ def choose_row_tokens(
         enable_checkpointing()
         checkpointing = True
     # The line is extrapolated; the allocator is not linear in tensor sizes. Measure the chosen row
-    # itself and step down until it fits (a wide tiny Llama reached 2.0 GiB where 1.6 was predicted).
-    # The probes count against the budget too, and one RSS reading can be 20 % off: a row is probed
+    # itself and step down until it fits (docs/benchmarks.md "memory-budget", how the probes work).
+    # The probes count against the budget too, and one RSS reading can be off: a row is probed
     # only at most twice the longest row measured so far and where the pessimistic slope from that
     # row keeps it within the budget; else a shorter row is probed first and the line refitted
     # through the two longest measured rows.

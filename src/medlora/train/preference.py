@@ -1,14 +1,10 @@
 """Preference tuning (`train.method: dpo | orpo`) of medlora's LoRA adapter with TRL.
 
 train/loop.py `train()` runs every method through one skeleton and one model builder; for dpo / orpo
-it takes the batches and trainer from `preference_fit` here. The model is the same PEFT LoRA model
-as in SFT (or the adapter of an earlier run, `train.init_adapter`), trained with TRL's DPOTrainer
-or ORPOTrainer on (question, chosen, rejected) pairs rendered with the run's chat template and
-`data.system_prompt`, so prompts match SFT training and serving. The run directory gets what SFT
-writes (adapter, tokenizer files, recipe.yaml, metrics.jsonl, charts, data_card.json,
-train_summary.json), so eval/serve/export are unchanged.
-
-Pairs come from train/preference_pairs.py.
+it takes the batches and trainer from `preference_fit` here: TRL's DPOTrainer or ORPOTrainer on
+(question, chosen, rejected) pairs (train/preference_pairs.py) rendered with the run's chat template
+and `data.system_prompt`, as SFT trains and serving prompts. The run directory holds the files an
+SFT run writes, so eval/serve/export are unchanged.
 
 Tested with TRL 1.16.0 (transformers 5.24, peft 0.21, torch 2.13). TRL internals relied on:
 - DPOTrainer given a PeftModel and `ref_model=None` loads no reference model. TRL >= 1.x adds a
@@ -19,31 +15,23 @@ Tested with TRL 1.16.0 (transformers 5.24, peft 0.21, torch 2.13). TRL internals
 - ORPOTrainer and ORPOConfig live in `trl.experimental.orpo` (experimental API in TRL 1.x).
 - Both trainers merge their `rewards/*`, `logps/*`, ... metrics into the dict given to
   `Trainer.log`, where the metrics callback (train/callbacks.py) writes them to metrics.jsonl.
-- Batch keys for token counts: DPO `attention_mask`/`completion_mask` (chosen and rejected rows
-  stacked), ORPO `{chosen,rejected}_attention_mask` / `{chosen,rejected}_labels`.
-- TRL's `disable_dropout` zeroes `nn.Dropout` modules only, so medlora's CPU FastDropout swap is not
-  applied here (dropout is off in preference training, as TRL intends).
+- Batch keys for token counts (train/trainer.py `TokenCounter`).
+- TRL's `disable_dropout` zeroes the LoRA dropout (PEFT's `nn.Dropout`): off in preference training.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medlora import patches
 from medlora.config import Recipe
-from medlora.data.format import (
-    IGNORE_INDEX,
-    build_messages,
-    split_prompt_answer,
-)
+from medlora.data.format import build_messages, split_prompt_answer
 from medlora.data.records import Record
 from medlora.errors import TrainingError
-from medlora.train.arguments import supported_arguments, training_kwargs
+from medlora.train.arguments import training_arguments
 from medlora.train.preference_pairs import (
-    MIN_TRL,
     PreferencePair,
     load_preference_pairs,
     self_generated_pairs,
@@ -54,24 +42,7 @@ from medlora.train.run_files import (
     run_callbacks,
     sample_training_records,
 )
-from medlora.train.trainer import LoraPlusOptimizer, NonFiniteLoss, RunState, TokenAndClockLogs
-
-# ---------------------------------------------------------------------------------------------
-# Model, datasets, trainer
-
-
-def _require_trl(method: str) -> None:
-    if importlib.util.find_spec("trl") is None:
-        raise TrainingError(
-            f"train.method={method} needs TRL, which is not installed: pip install 'trl>={MIN_TRL}'"
-        )
-    on, reason = patches.status("trl_preference")
-    if not on:
-        tested = ">=" + ",<".join(patches.PATCHES["trl_preference"].tested)
-        raise TrainingError(
-            f"train.method={method} relies on TRL internals tested with trl{tested} ({reason}): "
-            f"pip install 'trl{tested}', or train with train.method=sft"
-        )
+from medlora.train.trainer import RunState, RunTrainerMixin
 
 
 def check_preference_recipe(recipe: Recipe) -> Recipe:
@@ -79,7 +50,13 @@ def check_preference_recipe(recipe: Recipe) -> Recipe:
     `train.init_adapter`); the recipe without packing (an SFT batch layout: preference batches are
     chosen/rejected rows, padded)."""
     t = recipe.train
-    _require_trl(t.method)
+    on, reason = patches.status("trl_preference")  # TRL missing is one of the reasons
+    if not on:
+        tested = ">=" + ",<".join(patches.PATCHES["trl_preference"].tested)
+        raise TrainingError(
+            f"train.method={t.method} needs trl{tested} ({reason}): pip install 'trl{tested}', "
+            "or train with train.method=sft"
+        )
     folder = Path(t.init_adapter or ".").expanduser()
     if t.init_adapter is not None and not (folder / "adapter_config.json").is_file():
         raise TrainingError(
@@ -127,60 +104,6 @@ def _trl_classes(method: str) -> tuple[Any, Any]:
     return ORPOConfig, ORPOTrainer
 
 
-def _count_tokens(counter: Any, inputs: dict[str, Any]) -> None:
-    """All real tokens of the batch, and the completion (chosen + rejected answer) tokens."""
-    for key in ("attention_mask", "chosen_attention_mask", "rejected_attention_mask"):
-        if key in inputs:
-            counter.tokens_seen += int(inputs[key].sum())
-    if "completion_mask" in inputs:  # DPO
-        counter.answer_tokens_seen += int(inputs["completion_mask"].sum())
-    for key in ("chosen_labels", "rejected_labels"):  # ORPO
-        if key in inputs:
-            counter.answer_tokens_seen += int((inputs[key] != IGNORE_INDEX).sum())
-
-
-def _medlora_trainer(base: Any) -> Any:
-    """TRL's trainer plus what the callbacks read (token counts, clock) and the NaN stop. A class
-    made here because TRL is imported only when a preference method is asked for."""
-    import torch
-
-    class PreferenceTrainer(LoraPlusOptimizer, TokenAndClockLogs, base):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, run: RunState, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.run = run
-
-        def compute_loss(
-            self,
-            model: Any,
-            inputs: dict[str, Any],
-            return_outputs: bool = False,
-            num_items_in_batch: Any = None,
-        ) -> Any:
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-            if model.training:
-                _count_tokens(self.run.counter, inputs)
-                loss = result[0] if return_outputs else result
-                if self.run.stop_on_nan and not torch.isfinite(loss.detach()).all():
-                    raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach()))
-            return result
-
-    PreferenceTrainer.__name__ = f"Medlora{base.__name__}"
-    return PreferenceTrainer
-
-
-def _preference_args(config_cls: Any, recipe: Recipe, run_dir: Path) -> Any:
-    kwargs = training_kwargs(recipe, run_dir, has_eval=False)
-    kwargs.update(beta=recipe.train.beta, max_length=recipe.data.max_seq_len)
-    # TRL's configs default bf16 and gradient checkpointing on: kwargs set both from the recipe.
-    return config_cls(**supported_arguments(config_cls, kwargs))
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-
-
 def preference_fit(
     recipe: Recipe,
     run_dir: Path,
@@ -196,12 +119,18 @@ def preference_fit(
     t = recipe.train
     pairs, preference = _pairs(recipe, run_dir, model, tokenizer, splits)
     config_cls, trainer_cls = _trl_classes(t.method)
+    # TRL's trainer plus medlora's token counts, clock, NaN stop and LoRA+ (train/trainer.py); a
+    # class made here because TRL is imported only when a preference method is asked for.
+    trainer_cls = type(f"Medlora{trainer_cls.__name__}", (RunTrainerMixin, trainer_cls), {})
     run = RunState(stop_on_nan=t.stop_on_nan, loraplus_lr_ratio=t.loraplus_lr_ratio)
     rows = _dataset_rows(t.method, tokenizer, pairs, recipe.data.system_prompt)
     try:
-        trainer = _medlora_trainer(trainer_cls)(
+        trainer = trainer_cls(
             model=model,
-            args=_preference_args(config_cls, recipe, run_dir),
+            # TRL's configs default bf16 and gradient checkpointing on: the recipe sets both.
+            args=training_arguments(
+                recipe, run_dir, False, config_cls, beta=t.beta, max_length=recipe.data.max_seq_len
+            ),
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             callbacks=run_callbacks(recipe, run_dir, run),

@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medlora.config import PREFERENCE_KINDS, Recipe
-from medlora.data.format import (
-    format_record,
-)
+from medlora.data.format import format_record
 from medlora.data.records import Record
 from medlora.errors import DataError
 from medlora.io import append_jsonl, write_jsonl_atomic
 
 PAIRS_FILE = "preference_pairs.jsonl"
-MIN_TRL = "1.16"
 ROW_HINT = "preference rows need prompt, chosen and rejected strings (or chosen/rejected chat message lists)"
 
 
@@ -78,7 +76,7 @@ def rows_to_pairs(
         if column not in present:
             raise DataError(f"{where}: missing column '{column}' (columns: {listed}); {ROW_HINT}")
     pairs: list[PreferencePair] = []
-    skipped: dict[str, int] = {}
+    skipped = Counter[str]()
     for index, row in enumerate(rows):
         prompt_question, _ = _question_and_answer(row.get("prompt"))
         if isinstance(row.get("prompt"), str):
@@ -88,30 +86,27 @@ def rows_to_pairs(
         question = prompt_question or chosen_question
         if not question and "prompt" not in present:
             raise DataError(f"{where}: missing column 'prompt' (columns: {listed}); {ROW_HINT}")
-        reason = (
-            "empty_prompt"
-            if not question
-            else "empty_chosen"
-            if not chosen
-            else "empty_rejected"
-            if not rejected
-            else "chosen_equals_rejected"
-            if chosen == rejected
-            else None
-        )
+        checks = {
+            "empty_prompt": not question,
+            "empty_chosen": not chosen,
+            "empty_rejected": not rejected,
+            "chosen_equals_rejected": chosen == rejected,
+        }
+        reason = next((name for name, failed in checks.items() if failed), None)
         if reason:
-            skipped[reason] = skipped.get(reason, 0) + 1
+            skipped[reason] += 1
             continue
         row_id = row.get("id")
         pairs.append(PreferencePair(question, chosen, rejected, str(row_id or f"pair-{index}")))
     if not pairs:
-        raise DataError(f"{where}: no usable preference pair ({skipped or 'no rows'}); {ROW_HINT}")
-    return pairs, skipped
+        reasons = dict(skipped) or "no rows"
+        raise DataError(f"{where}: no usable preference pair ({reasons}); {ROW_HINT}")
+    return pairs, dict(skipped)
 
 
 def load_preference_pairs(spec: str) -> tuple[list[PreferencePair], dict[str, int]]:
     """Pairs from `KIND:PATH` (jsonl, json, parquet or hf:DATASET_ID, its train split)."""
-    from medlora.data.tabular import columns_of, read_json, read_jsonl, read_parquet
+    from medlora.data.tabular import ROW_READERS, columns_of, read_hub
 
     kind, _, raw_path = spec.partition(":")
     kind, raw_path = kind.strip().lower(), raw_path.strip()
@@ -121,16 +116,10 @@ def load_preference_pairs(spec: str) -> tuple[list[PreferencePair], dict[str, in
             f"{', '.join(PREFERENCE_KINDS)}, or self"
         )
     if kind == "hf":
-        import datasets
-
         try:
-            dataset = datasets.load_dataset(raw_path, split="train")
-        except Exception as err:  # offline, unknown id, gated: all mean "not loadable"
-            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-            raise DataError(
-                f"train.preference_data=hf:{raw_path} could not be loaded from the Hub (offline? "
-                f"{reason}); download it and use jsonl:PATH or parquet:PATH instead"
-            ) from err
+            dataset = read_hub(raw_path)
+        except DataError as err:
+            raise DataError(f"train.preference_data={err}") from err
         return rows_to_pairs(list(dataset), list(dataset.column_names), f"hf:{raw_path}")
     import os
 
@@ -139,36 +128,14 @@ def load_preference_pairs(spec: str) -> tuple[list[PreferencePair], dict[str, in
         raise DataError(
             f"train.preference_data: {kind} file not found: {path}; check the path in {kind}:PATH"
         )
-    if kind == "parquet":
-        rows, columns = read_parquet(path)
-    else:
-        rows = read_jsonl(path) if kind == "jsonl" else read_json(path)
-        columns = columns_of(rows)
+    rows = ROW_READERS[kind](path)
     if not rows:
         raise DataError(f"{path}: no rows found; {ROW_HINT}")
-    return rows_to_pairs(rows, columns, str(path))
+    return rows_to_pairs(rows, columns_of(rows), str(path))
 
 
 # ---------------------------------------------------------------------------------------------
 # Self-generated pairs (SPIN-style)
-
-
-class _InputsOnModelDevice:
-    """`generate_answers` builds CPU tensors; this moves them to the model's device for generate."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.device = next(model.parameters()).device
-
-    def eval(self) -> Any:
-        return self.model.eval()
-
-    def generate(self, **kwargs: Any) -> Any:
-        moved = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in kwargs.items()}
-        return self.model.generate(**moved).cpu()
-
-    def __getattr__(self, name: str) -> Any:  # anything else generate_answers may read
-        return getattr(self.model, name)
 
 
 def pair_generation(recipe: Recipe) -> Any:
@@ -181,11 +148,11 @@ def pair_generation(recipe: Recipe) -> Any:
 
 
 def _generate(model: Any, tokenizer: Any, questions: list[str], recipe: Recipe) -> list[str]:
-    """Greedy answers: the one call into medlora.evaluate.generate (its signature may change)."""
+    """Greedy answers on the model's device: the one call into medlora.evaluate.generate."""
     from medlora.evaluate.generate import generate_answers
 
     return generate_answers(
-        _InputsOnModelDevice(model),
+        model,
         tokenizer,
         questions,
         recipe.data.system_prompt,
@@ -263,15 +230,14 @@ def self_generated_pairs(
     from medlora.evaluate.quality import repeated_ngram_share
 
     min_repetition = recipe.train.self_pairs_min_repetition
-    pairs, skipped = [], {}
+    pairs, skipped = [], Counter[str]()
     for row in rows:
         if row["rejected"].strip() == row["chosen"].strip():
-            skipped["chosen_equals_rejected"] = skipped.get("chosen_equals_rejected", 0) + 1
-            continue
-        if min_repetition and repeated_ngram_share(row["rejected"]) < min_repetition:
-            skipped["rejected_repeats_less"] = skipped.get("rejected_repeats_less", 0) + 1
-            continue
-        pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], row["id"]))
+            skipped["chosen_equals_rejected"] += 1
+        elif min_repetition and repeated_ngram_share(row["rejected"]) < min_repetition:
+            skipped["rejected_repeats_less"] += 1
+        else:
+            pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], row["id"]))
     stats = {"generated": len(todo), "reused": len(rows) - len(todo), **skipped}
     return pairs, stats
 
@@ -297,18 +263,11 @@ def preference_margins(
 
     examples = []
     for pair in pairs:
-        chosen = format_record(
-            tokenizer,
-            Record(pair.id, pair.question, pair.chosen, "pref"),
-            system_prompt,
-            max_seq_len,
-        )
-        rejected = format_record(
-            tokenizer,
-            Record(pair.id, pair.question, pair.rejected, "pref"),
-            system_prompt,
-            max_seq_len,
-        )
+        answers = (pair.chosen, pair.rejected)
+        records = [Record(pair.id, pair.question, answer, "pref") for answer in answers]
+        chosen, rejected = [
+            format_record(tokenizer, r, system_prompt, max_seq_len) for r in records
+        ]
         if chosen is not None and rejected is not None:
             examples += [chosen, rejected]
     scored = score_examples(model, examples, tokenizer.pad_token_id, batch_size)

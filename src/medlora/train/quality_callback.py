@@ -14,7 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medlora.config import GenerationConfig, Recipe
+from transformers import TrainerCallback
+
+from medlora.config import Recipe
 from medlora.data.records import Record
 from medlora.data.sample import sample_records
 from medlora.io import move_files_atomic, write_json_atomic
@@ -27,45 +29,40 @@ def metric_mode(name: str, mode: str = "auto") -> str:
     return "min" if ("loss" in name or "perplexity" in name) else "max"
 
 
-def _trainer_callback_base() -> Any:
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class QualityCallback(_trainer_callback_base()):  # type: ignore[misc]
-    """See the module docstring; `trainer` is set by `attach_quality_callback`."""
+class QualityCallback(TrainerCallback):
+    """See the module docstring; built from `recipe.eval` for one trainer (`attach_quality_callback`)."""
 
     def __init__(
-        self,
-        tokenizer: Any,
-        run_dir: Path,
-        every: int = 0,
-        records: list[Record] | None = None,
-        system_prompt: str | None = None,
-        metrics: tuple[str, ...] = ("rouge", "f1"),
-        max_new_tokens: int = 64,
-        generation: GenerationConfig | None = None,
-        benchmark: tuple[str, dict[str, Any]] | None = None,
-        best_metric: str | None = None,
-        best_mode: str = "auto",
-        recipe_yaml: str | None = None,
+        self, trainer: Any, recipe: Recipe, run_dir: Path, tokenizer: Any, val_records: list[Record]
     ) -> None:
+        e = recipe.eval
+        self.trainer = trainer
         self.tokenizer = tokenizer
         self.run_dir = Path(run_dir)
-        self.every = every
-        self.records = records or []
-        self.system_prompt = system_prompt
-        self.metrics = metrics
-        self.max_new_tokens = max_new_tokens
-        self.generation = generation or GenerationConfig()
-        self.benchmark = benchmark
-        self.best_metric = best_metric
-        self.best_mode = metric_mode(best_metric or "", best_mode)
+        self.every = e.during_training_every
+        self.records = (
+            sample_records(val_records, e.during_training_examples, recipe.data.seed)
+            if self.every
+            else []
+        )
+        self.system_prompt = recipe.data.system_prompt
+        self.metrics = tuple(e.during_training_metrics)
+        self.generation = recipe.generation.model_copy(
+            update={"max_new_tokens": e.during_training_max_new_tokens}
+        )
+        self.benchmark: tuple[str, dict[str, Any]] | None = None
+        if self.every and e.during_training_benchmark:
+            from medlora.evaluate.harness import task_units
+            from medlora.evaluate.multiple_choice_sets import load_benchmark
+
+            bench = load_benchmark(e.during_training_benchmark, e.during_training_benchmark_data)
+            items = sample_records(bench.items, e.during_training_benchmark_limit, recipe.data.seed)
+            self.benchmark = (bench.task, task_units(bench, items, 0))
+        self.best_metric = e.best_metric
+        self.best_mode = metric_mode(e.best_metric or "", e.best_metric_mode)
         self.best_value: float | None = None
         self.best_step: int | None = None
-        self.recipe_yaml = recipe_yaml
-        self.trainer: Any = None
+        self.recipe_yaml = recipe.to_yaml()
         self.last_scored_step = -1
 
     # -------------------------------------------------------------- scoring
@@ -85,7 +82,7 @@ class QualityCallback(_trainer_callback_base()):  # type: ignore[misc]
                     self.tokenizer,
                     [r.question for r in self.records],
                     self.system_prompt,
-                    self.generation.model_copy(update={"max_new_tokens": self.max_new_tokens}),
+                    self.generation,
                     batch_size=len(self.records),
                     show_progress=False,
                 )
@@ -121,11 +118,8 @@ class QualityCallback(_trainer_callback_base()):  # type: ignore[misc]
     def _score_and_log(self, model: Any, state: Any) -> None:
         self.last_scored_step = state.global_step
         logs = self.score(model)
-        if logs and self.trainer is not None:
-            # → on_log of every callback: metrics.jsonl, best tracking, sinks
+        if logs:  # → on_log of every callback: metrics.jsonl, best tracking, sinks
             self.trainer.log(logs)
-        elif logs:
-            self.on_log(None, state, None, logs=logs, model=model)
 
     # -------------------------------------------------------------- best adapter
 
@@ -158,8 +152,7 @@ class QualityCallback(_trainer_callback_base()):  # type: ignore[misc]
         shutil.rmtree(scratch, ignore_errors=True)
         model.save_pretrained(scratch)
         self.tokenizer.save_pretrained(scratch)
-        if self.recipe_yaml is not None:
-            (scratch / "recipe.yaml").write_text(self.recipe_yaml, encoding="utf-8")
+        (scratch / "recipe.yaml").write_text(self.recipe_yaml, encoding="utf-8")
         move_files_atomic(scratch, target)
         write_json_atomic(
             self.run_dir / "best.json",
@@ -186,39 +179,10 @@ class QualityCallback(_trainer_callback_base()):  # type: ignore[misc]
 def attach_quality_callback(
     trainer: Any, recipe: Recipe, run_dir: Path, tokenizer: Any, val_records: list[Record]
 ) -> QualityCallback:
-    """Build the callback from `recipe.eval` and hook it to `trainer` (called by `train`)."""
-    e = recipe.eval
-    benchmark = None
-    if e.during_training_every and e.during_training_benchmark:
-        from medlora.evaluate.harness import task_units
-        from medlora.evaluate.multiple_choice_sets import load_benchmark
-
-        bench = load_benchmark(e.during_training_benchmark, e.during_training_benchmark_data)
-        items = sample_records(bench.items, e.during_training_benchmark_limit, recipe.data.seed)
-        benchmark = (bench.task, task_units(bench, items, 0))
-    records = (
-        sample_records(val_records, e.during_training_examples, recipe.data.seed)
-        if e.during_training_every
-        else []
-    )
-    callback = QualityCallback(
-        tokenizer,
-        run_dir,
-        every=e.during_training_every,
-        records=records,
-        system_prompt=recipe.data.system_prompt,
-        metrics=tuple(e.during_training_metrics),
-        max_new_tokens=e.during_training_max_new_tokens,
-        generation=recipe.generation,
-        benchmark=benchmark,
-        best_metric=e.best_metric,
-        best_mode=e.best_metric_mode,
-        recipe_yaml=recipe.to_yaml(),
-    )
-    callback.trainer = trainer
+    """Build the callback from `recipe.eval` and hook it to `trainer` (called by `sft_fit`)."""
+    callback = QualityCallback(trainer, recipe, run_dir, tokenizer, val_records)
     trainer.add_callback(callback)
     if trainer.is_world_process_zero():
-        (run_dir / "best.json").unlink(
-            missing_ok=True
-        )  # a stale one would name another run's adapter
+        # A stale best.json would name another run's adapter.
+        (run_dir / "best.json").unlink(missing_ok=True)
     return callback

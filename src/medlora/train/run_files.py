@@ -47,11 +47,6 @@ def process_state() -> Any:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def is_main_process() -> bool:
-    """True on the process that writes run files (rank 0; the only one when not distributed)."""
-    return bool(process_state().is_main_process)
-
-
 def prepare_run_data(recipe: Recipe, data_dir: Path, tokenizer: Any = None) -> Path:
     """The recipe's `data:` sources read, cleaned and split into `data_dir` (what `medlora data
     prepare` writes), for `medlora train` / `sweep` / `demo` without `--data`; token lengths with
@@ -82,12 +77,6 @@ def prepare_run_data(recipe: Recipe, data_dir: Path, tokenizer: Any = None) -> P
 def uses_splits(recipe: Recipe) -> bool:
     """Whether a run reads prepared splits: SFT, and preference pairs the model makes itself."""
     return recipe.train.method == "sft" or recipe.train.preference_data == "self"
-
-
-def read_data_card(data_dir: Path) -> dict[str, Any]:
-    """The card `prepare_data` wrote beside the splits ({} when there is none)."""
-    path = data_dir / DATA_CARD
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 @dataclass
@@ -148,19 +137,9 @@ def canary_counts(canaries: list[Canary]) -> dict[str, int]:
     }
 
 
-def write_audit_files(
-    run_dir: Path, trained: list[Record], splits_dir: Path, canaries: list[Canary]
-) -> None:
-    """What `medlora audit` reads: the trained records' ids (trained_ids.json) and the canaries
-    with their secrets (canaries.json, only when the recipe has data.canaries)."""
-    write_trained_ids(run_dir, trained, splits_dir)
-    if canaries:
-        write_canaries(run_dir / CANARIES_FILE, canaries)
-
-
 def check_writable(run_dir: Path) -> None:
     """Fail before any work when the run directory cannot take files (read-only, full, a file)."""
-    if not is_main_process():
+    if not process_state().is_main_process:
         return
     probe = run_dir / ".medlora-write-test"
     try:
@@ -204,22 +183,6 @@ def save_run_files(trainer: Any, tokenizer: Any, run_dir: Path) -> None:
     move_files_atomic(scratch, run_dir)
 
 
-def stopped_error(error: NonFiniteLoss, run_dir: Path, advice: str) -> TrainingError:
-    good = last_checkpoint(run_dir)
-    kept = f"last good checkpoint: {good}" if good else "no checkpoint was saved yet"
-    return TrainingError(
-        f"{error}; training stopped ({kept}). {advice}, then run again (with --resume to start "
-        "from the checkpoint)"
-    )
-
-
-def unwritable_error(error: OSError, run_dir: Path) -> TrainingError:
-    return TrainingError(
-        f"could not write to {run_dir}: {error.strerror or error}; completed checkpoints are "
-        "intact: free disk space and run again with --resume"
-    )
-
-
 def run_trainer(
     trainer: Any, checkpoint: Path | None, run_dir: Path, advice: str
 ) -> tuple[Any, float]:
@@ -231,9 +194,17 @@ def run_trainer(
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteLoss as error:
-        raise stopped_error(error, run_dir, advice) from None
+        good = last_checkpoint(run_dir)
+        kept = f"last good checkpoint: {good}" if good else "no checkpoint was saved yet"
+        raise TrainingError(
+            f"{error}; training stopped ({kept}). {advice}, then run again (with --resume to start "
+            "from the checkpoint)"
+        ) from None
     except OSError as error:
-        raise unwritable_error(error, run_dir) from None
+        raise TrainingError(
+            f"could not write to {run_dir}: {error.strerror or error}; completed checkpoints are "
+            "intact: free disk space and run again with --resume"
+        ) from None
     return output, time.perf_counter() - start
 
 
@@ -242,15 +213,19 @@ def write_run_start(run_dir: Path, recipe: Recipe, model: Any, data_dir: Path, f
     card plus what this run used; a shared `--data` folder is left as it is), trained_ids.json /
     canaries.json for `medlora audit`, and the resolved recipe.yaml."""
     facts = environment(recipe, model)
-    card = {**read_data_card(data_dir), **fit.card}
+    prepared_card = data_dir / DATA_CARD  # what `prepare_data` wrote beside the splits
+    card = json.loads(prepared_card.read_text(encoding="utf-8")) if prepared_card.is_file() else {}
+    card.update(fit.card)
     card["attention"] = facts.run.attention if facts.run else None
-    if not is_main_process():
+    if not process_state().is_main_process:
         return
     write_json_atomic(run_dir / "env.json", facts.model_dump())
     write_json_atomic(run_dir / "data" / DATA_CARD, card)
     (run_dir / DATA_CARD).unlink(missing_ok=True)  # where an older version kept the run's card
-    if fit.trained:
-        write_audit_files(run_dir, fit.trained, data_dir, fit.canaries)
+    if fit.trained:  # what `medlora audit` reads
+        write_trained_ids(run_dir, fit.trained, data_dir)
+        if fit.canaries:
+            write_canaries(run_dir / CANARIES_FILE, fit.canaries)
     write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
 
 

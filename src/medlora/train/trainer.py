@@ -35,18 +35,29 @@ class NonFiniteLoss(TrainingError):
 
 @dataclass
 class TokenCounter:
-    """Tokens that went through training steps (counted at the step: the data loader reads ahead)."""
+    """Tokens that went through training steps (counted at the step: the data loader reads ahead).
+
+    SFT rows (padded with an `attention_mask`, or packed without one) and TRL's preference batches:
+    DPO `attention_mask` / `completion_mask` (chosen and rejected rows stacked), ORPO
+    `{chosen,rejected}_attention_mask` / `{chosen,rejected}_labels`."""
 
     tokens_seen: int = 0
     answer_tokens_seen: int = 0
 
     def count(self, inputs: dict[str, Any]) -> None:
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            self.tokens_seen += int(mask.sum())
+        keys = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
+        masks = [inputs[key] for key in keys if key in inputs]
+        if masks:
+            self.tokens_seen += sum(int(mask.sum()) for mask in masks)
         else:  # packed rows: no mask; padding is each row's trailing run of untrained positions
             self.tokens_seen += inputs["input_ids"].numel() - packed_padding(inputs)
-        self.answer_tokens_seen += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if "labels" in inputs:  # SFT: labels are shifted inside the loss
+            self.answer_tokens_seen += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if "completion_mask" in inputs:  # DPO
+            self.answer_tokens_seen += int(inputs["completion_mask"].sum())
+        for key in ("chosen_labels", "rejected_labels"):  # ORPO
+            if key in inputs:
+                self.answer_tokens_seen += int((inputs[key] != IGNORE_INDEX).sum())
 
 
 def packed_padding(inputs: dict[str, Any]) -> int:
@@ -72,7 +83,7 @@ class RunState:
     # SFT only: the unlikelihood weight and the validation set scored by `evaluate`.
     unlikelihood: float = 0.0
     kernels: str = "medlora"  # train.kernels: whose fused head computes the loss
-    loraplus_lr_ratio: float | None = None  # train.loraplus_lr_ratio (LoraPlusOptimizer)
+    loraplus_lr_ratio: float | None = None  # train.loraplus_lr_ratio (create_optimizer)
     val_examples: list[Example] = field(default_factory=list)
     val_groups: list[str] = field(default_factory=list)  # the recipe source of each example
     pad_token_id: int = 0
@@ -103,11 +114,37 @@ def peak_memory() -> dict[str, float]:
     return {"peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
 
 
-class TokenAndClockLogs:
-    """Mixin for the Trainer subclasses (SFT and preference): every training log row carries the
-    tokens trained, the training seconds (evaluation excluded) and peak memory."""
+class RunTrainerMixin:
+    """What medlora adds to the HF Trainer and to TRL's preference trainers: the run's `RunState`
+    (given as `run=`), token counts and the NaN stop at every training step, log rows that carry
+    the tokens trained, the training seconds (evaluation excluded) and peak memory, and peft's
+    LoRA+ optimizer with `train.loraplus_lr_ratio`."""
 
-    run: RunState
+    def __init__(self, *args: Any, run: RunState, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run = run
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        result = super().compute_loss(  # type: ignore[misc]
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        self.check_step(model, inputs, result[0] if return_outputs else result)
+        return result
+
+    def check_step(self, model: Any, inputs: dict[str, Any], loss: Any) -> None:
+        """After a training forward: count the batch's tokens; stop on a loss that is not finite."""
+        if not model.training:
+            return
+        self.run.counter.count(inputs)
+        if self.run.stop_on_nan and not torch.isfinite(loss.detach()).all():
+            step = self.state.global_step + 1  # type: ignore[attr-defined]
+            raise NonFiniteLoss(step, float(loss.detach()))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -117,15 +154,10 @@ class TokenAndClockLogs:
             logs.update(peak_memory())
         super().log(logs, start_time)  # type: ignore[misc]
 
-
-class LoraPlusOptimizer:
-    """Mixin for the Trainer subclasses: with `train.loraplus_lr_ratio`, the optimizer is peft's
-    LoRA+ one (B matrices at lr x ratio), built from the optimizer class and settings the
-    TrainingArguments name, so `train.optimizer`, the scheduler and checkpoints work unchanged."""
-
-    run: RunState
-
     def create_optimizer(self, model: Any = None) -> Any:
+        """peft's LoRA+ optimizer (B matrices at lr x ratio), built from the optimizer class and
+        settings the TrainingArguments name, so `train.optimizer`, the scheduler and checkpoints
+        work unchanged."""
         ratio = self.run.loraplus_lr_ratio
         if ratio is None or self.optimizer is not None:  # type: ignore[attr-defined]
             return super().create_optimizer(model)  # type: ignore[misc]
@@ -145,12 +177,8 @@ class LoraPlusOptimizer:
         return self.optimizer
 
 
-class MedloraTrainer(LoraPlusOptimizer, TokenAndClockLogs, Trainer):
+class MedloraTrainer(RunTrainerMixin, Trainer):
     """The HF Trainer with answer-only loss, token counting, NaN stop and exact evaluation."""
-
-    def __init__(self, *args: Any, run: RunState, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.run = run
 
     def compute_loss(
         self,
@@ -160,9 +188,9 @@ class MedloraTrainer(LoraPlusOptimizer, TokenAndClockLogs, Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         if self.run.trim_between_steps and model.training:
-            # glibc keeps the freed activations of earlier steps, fragmented: RSS measured 0.45-0.65
-            # GiB above live memory between bf16 steps of 512-token rows, and the peak crept up
-            # step by step, past a budget the probe (which trims first) had measured to hold.
+            # glibc keeps the freed activations of earlier steps, fragmented: the peak crept up
+            # step by step past a budget the probe (which trims first) had measured to hold
+            # (docs/training-engine.md, "Other switches", CPU bf16).
             release_free_memory()
         unlikelihood = self.run.unlikelihood if model.training else 0.0
         loss_sum, count, outputs = answer_loss_sum(
@@ -176,10 +204,7 @@ class MedloraTrainer(LoraPlusOptimizer, TokenAndClockLogs, Trainer):
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients
         else:
             loss = loss_sum / max(count, 1)
-        if model.training:
-            self.run.counter.count(inputs)
-            if self.run.stop_on_nan and not torch.isfinite(loss.detach()):
-                raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach()))
+        self.check_step(model, inputs, loss)
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:

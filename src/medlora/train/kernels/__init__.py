@@ -3,7 +3,7 @@
 - `stock`: none. transformers + PEFT + the Trainer as a hand-written script would run them, the
   model's own `labels=` loss: the reference every other setting is measured against.
 - `medlora` (default): on a CPU the packed-row attention, the frozen-weight RMSNorm, the SiLU-gated
-  MLP and the LoRA-dropout rewrite; everywhere the fused answer head (answer_head.py). Each is a
+  MLP; everywhere the fused answer head (answer_head.py). Each is a
   patch of medlora.patches: outside its tested library versions it is skipped with one warning.
 - `liger`: liger-kernel's RMSNorm, RoPE and SwiGLU and its fused head, on a CUDA GPU.
 
@@ -18,7 +18,7 @@ BEFORE_LORA = ("packed_attention",)
 
 
 def planned_kernels(
-    kernels: str, *, packed_attention: bool, lora_dropout: bool, cuda: bool, attention: str | None
+    kernels: str, *, packed_attention: bool, cuda: bool, attention: str | None
 ) -> list[str]:
     """The patches (medlora.patches names) a run with these settings asks for, in order.
 
@@ -35,8 +35,6 @@ def planned_kernels(
         return names
     if packed_attention and attention == "sdpa":
         names.append("packed_attention")  # per-example causal SDPA beats a row-wide block mask
-    if lora_dropout:
-        names.append("lora_dropout")  # torch's per-element Bernoulli draws are the slow part
     return [*names, "rms_norm", "silu_mul"]  # a cheaper norm; the gated MLP saves 2 of 3 tensors
 
 
@@ -58,20 +56,15 @@ def use_kernels_before_lora(model: Any, plan: list[str]) -> list[str]:
 
 def use_kernels_after_lora(model: Any, plan: list[str]) -> list[str]:
     """Apply the plan's CPU kernels that go on the PEFT model; returns 'name (N modules)' each."""
-    from medlora.train.kernels.lora_dropout import use_fast_lora_dropout
     from medlora.train.kernels.rms_norm import use_fast_rms_norm
     from medlora.train.kernels.swiglu import use_silu_mul
 
-    apply = {
-        "lora_dropout": use_fast_lora_dropout,
-        "rms_norm": use_fast_rms_norm,
-        "silu_mul": use_silu_mul,
-    }
+    apply = {"rms_norm": use_fast_rms_norm, "silu_mul": use_silu_mul}
     counts = {name: apply[name](model) for name in plan if name in apply}
     return [f"{name} ({count} modules)" for name, count in counts.items() if count]
 
 
-def run_kernels(recipe: Any, model: Any, *, lora_dropout: bool) -> list[str]:
+def run_kernels(recipe: Any, model: Any) -> list[str]:
     """`planned_kernels` for this recipe and (base) model."""
     import torch
 
@@ -79,7 +72,6 @@ def run_kernels(recipe: Any, model: Any, *, lora_dropout: bool) -> list[str]:
     return planned_kernels(
         t.kernels,
         packed_attention=getattr(t, "packing", False) or t.precision == "bf16",
-        lora_dropout=lora_dropout,
         cuda=torch.cuda.is_available(),
         attention=getattr(model.config, "_attn_implementation", None),
     )

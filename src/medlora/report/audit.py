@@ -1,5 +1,6 @@
 """`medlora audit`'s result in words: Markdown tables and a plain-language reading (for the model
-card and docs/benchmarks.md), and the same tables for the terminal."""
+card and docs/benchmarks.md), and the same tables for the terminal (`evaluate/memorization.py`
+measures it)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,14 @@ import math
 from typing import Any
 
 from medlora.evaluate.exposure import chance_share
-from medlora.results import CI, AuditResult, CanaryExposure, ExposureAudit, SpanStats
+from medlora.report.format import fmt_ci, md_table
+from medlora.results import AuditResult, CanaryExposure, ExposureAudit, SpanStats
 
 # Under no memorization a secret's rank is uniform over R, so rank / |R| is the chance of
 # ranking this high: the usual significance levels separate memorized from chance.
 MEMORIZED_SHARE = 0.01
 ABOVE_CHANCE_SHARE = 0.05
 QUOTE_CHARS = 160  # longest recited span quoted in the reading
-
-
-def _ci(ci: CI | None, signed: bool = False, digits: int = 1) -> str:
-    if ci is None or math.isnan(ci.mean):
-        return "–"
-    sign = "+" if signed else ""
-    return f"{ci.mean:{sign}.{digits}f} [{ci.low:{sign}.{digits}f}, {ci.high:{sign}.{digits}f}]"
 
 
 def _percent(share: float) -> str:
@@ -41,10 +36,6 @@ def _ordinal(number: int) -> str:
     return f"{number:,}{suffix}"
 
 
-def _times(repeats: int) -> str:
-    return "never (control)" if repeats == 0 else f"{repeats}×"
-
-
 def span_rows(result: AuditResult) -> list[tuple[str, SpanStats]]:
     """(label, stats) of each set of answers the audit measured, in table order."""
     r = result.recitation
@@ -57,14 +48,14 @@ def span_rows(result: AuditResult) -> list[tuple[str, SpanStats]]:
     return rows
 
 
-def recitation_cells(stats: SpanStats, threshold: int) -> list[str]:
+def recitation_cells(stats: SpanStats) -> list[str]:
     return [
         str(stats.answers),
         f"{stats.reciting} ({_percent(stats.reciting / max(stats.answers, 1))})",
         f"{stats.median:g}",
         f"{stats.p90:g}",
         str(stats.max),
-        _ci(stats.mean),
+        fmt_ci(stats.mean, 1),
     ]
 
 
@@ -75,7 +66,7 @@ CANARY_HEADER = ["canary", "trained", "rank", "exposure (bits)", "base rank", "b
 def canary_cells(canary: CanaryExposure, audit: ExposureAudit) -> list[str]:
     return [
         canary.id,
-        _times(canary.repeats),
+        f"{canary.repeats}×" if canary.repeats else "never (control)",
         f"{canary.rank:,} of {audit.candidates:,}",
         f"{canary.exposure:.1f} of {audit.max_exposure:.1f}",
         f"{canary.base_rank:,}",
@@ -100,25 +91,17 @@ def verdict(rank: int, candidates: int, control_exposure: float | None = None) -
     return "within chance: no sign it memorized it"
 
 
-def exposure_by_repeats(audit: ExposureAudit) -> dict[int, list[CanaryExposure]]:
-    """Canaries grouped by times trained on, most first; controls (0) last."""
-    groups: dict[int, list[CanaryExposure]] = {}
-    for canary in sorted(audit.canaries, key=lambda c: (c.repeats == 0, -c.repeats)):
-        groups.setdefault(canary.repeats, []).append(canary)
-    return groups
-
-
 def audit_reading(result: AuditResult) -> list[str]:
     """The audit in sentences, one per finding."""
     r = result.recitation
     t = r.threshold_tokens
     control = f"; held-out control: {r.test.reciting} of {r.test.answers}" if r.test else ""
+    held_out = f" (held-out questions: {fmt_ci(r.test_change, 1, True)})" if r.test_change else ""
     lines = [
         f"{r.train.reciting} of {r.train.answers} fine-tuned answers to training questions recite "
         f"≥ {t} tokens of their training answer (base: {r.base_train.reciting}{control}).",
         f"Longest shared span, fine-tuned minus base, mean over the same training questions: "
-        f"{_ci(r.train_change, signed=True)} tokens"
-        + (f" (held-out questions: {_ci(r.test_change, signed=True)})." if r.test_change else "."),
+        f"{fmt_ci(r.train_change, 1, signed=True)} tokens{held_out}.",
     ]
     if r.longest is not None:
         text = r.longest.text
@@ -130,50 +113,49 @@ def audit_reading(result: AuditResult) -> list[str]:
         return lines
     controls = [c.exposure for c in audit.canaries if c.repeats == 0]
     control_max = max(controls) if controls else None
-    for repeats, canaries in exposure_by_repeats(audit).items():
-        for c in canaries:
-            seen = "control canary (never seen)" if repeats == 0 else f"canary seen {repeats} times"
-            judged = (
-                "what chance gives a secret the model never saw"
-                if repeats == 0
-                else verdict(c.rank, audit.candidates, control_max)
-            )
-            lines.append(
-                f"{seen}: exposure {c.exposure:.1f} of {audit.max_exposure:.1f} bits — the model "
-                f"ranks its secret {_ordinal(c.rank)} of {audit.candidates:,} (top "
-                f"{_percent(chance_share(c.rank, audit.candidates))}): "
-                f"{judged} (base: {c.base_exposure:.1f} bits)."
-            )
+    for c in sorted(audit.canaries, key=lambda c: (c.repeats == 0, -c.repeats)):  # controls last
+        if c.repeats == 0:
+            seen = "control canary (never seen)"
+            judged = "what chance gives a secret the model never saw"
+        else:
+            seen = f"canary seen {c.repeats} times"
+            judged = verdict(c.rank, audit.candidates, control_max)
+        lines.append(
+            f"{seen}: exposure {c.exposure:.1f} of {audit.max_exposure:.1f} bits — the model "
+            f"ranks its secret {_ordinal(c.rank)} of {audit.candidates:,} (top "
+            f"{_percent(chance_share(c.rank, audit.candidates))}): "
+            f"{judged} (base: {c.base_exposure:.1f} bits)."
+        )
     return lines
-
-
-def _markdown_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
 def audit_markdown(result: AuditResult) -> list[str]:
     """Markdown lines: the recitation and canary tables, then the reading."""
     r = result.recitation
     t = r.threshold_tokens
+    spans = span_rows(result)
+    buckets = list(r.train.histogram)
     lines = [
         f"Recitation: for each answer, the longest span of tokens it shares verbatim with its "
         f"reference (training questions: the answer trained on; held-out questions: the test "
         f"split's reference), with the run's `generation:` settings; ≥ {t} tokens counts as "
         "recitation. Intervals: 95% bootstrap over questions.",
         "",
-        _markdown_row([h.format(t=t) for h in RECITATION_HEADER]),
-        "|---|" + "---:|" * 5 + "---|",
-    ]
-    lines += [_markdown_row([label, *recitation_cells(s, t)]) for label, s in span_rows(result)]
-    buckets = list(r.train.histogram)
-    lines += ["", _markdown_row(["answers (longest span, tokens)", *buckets])]
-    lines.append("|---|" + "---:|" * len(buckets))
-    lines += [
-        _markdown_row([label, *(str(s.histogram.get(b, 0)) for b in buckets)])
-        for label, s in span_rows(result)
+        *md_table(
+            [h.format(t=t) for h in RECITATION_HEADER],
+            [[label, *recitation_cells(s)] for label, s in spans],
+            align="lrrrrrl",
+        ),
+        "",
+        *md_table(
+            ["answers (longest span, tokens)", *buckets],
+            [[label, *(s.histogram.get(b, 0) for b in buckets)] for label, s in spans],
+            align="l" + "r" * len(buckets),
+        ),
     ]
     audit = result.exposure
     if audit is not None:
+        canaries = [canary_cells(c, audit) for c in audit.canaries]
         lines += [
             "",
             f"Canaries: exposure = log2 |R| − log2 rank of the secret among all |R| = "
@@ -181,10 +163,8 @@ def audit_markdown(result: AuditResult) -> list[str]:
             f"canary's answer (Carlini et al. 2019); {audit.seconds_per_canary:.1f} s per canary "
             "and model.",
             "",
-            _markdown_row(CANARY_HEADER),
-            "|---|---|---:|---:|---:|---:|",
+            *md_table(CANARY_HEADER, canaries, align="llrrrr"),
         ]
-        lines += [_markdown_row(canary_cells(c, audit)) for c in audit.canaries]
     lines += ["", *(f"- {line}" for line in audit_reading(result))]
     return lines
 
@@ -198,7 +178,7 @@ def audit_tables(result: AuditResult) -> list[Any]:
     for index, name in enumerate(RECITATION_HEADER):
         recitation.add_column(name.format(t=t), justify="left" if index == 0 else "right")
     for label, stats in span_rows(result):
-        recitation.add_row(label, *recitation_cells(stats, t))
+        recitation.add_row(label, *recitation_cells(stats))
     tables = [recitation]
     audit = result.exposure
     if audit is not None:
