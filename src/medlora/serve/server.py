@@ -9,7 +9,6 @@ through its environment (`VLLM_API_KEY`), never its command line, which `ps` sho
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -152,10 +151,19 @@ def serve(options: ServeOptions, console: Any = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with console.status("loading…"):
-        # build_engine's parameters are named after the options' fields: hand on those it takes.
-        wanted = inspect.signature(build_engine).parameters
-        given = {name: value for name, value in vars(options).items() if name in wanted}
-        served = build_engine(**given, n_ctx=options.n_ctx)
+        served = build_engine(
+            options.spec,
+            options.adapters,
+            engine=options.engine,
+            with_base=options.with_base,
+            max_batch=options.max_batch,
+            threads=options.threads,
+            n_ctx=options.n_ctx,
+            gguf_type=options.gguf_type,
+            batching=options.batching,
+            max_lora_rank=options.max_lora_rank,
+            llama_cpp_adapters=options.llama_cpp_adapters,
+        )
     console.print(
         f"serving {', '.join(served.models)} with {served.engine.name} "
         f"({served.engine.batching} batching) on "
